@@ -1,0 +1,82 @@
+"""mqttalk's embedded MQTT broker: amqtt with the configuration mqttalk needs.
+
+Installed as the ``mqttalk_broker`` package. It is only imported by ``mqttalk broker`` and by the
+test fixtures, never on a client command's path (amqtt pulls in asyncio, websockets, yaml...).
+
+amqtt 0.12 traps this module handles:
+
+* Anonymous sessions never get offline QoS 1 messages queued. :class:`QueueingAuthPlugin`
+  admits every client *without* marking its session anonymous, so persistent sessions queue.
+* Queued messages are delivered with the retain flag set. That is a client-side concern:
+  mqttalk's reader ignores the retain flag on message topics.
+* Keepalive is not enforced, so a stalled client's will never fires. mqttalk's presence carries a
+  heartbeat time and readers judge liveness from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+__all__ = ["broker_config", "run", "serve"]
+
+CONFIG_FILE = Path(__file__).with_name("mqttalk-broker.yaml")
+
+
+def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
+                  config_file: Path | None = None) -> dict[str, Any]:
+    """The amqtt configuration dict: the YAML file's settings with the listener(s) filled in."""
+    import yaml
+
+    config: dict[str, Any] = yaml.safe_load((config_file or CONFIG_FILE).read_text())
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if ws_port is not None:
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
+    config["listeners"] = listeners
+    return config
+
+
+async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run an amqtt broker with ``config`` until ``stop`` is set (or forever)."""
+    from amqtt.broker import Broker
+
+    broker = Broker(config)
+    await broker.start()
+    if started is not None:
+        started.set()
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await broker.shutdown()
+
+
+def run(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
+        config_file: Path | None = None, ready: Any = None) -> None:
+    """Run the broker in the foreground until SIGINT/SIGTERM. ``ready()`` is called once listening."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # amqtt logs every connect/disconnect at INFO and a stack trace for every client that drops
+    # its socket without DISCONNECT (which one-shot CLI processes legitimately do on errors).
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    config = broker_config(host, port, ws_port=ws_port, config_file=config_file)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        started = asyncio.Event()
+        task = asyncio.create_task(serve(config, started, stop))
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises the start error
+        if ready is not None:
+            ready()
+        await task
+
+    asyncio.run(main())

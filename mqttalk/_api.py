@@ -1,0 +1,109 @@
+"""Library entry points: create or pair a channel, or open the one this directory is bound to."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from . import _bindings
+from ._channel import Channel, Event
+from ._config import Settings
+from ._errors import UsageError
+from ._topics import check_peer, peer_from_directory
+from ._url import JoinURL, check_prefix, parse_broker
+from ._wire import now
+
+
+def new_channel_id() -> str:
+    """128 random bits, base32 (26 chars: topic- and URL-safe, no ambiguity about case)."""
+    return base64.b32encode(os.urandom(16)).decode().rstrip("=").lower()
+
+
+def create(as_: str | None = None, *, role: str | None = None, settings: Settings | None = None,
+           cwd: Path | None = None, wait: float = 0.0,
+           on_event: Callable[[Event], None] | None = None) -> Channel:
+    """Create a channel on the configured broker (default: the embedded one, started if needed),
+    join it as ``as_``, and bind the working directory to it."""
+    settings = settings or Settings.load()
+    cwd = (cwd or Path.cwd()).resolve()
+    name = check_peer(as_ or peer_from_directory(cwd.name))
+    if settings.broker:
+        address = parse_broker(settings.broker)
+    else:
+        from . import _embedded
+
+        address, _ = _embedded.ensure(settings.state_dir, settings.embedded_host, settings.embedded_port)
+    url = JoinURL(address, check_prefix(settings.prefix, UsageError), new_channel_id())
+    channel = Channel(url, name, member=uuid.uuid4().hex, role=role, settings=settings, on_event=on_event)
+    channel.join(wait)
+    _record(settings, cwd, channel)
+    return channel
+
+
+def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
+         settings: Settings | None = None, cwd: Path | None = None, wait: float = 10.0,
+         on_event: Callable[[Event], None] | None = None) -> tuple[Channel, list[str]]:
+    """Join the channel of a join URL as ``as_``; wait up to ``wait`` s to see another peer.
+
+    Returns the channel and the peers present (empty if none showed up in time)."""
+    settings = settings or Settings.load()
+    cwd = (cwd or Path.cwd()).resolve()
+    join_url = url if isinstance(url, JoinURL) else JoinURL.parse(url)
+    name = check_peer(as_ or peer_from_directory(cwd.name))
+    member, joined = uuid.uuid4().hex, None
+    previous = _bindings.find(settings.state_dir, cwd)
+    if previous and previous.peer == name and JoinURL.parse(previous.url).channel == join_url.channel:
+        member, joined = previous.member, previous.joined  # pairing again from the same place: same member
+    channel = Channel(join_url, name, member=member, role=role, settings=settings,
+                      joined=datetime.fromisoformat(joined) if joined else None, on_event=on_event)
+    others = channel.join(wait)
+    _record(settings, cwd, channel)
+    return channel, others
+
+
+def open_channel(settings: Settings | None = None, cwd: Path | None = None,
+                 on_event: Callable[[Event], None] | None = None) -> tuple[Channel, _bindings.Binding | None]:
+    """The channel to act on: ``settings.channel``/``settings.peer`` (flags, environment), else the
+    binding of ``cwd`` or its nearest bound ancestor. Raises :class:`NotBound` if there is none."""
+    settings = settings or Settings.load()
+    cwd = (cwd or Path.cwd()).resolve()
+    binding = _bindings.find(settings.state_dir, cwd)
+    if settings.channel:
+        url = JoinURL.parse(settings.channel)
+        if binding and JoinURL.parse(binding.url).channel == url.channel and binding.peer == (
+                settings.peer or binding.peer):
+            pass  # the flag names the bound channel: use the binding's membership
+        else:
+            if not settings.peer:
+                raise UsageError("--channel needs --as NAME (or MQTTALK_PEER) to say which peer you are")
+            check_peer(settings.peer)
+            seed = f"{url.channel}/{settings.peer}/{socket.gethostname()}".encode()
+            member = hashlib.sha256(seed).hexdigest()[:32]
+            return Channel(url, settings.peer, member=member, settings=settings, on_event=on_event), None
+    binding = _bindings.require(binding)
+    peer = binding.peer
+    if settings.peer and settings.peer != binding.peer:
+        raise UsageError(f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
+                         "drop --as, or give --channel URL too")
+    channel = Channel(JoinURL.parse(binding.url), peer, member=binding.member, role=binding.role,
+                      settings=settings,
+                      joined=datetime.fromisoformat(binding.joined) if binding.joined else None,
+                      on_event=on_event)
+    return channel, binding
+
+
+def forget(settings: Settings, binding: _bindings.Binding | None) -> None:
+    if binding is not None and binding.directory:
+        _bindings.forget(settings.state_dir, binding.directory)
+
+
+def _record(settings: Settings, cwd: Path, channel: Channel) -> None:
+    _bindings.record(settings.state_dir, cwd, _bindings.Binding(
+        url=channel.url.render(), peer=channel.me, member=channel.member, role=channel.role,
+        joined=(channel.joined or now()).isoformat()))

@@ -1,0 +1,72 @@
+"""Settings: defaults < config file < MQTTALK_* environment < flags. One pydantic model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._errors import UsageError
+
+ENV_PREFIX = "MQTTALK_"
+
+
+def _xdg(var: str, default: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / default
+
+
+class Settings(BaseModel):
+    """Every setting mqttalk reads. Each field F is also read from environment variable MQTTALK_<F>."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    broker: str | None = Field(
+        None, description="Broker URL for `create` (mqtt://host:port). Unset: the embedded broker.")
+    prefix: str = Field("mqttalk/v1", description="Topic prefix new channels live under.")
+    channel: str | None = Field(
+        None, description="Join URL of the channel to act on (overrides this directory's binding).")
+    peer: str | None = Field(None, description="Peer name to act as (overrides this directory's binding).")
+    connect_timeout: float = Field(5.0, gt=0, le=120, description="Seconds to wait for the broker to answer.")
+    embedded_host: str = Field("127.0.0.1", description="Interface the embedded broker listens on.")
+    embedded_port: int = Field(1884, ge=0, le=65535,
+                               description="Port of the embedded broker (0 or busy: a free one).")
+    state_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "mqttalk",
+        description="Where bindings, the message store and the embedded broker's pid live.")
+
+    @classmethod
+    def load(cls, **flags: Any) -> Settings:
+        """Build settings from the config file, then the environment, then non-None ``flags``."""
+        values: dict[str, Any] = {}
+        path = config_path()
+        if path.is_file():
+            import tomllib
+
+            try:
+                file_values = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+            values.update(file_values.get("mqttalk", file_values))
+        for name in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env:
+                values[name] = env
+        values.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise UsageError(f"setting {where!r} is not valid: {err['msg']}",
+                             f"check {ENV_PREFIX}{where.upper()}, flags and {path}") from None
+
+
+def config_path() -> Path:
+    """The config file: $MQTTALK_CONFIG, else $XDG_CONFIG_HOME/mqttalk/config.toml."""
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        return Path(explicit)
+    return _xdg("XDG_CONFIG_HOME", ".config") / "mqttalk" / "config.toml"

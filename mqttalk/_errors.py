@@ -1,0 +1,68 @@
+"""One exception tree. Each error knows its exit code and renders as one line; the CLI maps them once."""
+
+from __future__ import annotations
+
+# Exit codes, shared by every command (documented in README and `mqttalk --help`).
+EXIT_OK = 0
+EXIT_ERROR = 1  # anything else that went wrong
+EXIT_USAGE = 2  # bad input: flags, URL, message
+EXIT_TIMEOUT = 3  # a wait ran out: no message / no peer within the time given
+EXIT_NOT_BOUND = 4  # no channel for this directory
+EXIT_BROKER = 5  # broker unreachable or refused us
+
+
+class MqttalkError(Exception):
+    """Base of every error mqttalk raises on purpose."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def line(self) -> str:
+        """The one line a user sees."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(MqttalkError):
+    """The input given to mqttalk is wrong (a flag, a name, a message)."""
+
+    exit_code = EXIT_USAGE
+
+
+class BadJoinURL(UsageError):
+    """A join URL that cannot be parsed or does not name a channel."""
+
+
+class BadMessage(UsageError):
+    """A message that cannot be sent: empty, unknown kind, missing or wrong typed fields, too big."""
+
+
+class NameTaken(UsageError):
+    """Another live peer in the channel already uses this name."""
+
+
+class NotBound(MqttalkError):
+    """No channel/peer given by flag or environment, and none recorded for this directory."""
+
+    exit_code = EXIT_NOT_BOUND
+
+
+class BrokerUnreachable(MqttalkError):
+    """The broker could not be reached (DNS, refused, no answer within the connect timeout)."""
+
+    exit_code = EXIT_BROKER
+
+
+class BrokerRefused(MqttalkError):
+    """The broker answered but refused us (credentials, authorisation, client id)."""
+
+    exit_code = EXIT_BROKER
+
+
+class TimedOut(MqttalkError):
+    """A bounded wait ran out."""
+
+    exit_code = EXIT_TIMEOUT

@@ -1,0 +1,334 @@
+"""The only module that imports paho. One connection to one broker, driven from the caller's thread.
+
+There is no network thread: the caller pumps the client with :meth:`Link.pump`, callbacks only
+append to lists, and every decision happens in the caller's code. This module decides the MQTT
+version (5, falling back to 3.1.1 once and remembering it per broker), session flags and timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ._errors import BrokerRefused, BrokerUnreachable, TimedOut
+from ._url import BrokerAddress
+
+SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps an absent peer's session and queue
+KEEPALIVE = 30
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class Link:
+    """A connection with a persistent session (stable client id) or a throwaway clean one."""
+
+    def __init__(self, broker: BrokerAddress, *, client_id: str | None = None, persistent: bool = False,
+                 timeout: float = 5.0, will: Will | None = None, state_dir: Path | None = None,
+                 on_messages: Callable[[list[Incoming]], None] | None = None) -> None:
+        """``on_messages`` gets every batch of incoming messages, in the caller's thread, whenever
+        the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
+        one it has taken care of: some brokers (amqtt) send nothing else until it does."""
+        self.broker = broker
+        self.client_id = client_id or "mqk-" + uuid.uuid4().hex[:19]
+        self.persistent = persistent
+        self.timeout = timeout
+        self.will = will
+        self.state_dir = state_dir
+        self.on_messages = on_messages
+        self.protocol = 0
+        self.session_present = False
+        self._client: mqtt.Client | None = None
+        self._inbox: list[Incoming] = []
+        self._connack: ReasonCode | None = None
+        self._closed: ReasonCode | None = None
+        self._subacks: dict[int, list[ReasonCode]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def open(self) -> Link:
+        cache = _ProtocolCache(self.state_dir)
+        key = f"{self.broker.host}:{self.broker.port}"
+        known = cache.get(key)
+        if known is not None:
+            self._connect(known)
+            return self
+        # First contact: find out whether the broker speaks MQTT 5. The probe is a bare CONNECT
+        # (no properties): amqtt answers that with "unsupported protocol version", but hangs on a v5
+        # CONNECT that carries properties, and some brokers just close the socket.
+        try:
+            self._connect(mqtt.MQTTv5, bare=True)
+        except _ProtocolRefused:
+            cache.put(key, mqtt.MQTTv311)
+            self._connect(mqtt.MQTTv311)
+            return self
+        cache.put(key, mqtt.MQTTv5)
+        if self._probe_only:  # the probe had no session expiry or will: connect again with them
+            self._drop()
+            self._connect(mqtt.MQTTv5)
+        return self
+
+    @property
+    def _probe_only(self) -> bool:
+        """A bare probe cannot serve as this connection (it lacks session expiry or a will)."""
+        return self.persistent or self.will is not None
+
+    def close(self) -> None:
+        """Disconnect cleanly (DISCONNECT sent, so no Last Will)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if self._closed is None:
+            client.disconnect()
+            deadline = time.monotonic() + 1.0
+            while self._closed is None and time.monotonic() < deadline:
+                if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Link:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def subscribe(self, topics: list[str], qos: int = 1) -> None:
+        """Subscribe and wait for the SUBACK; a refused topic raises :class:`BrokerRefused`."""
+        client = self._live()
+        if self.protocol == mqtt.MQTTv5:
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            rc, mid = client.subscribe([(t, SubscribeOptions(qos=qos)) for t in topics])
+        else:
+            rc, mid = client.subscribe([(t, qos) for t in topics])
+        self._check(rc)
+        self._wait(lambda: mid in self._subacks, "subscribe")
+        for topic, code in zip(topics, self._subacks.pop(mid), strict=False):
+            if code.is_failure:
+                raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}",
+                                    "check the broker's ACL for this user")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> mqtt.MQTTMessageInfo:
+        """Publish; with ``wait`` return only once the broker acknowledged it (PUBACK)."""
+        client = self._live()
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        self._check(info.rc)
+        if wait and qos > 0:
+            self.wait_published(info)
+        return info
+
+    def wait_published(self, info: mqtt.MQTTMessageInfo) -> None:
+        self._wait(info.is_published, "publish")
+
+    def pump(self, timeout: float) -> int:
+        """Run the network for up to ``timeout`` seconds; return early, with the number of messages
+        handed to ``on_messages``, once something arrived."""
+        client = self._live()
+        deadline = time.monotonic() + timeout
+        while True:
+            rc = client.loop(max(0.0, min(timeout, deadline - time.monotonic())))
+            if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
+                self._lost()
+            handed = self._dispatch()
+            if handed or time.monotonic() >= deadline:
+                return handed
+
+    def _dispatch(self) -> int:
+        if not self._inbox or self.on_messages is None:
+            return 0
+        batch, self._inbox = self._inbox, []
+        self.on_messages(batch)
+        return len(batch)
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a QoS 1 message: call once it is stored, so a crash before that redelivers it."""
+        if message.qos > 0 and self._client is not None:
+            self._client.ack(message.mid, message.qos)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _connect(self, protocol: int, *, bare: bool = False) -> None:
+        """Connect with ``protocol``. ``bare``: a v5 probe without properties, as a clean session,
+        that raises :class:`_ProtocolRefused` if the broker refuses, closes or stays silent."""
+        self._connack = self._closed = None
+        persistent = self.persistent and not bare
+        # A probe must not touch our persistent session: a clean start would discard its queue.
+        client_id = "mqk-probe-" + uuid.uuid4().hex[:13] if bare and self._probe_only else self.client_id
+        transport = "websockets" if self.broker.websockets else "tcp"
+        v5 = protocol == mqtt.MQTTv5
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+            clean_session=None if v5 else not persistent, transport=transport, manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = self.timeout
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        if self.broker.username is not None:
+            client.username_pw_set(self.broker.username, self.broker.password)
+        if self.broker.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if self.broker.websockets:
+            client.ws_set_options(path="/mqtt")
+        if self.will is not None and not bare:
+            client.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        props = None
+        if v5 and persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY
+        where = self.broker.display()
+        try:
+            client.connect(self.broker.host, self.broker.port, keepalive=KEEPALIVE,
+                           clean_start=not persistent if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                           properties=props)
+        except socket.gaierror:
+            raise BrokerUnreachable(f"cannot resolve broker host {self.broker.host!r}",
+                                    "check the URL's host name") from None
+        except ConnectionRefusedError:
+            raise BrokerUnreachable(f"nothing is listening at {where}",
+                                    "is the broker running? `mqttalk broker` starts the embedded one") from None
+        except (TimeoutError, socket.timeout):
+            raise BrokerUnreachable(f"no answer from {where} within {self.timeout:g}s") from None
+        except ssl.SSLError as exc:
+            raise BrokerUnreachable(f"TLS handshake with {where} failed: {exc.reason or exc}") from None
+        except (OSError, ValueError) as exc:
+            raise BrokerUnreachable(f"cannot connect to {where}: {exc}") from None
+        self._client, self.protocol = client, protocol
+        answer_timeout = min(self.timeout, 2.0) if bare else self.timeout
+        deadline = time.monotonic() + answer_timeout
+        while self._connack is None and self._closed is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._drop()
+                if bare:
+                    raise _ProtocolRefused
+                raise BrokerUnreachable(f"{where} accepted the connection but sent no MQTT answer "
+                                        f"within {self.timeout:g}s", "is it an MQTT port?")
+            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
+                break
+        code = self._connack
+        if code is None or (code.is_failure and code.getName() == "Unsupported protocol version"):
+            self._drop()
+            if v5:
+                raise _ProtocolRefused
+            raise BrokerUnreachable(f"{where} closed the connection before accepting it",
+                                    "is it an MQTT port? does it need TLS (mqtts://)?")
+        if code.is_failure:
+            self._drop()
+            raise BrokerRefused(f"broker at {where} refused the connection: {code.getName()}",
+                                "check the user name and password in the URL or config")
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.socket() is not None:
+            client.socket().close()
+
+    def _live(self) -> mqtt.Client:
+        if self._client is None:
+            raise BrokerUnreachable(f"not connected to {self.broker.display()}")
+        return self._client
+
+    def _check(self, rc: int) -> None:
+        if rc == mqtt.MQTT_ERR_NO_CONN:
+            self._lost()
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerUnreachable(f"MQTT error talking to {self.broker.display()}: {mqtt.error_string(rc)}")
+
+    def _wait(self, done: object, what: str) -> None:
+        client = self._live()
+        deadline = time.monotonic() + self.timeout
+        while not done():  # type: ignore[operator]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimedOut(f"broker at {self.broker.display()} did not confirm the {what} "
+                               f"within {self.timeout:g}s")
+            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
+                self._lost()
+            self._dispatch()
+
+    def _lost(self) -> None:
+        reason = self._closed
+        self._drop()
+        detail = f": {reason.getName()}" if reason is not None and reason.is_failure else ""
+        raise BrokerUnreachable(f"lost the connection to {self.broker.display()}{detail}")
+
+    # paho callbacks: they only hand over.
+    def _on_connect(self, _c: object, _u: object, flags: mqtt.ConnectFlags, rc: ReasonCode,
+                    _p: object) -> None:
+        self._connack = rc
+        self.session_present = bool(flags.session_present)
+
+    def _on_disconnect(self, _c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        self._closed = rc
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.append(Incoming(msg.topic, msg.payload, msg.qos, msg.mid))
+
+    def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
+        self._subacks[mid] = codes
+
+
+class _ProtocolRefused(Exception):
+    """The broker does not speak the MQTT version we offered."""
+
+
+class _ProtocolCache:
+    """Remembers per broker that it only speaks 3.1.1, so later commands skip the v5 attempt."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.path = state_dir / "protocols.json" if state_dir else None
+
+    def _load(self) -> dict[str, int]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> int | None:
+        value = self._load().get(key)
+        return value if value in (mqtt.MQTTv311, mqtt.MQTTv5) else None
+
+    def put(self, key: str, protocol: int) -> None:
+        if self.path is None:
+            return
+        data = self._load()
+        data[key] = protocol
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)

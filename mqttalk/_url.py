@@ -1,0 +1,149 @@
+"""The join URL: one value object that parses, validates and renders.
+
+Form (as mosquitto_sub -L and MQTTX accept it, plus a channel)::
+
+    SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL[#k=KEY]
+
+SCHEME is mqtt, mqtts, ws or wss. PREFIX is one or more topic levels (default ``mqttalk/v1``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from urllib.parse import quote, unquote, urlsplit
+
+from ._errors import BadJoinURL
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_LEVEL_RE = re.compile(r"^[^#+/\x00]+$")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where a broker is: scheme, host, port and optional credentials."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("mqtts", "wss")
+
+    @property
+    def websockets(self) -> bool:
+        return self.scheme in ("ws", "wss")
+
+    def display(self) -> str:
+        """The address without the password (safe to print)."""
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        return f"{self.scheme}://{user}{_host(self.host)}:{self.port}"
+
+    def render(self) -> str:
+        """The address with credentials, as a URL prefix."""
+        cred = ""
+        if self.username is not None:
+            cred = quote(self.username, safe="")
+            if self.password is not None:
+                cred += ":" + quote(self.password, safe="")
+            cred += "@"
+        return f"{self.scheme}://{cred}{_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
+class JoinURL:
+    """A broker address plus the channel's topic prefix and id."""
+
+    broker: BrokerAddress
+    prefix: str
+    channel: str
+
+    @classmethod
+    def parse(cls, text: str) -> JoinURL:
+        """Parse and validate a join URL; raise :class:`BadJoinURL` with a line that says what is wrong."""
+        broker, path, fragment = _split(text.strip(), what="join URL")
+        if fragment:
+            raise BadJoinURL(
+                "this join URL carries a channel key (#k=...), but this mqttalk only speaks plain channels",
+                "drop the #... part for a plain channel, or upgrade mqttalk",
+            )
+        levels = [unquote(p) for p in path.split("/") if p]
+        if len(levels) < 2:
+            raise BadJoinURL(
+                f"join URL has no channel: {_safe(text)!r}",
+                "expected SCHEME://HOST[:PORT]/PREFIX/CHANNEL, as printed by `mqttalk create`",
+            )
+        channel = levels[-1]
+        if not _CHANNEL_RE.match(channel):
+            raise BadJoinURL(f"join URL's channel id {channel!r} is not valid (8-64 of A-Z a-z 0-9 _ -)")
+        prefix = "/".join(levels[:-1])
+        check_prefix(prefix, error=BadJoinURL)
+        return cls(broker, prefix, channel)
+
+    def render(self) -> str:
+        """The URL to paste (includes credentials if it has any)."""
+        return f"{self.broker.render()}/{quote(self.prefix, safe='/')}/{self.channel}"
+
+    def display(self) -> str:
+        """The URL without the password (safe for logs and status)."""
+        return f"{self.broker.display()}/{quote(self.prefix, safe='/')}/{self.channel}"
+
+    def with_broker(self, broker: BrokerAddress) -> JoinURL:
+        return replace(self, broker=broker)
+
+
+def parse_broker(text: str) -> BrokerAddress:
+    """Parse a broker URL (``mqtt://host:port``; a bare ``host[:port]`` means mqtt://)."""
+    text = text.strip()
+    if "://" not in text:
+        text = "mqtt://" + text
+    broker, path, fragment = _split(text, what="broker URL")
+    if path.strip("/") or fragment:
+        raise BadJoinURL(f"broker URL must not have a path: {_safe(text)!r}", "use mqtt://HOST[:PORT]")
+    return broker
+
+
+def check_prefix(prefix: str, error: type[Exception] = BadJoinURL) -> str:
+    levels = prefix.split("/")
+    if not prefix or not all(_LEVEL_RE.match(level) for level in levels):
+        raise error(f"topic prefix {prefix!r} is not valid (non-empty levels, no + or #)")
+    return prefix
+
+
+def _split(text: str, what: str) -> tuple[BrokerAddress, str, str]:
+    if not text:
+        raise BadJoinURL(f"empty {what}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise BadJoinURL(f"{what} is malformed: {_safe(text)!r} ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise BadJoinURL(
+            f"{what} has unsupported scheme {parts.scheme + '://' if parts.scheme else '(none)'}",
+            "use mqtt://, mqtts://, ws:// or wss://",
+        )
+    if not parts.hostname:
+        raise BadJoinURL(f"{what} has no host: {_safe(text)!r}")
+    broker = BrokerAddress(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port or DEFAULT_PORTS[scheme],
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+    return broker, parts.path, parts.fragment
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _safe(text: str) -> str:
+    """The text with any password blanked, for error messages."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)[:200]

@@ -1,0 +1,362 @@
+"""The `mqttalk` command: parse, make one library call, render. Imports stay lazy for a fast start."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
+
+HELP = """\
+Pair coding-agent sessions through an MQTT broker and let them exchange structured messages.
+
+\b
+Session A:   mqttalk create --as impl          (prints a join URL and a sentence to paste into B)
+Session B:   mqttalk pair URL --as tests       (prints: mqttalk: PAIRED with impl)
+Either side: mqttalk send "POST /users takes {email,name}"
+             mqttalk send --kind status --state red "tests written, all red"
+             mqttalk recv --wait 60            (prints unread messages; waits up to 60 s for one)
+             mqttalk status                    (peers, presence, unread count)
+
+Each directory remembers the channel and peer it joined; --channel URL --as NAME (or MQTTALK_CHANNEL,
+MQTTALK_PEER) act for another. With no broker configured, `create` starts the embedded broker on
+127.0.0.1 in the background; --broker mqtt://HOST:PORT (or MQTTALK_BROKER) uses any MQTT broker.
+
+\b
+Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer yet),
+            4 no channel for this directory, 5 broker unreachable or refused.
+"""
+
+app = typer.Typer(
+    name="mqttalk", help=HELP, rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+
+AsOpt = Annotated[str | None, typer.Option(
+    "--as", metavar="NAME", help="Peer name (a-z 0-9 - _). Default: this directory's name, or its binding.")]
+ChannelOpt = Annotated[str | None, typer.Option(
+    "--channel", metavar="URL", help="Join URL to act on instead of this directory's binding (MQTTALK_CHANNEL).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line) for programs.")]
+RoleOpt = Annotated[str | None, typer.Option("--role", help="What this session works on, shown to peers.")]
+TimeoutOpt = Annotated[float | None, typer.Option(
+    "--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5).")]
+
+
+def _settings(**flags: Any) -> Any:
+    from ._config import Settings
+
+    return Settings.load(**flags)
+
+
+class _Printer:
+    """Renders events and results; --json switches every line to a JSON object."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def data(self, text: str, obj: dict[str, Any]) -> None:
+        print(json.dumps(obj, default=str) if self.json else text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A diagnostic for people (stderr); silent in --json mode unless it is a warning."""
+        if not self.json:
+            print(f"mqttalk: {text}", file=sys.stderr, flush=True)
+
+    def event(self, event: Any) -> None:
+        if event.kind == "paired":
+            role = f" ({event.detail})" if event.detail else ""
+            self.data(f"mqttalk: PAIRED with {event.peer}{role}",
+                      {"event": "paired", "peer": event.peer, "role": event.detail or None})
+        elif event.kind == "dropped":
+            print(f"mqttalk: DROPPED {event.detail} (from {event.peer or '?'})", file=sys.stderr, flush=True)
+
+
+@app.command()
+def create(
+    as_: AsOpt = None,
+    role: RoleOpt = None,
+    broker: Annotated[str | None, typer.Option(
+        metavar="URL", help="Broker to use, e.g. mqtt://host:1883 (MQTTALK_BROKER). Default: embedded.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Topic prefix (MQTTALK_PREFIX, default mqttalk/v1).")] = None,
+    wait: Annotated[float, typer.Option(
+        metavar="SECONDS", help="After printing the URL, wait this long for a peer to pair.")] = 0.0,
+    connect_timeout: TimeoutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a new channel and print its join URL plus a sentence to paste into the other session."""
+    from ._api import create as create_channel
+
+    out = _Printer(as_json)
+    settings = _settings(broker=broker, prefix=prefix, connect_timeout=connect_timeout)
+    channel = create_channel(as_, role=role, settings=settings, on_event=out.event)
+    url = channel.url.render()
+    share = _share_text(channel.me, url)
+    out.data(
+        f"mqttalk: CREATED channel as {channel.me} on {channel.url.broker.display()}\n"
+        f"join URL: {url}\n\nPaste this into the other session:\n\n{share}\n",
+        {"event": "created", "url": url, "peer": channel.me, "share": share},
+    )
+    if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
+        out.note("this broker listens on this machine only; for a session on another machine use "
+                 "--broker mqtt://HOST:PORT (see README: Brokers)")
+    if wait > 0:
+        # The URL is on screen (the user must share it) before we block.
+        out.note(f"waiting up to {wait:g}s for a peer to pair...")
+        if not channel.join(wait):
+            out.note(f"no peer paired within {wait:g}s; the channel stays open "
+                     "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
+            raise typer.Exit(EXIT_TIMEOUT)
+
+
+@app.command()
+def pair(
+    url: Annotated[str, typer.Argument(metavar="URL", help="The join URL printed by `mqttalk create`.")],
+    as_: AsOpt = None,
+    role: RoleOpt = None,
+    wait: Annotated[float, typer.Option(metavar="SECONDS", help="How long to wait for another peer.")] = 10.0,
+    connect_timeout: TimeoutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Join a channel from its join URL; prints `mqttalk: PAIRED with NAME` once the other peer is seen."""
+    from ._api import pair as pair_channel
+
+    out = _Printer(as_json)
+    settings = _settings(connect_timeout=connect_timeout)
+    if wait >= 2:
+        out.note(f"joining; waiting up to {wait:g}s for another peer...")
+    channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
+    if not others:
+        out.note(f"joined as {channel.me}, but no other peer is in the channel yet; "
+                 "`mqttalk recv --wait SECONDS` will print PAIRED when one comes")
+        raise typer.Exit(EXIT_TIMEOUT)
+
+
+@app.command()
+def send(
+    text: Annotated[str | None, typer.Argument(
+        metavar="[TEXT]", help="The message. '-' reads it from stdin (safest for quotes, $, backticks).")] = None,
+    kind: Annotated[str, typer.Option("--kind", "-k", help="note, spec, status, question or answer.")] = "note",
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the message from this file.")] = None,
+    to: Annotated[str | None, typer.Option(metavar="PEER", help="Send to one peer only.")] = None,
+    re: Annotated[str | None, typer.Option(
+        "--re", metavar="ID", help="Id of the message this answers or continues.")] = None,
+    subject: Annotated[str | None, typer.Option(
+        help="spec: what it specifies, e.g. 'POST /users' (default: the first line).")] = None,
+    rev: Annotated[int | None, typer.Option(help="spec: revision number (default 1).")] = None,
+    state: Annotated[str | None, typer.Option(
+        help="spec: proposed|agreed|rejected. status: red|green|blocked|working|done.")] = None,
+    commit: Annotated[str | None, typer.Option(help="status: the git commit it refers to.")] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a message (QoS 1); exits 0 only once the broker has acknowledged it."""
+    from ._api import open_channel
+    from ._channel import read_body
+
+    out = _Printer(as_json)
+    body = read_body(text, file, sys.stdin)
+    data: dict[str, Any] = {}
+    if kind == "spec":
+        first = body.strip().splitlines()[0][:200] if body.strip() else None
+        data = {"subject": subject or first, "rev": rev, "state": state}
+    elif kind == "status":
+        if state is None:
+            from ._errors import BadMessage
+
+            raise BadMessage("a status needs --state", "one of red, green, blocked, working, done")
+        data = {"state": state, "commit": commit}
+    else:
+        stray = [flag for flag, value in (("--subject", subject), ("--rev", rev), ("--state", state),
+                                          ("--commit", commit)) if value is not None]
+        if stray:
+            from ._errors import BadMessage
+
+            raise BadMessage(f"{', '.join(stray)} only apply to --kind spec or status, not {kind}")
+    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    env = channel.send(body, kind, data=data, to=to, re=re)
+    out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
+             {"event": "sent", "id": env.id, "kind": env.kind, "to": to})
+
+
+@app.command()
+def recv(
+    wait: Annotated[float, typer.Option(
+        "--wait", "-w", metavar="SECONDS",
+        help="Block up to this long for a message; exit 3 if none came.")] = 0.0,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print unread messages once, oldest first, then mark them read."""
+    from ._api import open_channel
+
+    out = _Printer(as_json)
+    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    if wait >= 2:
+        out.note(f"waiting up to {wait:g}s for a message...")
+    messages = channel.fetch(wait)
+    for m in messages:
+        env = m.envelope
+        if as_json:
+            out.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
+            continue
+        facts = [f"from={env.sender}", f"kind={env.kind}" + ("" if env.known_kind else "(unknown)")]
+        facts += [env.summary()] if env.summary() else []
+        facts += [f"id={env.id}"] + ([f"re={env.re}"] if env.re else []) + ([f"to={env.to}"] if env.to else [])
+        facts.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
+        print(f"mqttalk: MESSAGE {' '.join(facts)}\n{_printable(env.body).rstrip()}\n", flush=True)
+    channel.mark_read(messages)
+    if not messages:
+        if wait > 0:
+            out.note(f"no new message within {wait:g}s")
+            raise typer.Exit(EXIT_TIMEOUT)
+        out.note("no unread messages")
+
+
+@app.command()
+def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the channel, its peers and their presence (online / last seen / left), and your unread count."""
+    from ._api import open_channel
+
+    out = _Printer(as_json)
+    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    st = channel.status()
+    if as_json:
+        out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
+                      "unread": st.unread, "plain": True,
+                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me,
+                                 "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
+                                 "liveness": p.liveness()} for p in st.peers]})
+        return
+    lines = [f"channel: {st.url} (plain, {st.protocol})", f"you:     {st.me}"]
+    others = [p for p in st.peers if not p.me]
+    if not others:
+        lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
+    for i, p in enumerate(others):
+        role = f" [{p.role}]" if p.role else ""
+        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}")
+    lines.append(f"unread:  {st.unread}")
+    print("\n".join(lines))
+
+
+@app.command()
+def leave(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """Mark yourself gone from the channel and forget this directory's binding."""
+    from ._api import forget, open_channel
+
+    out = _Printer(as_json)
+    settings = _settings(channel=channel_url, peer=as_)
+    channel, binding = open_channel(settings, on_event=out.event)
+    channel.leave()
+    forget(settings, binding)
+    out.data(f"mqttalk: LEFT channel {channel.url.display()} as {channel.me}",
+             {"event": "left", "url": channel.url.display(), "peer": channel.me})
+
+
+@app.command()
+def broker(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 1884).")] = None,
+    ws_port: Annotated[int | None, typer.Option(help="Also listen for MQTT over websockets here.")] = None,
+) -> None:
+    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C."""
+    import mqttalk_broker
+
+    settings = _settings(embedded_host=host, embedded_port=port)
+
+    def ready() -> None:
+        where = f"mqtt://{settings.embedded_host}:{settings.embedded_port}"
+        _record_broker(settings)
+        print(f"mqttalk: broker listening on {where}" + (f" and ws://{settings.embedded_host}:{ws_port}/mqtt"
+                                                          if ws_port else ""), flush=True)
+
+    try:
+        mqttalk_broker.run(settings.embedded_host, settings.embedded_port, ws_port=ws_port, ready=ready)
+    except OSError as exc:
+        from ._errors import BrokerUnreachable
+
+        raise BrokerUnreachable(f"embedded broker cannot listen on {settings.embedded_host}:"
+                                f"{settings.embedded_port}: {exc.strerror or exc}") from None
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the demo's temporary directories.")] = False,
+) -> None:
+    """Show the whole story on the embedded broker: create, pair, spec, status, recv, status, leave."""
+    from ._demo import run
+
+    raise typer.Exit(run(keep=keep))
+
+
+def _record_broker(settings: Any) -> None:
+    record = settings.state_dir / "broker.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"host": settings.embedded_host, "port": settings.embedded_port,
+                                  "pid": os.getpid()}))
+
+
+def _share_text(peer: str, url: str) -> str:
+    template = (Path(__file__).parent / "data" / "share.txt").read_text().strip()
+    return template.format(peer=peer, url=url, suggested="NAME")
+
+
+def _printable(text: str) -> str:
+    """On a terminal, neutralise control characters (escape sequences could rewrite the screen)."""
+    if not sys.stdout.isatty():
+        return text
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"mqttalk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run the app; map every error to one line on stderr and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if not args:
+            args = ["--help"]
+        rv = app(args=args, prog_name="mqttalk", standalone_mode=False)
+    except MqttalkError as exc:
+        print(f"mqttalk: error: {exc.line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        command = next((a for a in args if not a.startswith("-")), "")
+        hint = f"see `mqttalk {command} --help`" if command in app_commands() else "see `mqttalk --help`"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"mqttalk: error: {message} ({hint})", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 0) or EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
+        print("mqttalk: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except Exception as exc:
+        if os.environ.get("MQTTALK_DEBUG"):
+            raise
+        print(f"mqttalk: internal error: {type(exc).__name__}: {exc} (MQTTALK_DEBUG=1 shows a traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def app_commands() -> set[str]:
+    return {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
