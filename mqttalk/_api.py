@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 import socket
-import uuid
+
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
 
         address, _ = _embedded.ensure(settings.state_dir, settings.embedded_host, settings.embedded_port)
     url = JoinURL(address, check_prefix(settings.prefix, UsageError), new_channel_id())
-    channel = Channel(url, name, member=uuid.uuid4().hex, role=role, settings=settings, on_event=on_event)
+    channel = Channel(url, name, member=os.urandom(16).hex(), role=role, settings=settings, on_event=on_event)
     channel.join(wait)
     _record(settings, cwd, channel)
     return channel
@@ -56,7 +56,7 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
     cwd = (cwd or Path.cwd()).resolve()
     join_url = url if isinstance(url, JoinURL) else JoinURL.parse(url)
     name = check_peer(as_ or peer_from_directory(cwd.name))
-    member, joined = uuid.uuid4().hex, None
+    member, joined = os.urandom(16).hex(), None
     previous = _bindings.find(settings.state_dir, cwd)
     if previous and previous.peer == name and JoinURL.parse(previous.url).channel == join_url.channel:
         member, joined = previous.member, previous.joined  # pairing again from the same place: same member

@@ -7,7 +7,7 @@ import fcntl
 import os
 import socket
 import time
-import uuid
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -238,7 +238,7 @@ class Channel:
             if exclusive:
                 topics.append(self.topics.all_msg)
             link.subscribe(topics)
-            token = uuid.uuid4().hex.encode()
+            token = os.urandom(16).hex().encode()
             link.publish(self.topics.sync(link.client_id), token)
             deadline = time.monotonic() + self.settings.connect_timeout
             while token not in self._tokens:

@@ -12,7 +12,7 @@ import os
 import socket
 import ssl
 import time
-import uuid
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,7 @@ class Link:
         the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
         one it has taken care of: some brokers (amqtt) send nothing else until it does."""
         self.broker = broker
-        self.client_id = client_id or "mqk-" + uuid.uuid4().hex[:19]
+        self.client_id = client_id or "mqk-" + os.urandom(10).hex()[:19]
         self.persistent = persistent
         self.timeout = timeout
         self.will = will
@@ -183,7 +183,7 @@ class Link:
         self._connack = self._closed = None
         persistent = self.persistent and not bare
         # A probe must not touch our persistent session: a clean start would discard its queue.
-        client_id = "mqk-probe-" + uuid.uuid4().hex[:13] if bare and self._probe_only else self.client_id
+        client_id = "mqk-probe-" + os.urandom(7).hex()[:13] if bare and self._probe_only else self.client_id
         transport = "websockets" if self.broker.websockets else "tcp"
         v5 = protocol == mqtt.MQTTv5
         client = mqtt.Client(

@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import typer
+# pydantic scans installed packages' entry points for plugins the first time a model validates
+# (~15 ms of importlib.metadata). The CLI uses none, and every command pays for that start-up.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+import typer  # noqa: E402
 
 from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
