@@ -29,7 +29,7 @@ VERSION = "0.1.0"
 class Event:
     """Something that happened while talking to the broker, for the caller to show."""
 
-    kind: Literal["paired", "left", "dropped"]
+    kind: Literal["paired", "dropped", "waiting"]
     peer: str
     detail: str = ""
 
@@ -87,6 +87,7 @@ class Channel:
         self._presences: dict[str, Presence] = {}
         self._new = False  # a new message was stored since the flag was cleared
         self._tokens: set[bytes] = set()  # sync markers that came back
+        self._dropped: set[tuple[str, int]] = set()  # (topic, hash) of bad payloads already reported
 
     # -- public operations -------------------------------------------------------------------------
 
@@ -103,6 +104,8 @@ class Channel:
             self._publish_presence(link, "online" if wait > 0 else "joined")
             deadline = time.monotonic() + wait
             next_beat = time.monotonic() + HEARTBEAT
+            if wait > 0 and not self._others():
+                self.on_event(Event("waiting", "", f"up to {wait:g}s for another peer"))
             while not self._others() and time.monotonic() < deadline:
                 link.pump(min(deadline, next_beat) - time.monotonic())
                 if time.monotonic() >= next_beat:
@@ -137,6 +140,8 @@ class Channel:
         with self._hold() as held:
             if not held:
                 # Another process of this peer holds the broker session and stores what arrives.
+                if wait > 0 and not self._unread():
+                    self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
                 while True:
                     got = self._unread()
                     if got or time.monotonic() >= deadline:
@@ -147,6 +152,8 @@ class Channel:
                     self._publish_presence(link, "online")
                 got = self._unread()
                 next_beat = time.monotonic() + HEARTBEAT
+                if wait > 0 and not got:
+                    self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
                 while not got and time.monotonic() < deadline:
                     self._new = False
                     link.pump(min(deadline, next_beat) - time.monotonic())
@@ -258,22 +265,29 @@ class Channel:
             if section == "msg":
                 env = decode_envelope(item.payload)
                 if env is None or env.sender != peer:
-                    self.on_event(Event("dropped", peer, f"malformed message on {item.topic}"))
+                    self._drop(item.topic, item.payload, peer, f"malformed message on {item.topic}")
                 elif self.store.add(self.url.channel, env, item.payload):
                     self._new = True
             elif section == "presence":
-                self._see_presence(peer, item.payload)
+                self._see_presence(item.topic, peer, item.payload)
             elif section == "sync":
                 self._tokens.add(item.payload)
             link.ack(item)
 
-    def _see_presence(self, peer: str, payload: bytes) -> None:
+    def _drop(self, topic: str, payload: bytes, peer: str, why: str) -> None:
+        """Report a payload we cannot use, once per process (a retained one comes back on every subscribe)."""
+        key = (topic, hash(payload))
+        if key not in self._dropped:
+            self._dropped.add(key)
+            self.on_event(Event("dropped", peer, why))
+
+    def _see_presence(self, topic: str, peer: str, payload: bytes) -> None:
         if not payload:  # retained presence cleared
             self._presences.pop(peer, None)
             return
         pres = decode_presence(payload)
         if pres is None or pres.peer != peer:
-            self.on_event(Event("dropped", peer, "malformed presence"))
+            self._drop(topic, payload, peer, f"malformed presence on {topic}")
             return
         self._presences[peer] = pres
         if peer == self.me:

@@ -76,6 +76,8 @@ class _Printer:
             role = f" ({event.detail})" if event.detail else ""
             self.data(f"mqttalk: PAIRED with {event.peer}{role}",
                       {"event": "paired", "peer": event.peer, "role": event.detail or None})
+        elif event.kind == "waiting":
+            self.note(f"waiting {event.detail}...")
         elif event.kind == "dropped":
             print(f"mqttalk: DROPPED {event.detail} (from {event.peer or '?'})", file=sys.stderr, flush=True)
 
@@ -110,7 +112,6 @@ def create(
                  "--broker mqtt://HOST:PORT (see README: Brokers)")
     if wait > 0:
         # The URL is on screen (the user must share it) before we block.
-        out.note(f"waiting up to {wait:g}s for a peer to pair...")
         if not channel.join(wait):
             out.note(f"no peer paired within {wait:g}s; the channel stays open "
                      "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
@@ -131,8 +132,6 @@ def pair(
 
     out = _Printer(as_json)
     settings = _settings(connect_timeout=connect_timeout)
-    if wait >= 2:
-        out.note(f"joining; waiting up to {wait:g}s for another peer...")
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if not others:
         out.note(f"joined as {channel.me}, but no other peer is in the channel yet; "
@@ -202,8 +201,6 @@ def recv(
 
     out = _Printer(as_json)
     channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
-    if wait >= 2:
-        out.note(f"waiting up to {wait:g}s for a message...")
     messages = channel.fetch(wait)
     for m in messages:
         env = m.envelope

@@ -1,0 +1,180 @@
+"""Fixtures: real brokers on loopback, isolated homes, and sessions that run the real `mqttalk` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MQTTALK = str(Path(sys.executable).parent / "mqttalk")
+MOSQUITTO_PORT = 1883
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own HOME, config and state directories; no MQTTALK_* from the developer."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in list(os.environ):
+        if var.startswith("MQTTALK_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    return home
+
+
+class EmbeddedBroker:
+    """`mqttalk broker` (amqtt) as a real process on a free port; can be stopped and started again."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.port = free_port()
+        self.state_dir = state_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "MQTTALK_STATE_DIR": str(self.state_dir)}
+        self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker(tmp_path_factory.mktemp("amqtt-state"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_url() -> str:
+    """The machine's Mosquitto on 127.0.0.1:1883, started if it is down."""
+    if not listening(MOSQUITTO_PORT):
+        if shutil.which("mosquitto") is None:
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        subprocess.run(["mosquitto", "-d", "-c", "/etc/mosquitto/mosquitto.conf"], check=False)
+        try:
+            wait_listening(MOSQUITTO_PORT, timeout=10)
+        except RuntimeError as exc:
+            pytest.skip(f"mosquitto would not start on 127.0.0.1:{MOSQUITTO_PORT}: {exc}")
+    return f"mqtt://127.0.0.1:{MOSQUITTO_PORT}"
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Every broker-facing test runs against Mosquitto (MQTT 5) and the embedded amqtt (MQTT 3.1.1)."""
+    if request.param == "mosquitto":
+        return str(request.getfixturevalue("mosquitto_url"))
+    return str(request.getfixturevalue("amqtt_broker").url)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+class Session:
+    """One coding-agent session: a working directory and a HOME, running the real `mqttalk` command."""
+
+    def __init__(self, name: str, root: Path, home: Path | None = None) -> None:
+        self.name = name
+        self.cwd = root / name
+        self.cwd.mkdir(parents=True)
+        self.home = home or root / f"{name}-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MQTTALK_")}
+        self.env.update(HOME=str(self.home), XDG_STATE_HOME=str(self.home / ".local" / "state"),
+                        XDG_CONFIG_HOME=str(self.home / ".config"))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / ".local" / "state" / "mqttalk"
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> Result:
+        proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args: str, input: str | None = None) -> Result:
+        res = self.run(*args, input=input)
+        assert res.code == 0, f"mqttalk {' '.join(args)} exited {res.code}\nstdout: {res.out}\nstderr: {res.err}"
+        return res
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> tuple[Session, Session]:
+    """Two sessions as on two machines: separate working directories and separate homes."""
+    return Session("impl", tmp_path), Session("tests", tmp_path)
+
+
+def join_url(result: Result) -> str:
+    for line in result.lines:
+        if line.startswith("join URL: "):
+            return line.split(": ", 1)[1]
+    raise AssertionError(f"no join URL in:\n{result.out}")
+
+
+def paired(impl: Session, tests: Session, broker: str) -> str:
+    """Create as impl and pair as tests; return the join URL."""
+    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker))
+    res = tests.ok("pair", url, "--as", "tests")
+    assert "mqttalk: PAIRED with impl" in res.out
+    return url

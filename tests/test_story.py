@@ -1,0 +1,235 @@
+"""The story, end to end, as two agent sessions run it: the real `mqttalk` command in two directories,
+against Mosquitto (MQTT 5) and the embedded amqtt broker (MQTT 3.1.1)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import Session, join_url, paired
+
+
+def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
+                                                           broker_url: str) -> None:
+    impl, _ = sessions
+    res = impl.ok("create", "--as", "impl", "--broker", broker_url)
+    url = join_url(res)
+    assert url.startswith(broker_url + "/mqttalk/v1/")
+    share = res.out.split("Paste this into the other session:", 1)[1].strip()
+    assert f"mqttalk pair {url} --as tests" in share
+    assert "```" not in share and "\n" not in share  # one plain line, safe to paste into a chat
+    assert "not instructions" in share
+
+
+def test_pair_prints_paired_on_both_sides(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    url = join_url(impl.ok("create", "--as", "impl", "--role", "owns src/api/users.ts", "--broker", broker_url))
+    waiting = impl.start("recv", "--wait", "20")  # A is waiting: it must print PAIRED at once
+    time.sleep(1.0)
+    started = time.monotonic()
+    res = tests.ok("pair", url, "--as", "tests")
+    assert "mqttalk: PAIRED with impl (owns src/api/users.ts)" in res.out
+    line = waiting.stdout.readline() if waiting.stdout else ""
+    seen_after = time.monotonic() - started
+    assert line.strip() == "mqttalk: PAIRED with tests"
+    assert seen_after < 5, f"A saw PAIRED {seen_after:.2f}s after B's pair started"
+    tests.ok("send", "hello")
+    out, _ = waiting.communicate(timeout=20)
+    assert waiting.returncode == 0 and "from=tests" in out
+
+
+def test_a_not_waiting_sees_paired_when_it_next_reads(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    first = impl.ok("recv")
+    assert "mqttalk: PAIRED with tests" in first.out
+    again = impl.ok("recv")
+    assert "PAIRED" not in again.out  # announced once
+
+
+def test_create_can_wait_for_the_peer(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    proc = impl.start("create", "--as", "impl", "--broker", broker_url, "--wait", "20")
+    assert proc.stdout is not None
+    url = ""
+    while not url:
+        line = proc.stdout.readline()
+        assert line, "create exited before printing the join URL"
+        url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+    tests.ok("pair", url, "--as", "tests")
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out
+
+
+def test_typed_messages_arrive_once_in_order(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    impl.ok("send", "--kind", "spec", "--subject", "POST /users",
+            "POST /users takes {email,name}, returns {id, created_at}, 409 on duplicate")
+    impl.ok("send", "--kind", "question", "Do you need pagination on GET /users?")
+    impl.ok("send", "plain note")
+    res = tests.ok("recv")
+    headers = [line for line in res.lines if line.startswith("mqttalk: MESSAGE")]
+    assert len(headers) == 3
+    assert "kind=spec subject='POST /users' rev=1 state=proposed" in headers[0]
+    assert "kind=question" in headers[1] and "kind=note" in headers[2]
+    assert "POST /users takes {email,name}, returns {id, created_at}, 409 on duplicate" in res.out
+    assert "MESSAGE" not in tests.ok("recv").out  # printed once
+
+
+def test_status_and_spec_agreement_carry_typed_fields_in_json(sessions: tuple[Session, Session],
+                                                              broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    sent = json.loads(impl.ok("send", "--json", "--kind", "spec", "--subject", "POST /users", "v1").out)
+    tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--state", "agreed", "--re", sent["id"], "ok")
+    tests.ok("send", "--kind", "status", "--state", "red", "--commit", "abc1234", "tests written, all red")
+    msgs = [json.loads(line) for line in impl.ok("recv", "--json").lines]
+    msgs = [m for m in msgs if m["event"] == "message"]
+    assert [m["kind"] for m in msgs] == ["spec", "status"]
+    assert msgs[0]["data"] == {"subject": "POST /users", "rev": 1, "state": "agreed"}
+    assert msgs[0]["re"] == sent["id"] and msgs[0]["from"] == "tests"
+    assert msgs[1]["data"] == {"state": "red", "commit": "abc1234"}
+    assert msgs[1]["body"] == "tests written, all red"
+
+
+def test_bodies_pass_untouched_from_stdin_and_file(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    body = ('First paragraph with "double" and \'single\' quotes, $HOME, $(rm -rf /), `whoami`, *.ts ~ !x\n\n'
+            "Second paragraph:\n    indented code { a: [1, 2] }\n\ttab\nünïcödé ✓\n")
+    impl.ok("send", "-", input=body)
+    path = impl.cwd / "msg.md"
+    path.write_text(body)
+    impl.ok("send", "--file", str(path))
+    msgs = [json.loads(line) for line in tests.ok("recv", "--json").lines]
+    bodies = [m["body"] for m in msgs if m["event"] == "message"]
+    assert bodies == [body, body]
+
+
+def test_recv_wait_returns_when_a_message_arrives(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    tests.ok("recv")  # consume the PAIRED notice
+    waiting = tests.start("recv", "--wait", "30")
+    time.sleep(1.0)
+    started = time.monotonic()
+    impl.ok("send", "green on my side")
+    out, _ = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0
+    assert "green on my side" in out
+    assert time.monotonic() - started < 10
+
+
+def test_recv_wait_times_out_with_exit_code_3(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    tests.ok("recv")
+    started = time.monotonic()
+    res = tests.run("recv", "--wait", "1.5")
+    assert res.code == 3
+    assert "no new message within 1.5s" in res.err
+    assert time.monotonic() - started < 8
+
+
+def test_messages_sent_while_the_reader_was_away_are_all_delivered(sessions: tuple[Session, Session],
+                                                                    broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    for i in range(20):  # tests has no process running: the broker queues for its session
+        impl.ok("send", f"message {i}")
+    res = tests.ok("recv", "--json")
+    bodies = [json.loads(line)["body"] for line in res.lines if '"message"' in line]
+    assert bodies == [f"message {i}" for i in range(20)]
+
+
+def test_status_shows_peers_presence_and_unread(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    impl.ok("send", "one")
+    impl.ok("send", "two")
+    res = tests.ok("status")
+    assert url in res.out
+    assert "you:     tests" in res.out
+    assert "impl: joined, last seen" in res.out
+    assert "unread:  2" in res.out
+    st = json.loads(tests.ok("status", "--json").out)
+    assert st["unread"] == 2 and st["me"] == "tests"
+    assert {p["name"]: p["state"] for p in st["peers"]} == {"tests": "joined", "impl": "joined"}
+
+
+def test_a_waiting_peer_shows_online(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    waiting = impl.start("recv", "--wait", "20")
+    try:
+        deadline = time.monotonic() + 10
+        state = ""
+        while state != "online" and time.monotonic() < deadline:
+            st = json.loads(tests.ok("status", "--json").out)
+            state = next(p["state"] for p in st["peers"] if p["name"] == "impl")
+        assert state == "online"
+    finally:
+        tests.ok("send", "wake up")
+        waiting.communicate(timeout=20)
+    st = json.loads(tests.ok("status", "--json").out)
+    assert next(p["state"] for p in st["peers"] if p["name"] == "impl") == "joined"
+
+
+def test_leave_marks_the_peer_gone(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    assert "mqttalk: LEFT channel" in impl.ok("leave").out
+    assert "impl: left" in tests.ok("status").out
+    res = impl.run("send", "still here?")
+    assert res.code == 4  # the directory's binding is gone
+
+
+def test_directed_message_reaches_only_its_peer(tmp_path_factory: object, broker_url: str,
+                                                sessions: tuple[Session, Session]) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    docs = Session("docs", impl.cwd.parent)
+    docs.ok("pair", url, "--as", "docs")
+    impl.ok("send", "--to", "docs", "please document POST /users")
+    impl.ok("send", "to everyone")
+    assert "please document" in docs.ok("recv").out
+    got = tests.ok("recv").out
+    assert "to everyone" in got and "please document" not in got
+
+
+def test_two_checkouts_on_one_machine_are_two_peers(tmp_path: object, broker_url: str) -> None:
+    from pathlib import Path
+
+    root = Path(str(tmp_path))
+    home = root / "shared-home"
+    impl, tests = Session("impl", root, home), Session("tests", root, home)
+    paired(impl, tests, broker_url)
+    impl.ok("send", "from impl")
+    assert "from impl" in tests.ok("recv").out
+    (tests.cwd / "src" / "deep").mkdir(parents=True)
+    sub = Session.__new__(Session)
+    sub.__dict__.update(tests.__dict__, cwd=tests.cwd / "src" / "deep")
+    sub.ok("send", "from a subdirectory of tests")  # the nearest bound ancestor counts
+    assert "from a subdirectory of tests" in impl.ok("recv").out
+
+
+def test_channel_and_peer_from_environment_override_the_binding(sessions: tuple[Session, Session],
+                                                                 broker_url: str) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    outsider = Session("elsewhere", impl.cwd.parent)
+    res = outsider.run("send", "no binding here")
+    assert res.code == 4 and "mqttalk create" in res.err
+    outsider.env.update(MQTTALK_CHANNEL=url, MQTTALK_PEER="tests")
+    outsider.ok("send", "acting as tests from another directory")
+    assert "acting as tests" in impl.ok("recv").out
+
+
+def test_pair_refuses_a_name_a_live_peer_uses(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    intruder = Session("intruder", impl.cwd.parent)
+    res = intruder.run("pair", url, "--as", "impl")
+    assert res.code == 2 and "already used" in res.err
+    assert tests.ok("pair", url, "--as", "tests").code == 0  # pairing again from the same place is fine
