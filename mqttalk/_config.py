@@ -70,3 +70,15 @@ def config_path() -> Path:
     if explicit:
         return Path(explicit)
     return _xdg("XDG_CONFIG_HOME", ".config") / "mqttalk" / "config.toml"
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from :class:`Settings` (a test keeps README in step)."""
+    rows = ["| setting | environment | default | what it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "`$XDG_STATE_HOME/mqttalk`" if name == "state_dir" else "(computed)"
+        else:
+            default = "unset" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
