@@ -36,10 +36,11 @@ Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer y
             4 no channel for this directory, 5 broker unreachable or refused.
 """
 
-app = typer.Typer(
+_APP_SETTINGS: dict[str, Any] = dict(
     name="mqttalk", help=HELP, rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False,
     no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
+app = typer.Typer(**_APP_SETTINGS)
 
 AsOpt = Annotated[str | None, typer.Option(
     "--as", metavar="NAME", help="Peer name (a-z 0-9 - _). Default: this directory's name, or its binding.")]
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if not args:
             args = ["--help"]
-        rv = app(args=args, prog_name="mqttalk", standalone_mode=False)
+        rv = _app_for(args)(args=args, prog_name="mqttalk", standalone_mode=False)
     except MqttalkError as exc:
         print(f"mqttalk: error: {exc.line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -359,5 +360,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app with only the command being run: typer inspects every registered command's signature
+    on each start (~10 ms for all of them), and an agent starts mqttalk many times."""
+    name = args[0] if args else ""
+    wanted = [c for c in app.registered_commands if _name(c) == name]
+    if not wanted:
+        return app  # top-level --help, --version, or an unknown command (click explains)
+    lean = typer.Typer(**_APP_SETTINGS)
+    lean.registered_callback = app.registered_callback
+    lean.registered_commands = wanted
+    return lean
+
+
+def _name(command: typer.models.CommandInfo) -> str:
+    return command.name or (command.callback.__name__ if command.callback else "")
+
+
 def app_commands() -> set[str]:
-    return {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    return {_name(c) for c in app.registered_commands}
