@@ -58,11 +58,12 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
     name = check_peer(as_ or peer_from_directory(cwd.name))
     member, joined = os.urandom(16).hex(), None
     previous = _bindings.find(settings.state_dir, cwd)
-    if previous and previous.peer == name and JoinURL.parse(previous.url).channel == join_url.channel:
+    again = bool(previous and previous.peer == name and JoinURL.parse(previous.url).channel == join_url.channel)
+    if previous and again:
         member, joined = previous.member, previous.joined  # pairing again from the same place: same member
     channel = Channel(join_url, name, member=member, role=role, settings=settings,
                       joined=datetime.fromisoformat(joined) if joined else None, on_event=on_event)
-    others = channel.join(wait)
+    others = channel.join(wait, new_member=not again)
     _record(settings, cwd, channel)
     return channel, others
 

@@ -1,4 +1,11 @@
-"""A local peer in a channel: pairing, presence, send and receive. Composes wire, topics, transport, store."""
+"""A local peer in a channel: pairing, presence, send and receive. Composes wire, topics, transport, store.
+
+Two kinds of connection:
+
+* :class:`Live` holds this peer's persistent broker session (one process at a time, by file lock):
+  it stores every message as it arrives, keeps presence, sends the outbox, reconnects if asked.
+* One-shot sends use a throwaway clean session, so they never kick a live process off the broker.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +14,54 @@ import fcntl
 import os
 import socket
 import time
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 from ._config import Settings
-from ._errors import NameTaken
+from ._errors import BrokerRefused, BrokerUnreachable, NameTaken, Queued, TimedOut
 from ._topics import Topics, check_peer
 from ._url import JoinURL
 from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_envelope, now
 
 HEARTBEAT = 10.0  # seconds between presence refreshes while a process is live
 STALE_AFTER = 3 * HEARTBEAT  # an "online" presence older than this is shown as away
+BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
+OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
 VERSION = "0.1.0"
+_NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
+
+EventKind = Literal["paired", "message", "gap", "offline", "dropped", "waiting", "disconnected", "reconnected"]
 
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened while talking to the broker, for the caller to show."""
+    """Something that happened, for the caller to show as it happens."""
 
-    kind: Literal["paired", "dropped", "waiting"]
+    kind: EventKind
     peer: str
     detail: str = ""
+    envelope: Envelope | None = None
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """A received message and its place in the local store."""
 
     n: int
     envelope: Envelope
+
+
+@dataclass
+class Inbox:
+    """What :meth:`Channel.fetch` found: unread messages and newly found gaps, oldest first."""
+
+    messages: list[Message] = field(default_factory=list)
+    gaps: list[Any] = field(default_factory=list)  # _store.Gap
+
+    def __bool__(self) -> bool:
+        return bool(self.messages or self.gaps)
 
 
 @dataclass(frozen=True)
@@ -67,10 +89,12 @@ class Status:
     protocol: str
     peers: list[PeerInfo] = field(default_factory=list)
     unread: int = 0
+    gaps: int = 0
+    queued: int = 0
 
 
 class Channel:
-    """One local peer (``me``) in one channel. Every method opens and closes its own connection."""
+    """One local peer (``me``) in one channel. One-shot methods open and close their own connection."""
 
     def __init__(self, url: JoinURL, me: str, *, member: str, settings: Settings, role: str | None = None,
                  joined: datetime | None = None, on_event: Callable[[Event], None] | None = None) -> None:
@@ -84,100 +108,110 @@ class Channel:
         self.topics = Topics(url.prefix, url.channel)
         self.client_id = self.topics.client_id(me)
         self._store: Any = None
-        self._presences: dict[str, Presence] = {}
-        self._new = False  # a new message was stored since the flag was cleared
-        self._tokens: set[bytes] = set()  # sync markers that came back
-        self._dropped: set[tuple[str, int]] = set()  # (topic, hash) of bad payloads already reported
 
-    # -- public operations -------------------------------------------------------------------------
+    # -- one-shot operations -----------------------------------------------------------------------
 
-    def join(self, wait: float = 0.0) -> list[str]:
+    def join(self, wait: float = 0.0, *, new_member: bool = True) -> list[str]:
         """Join the channel (creates this peer's broker session); wait up to ``wait`` s for another peer.
 
         Returns the other peers present. Raises :class:`NameTaken` if a live namesake is there.
         """
-        with self._hold() as held, self._session(online=wait > 0, exclusive=held) as link:
-            taken = self._presences.get(self.me)
+        with self.live(online=wait > 0, new_member=new_member) as live:
+            taken = live.presences.get(self.me)
             if taken and taken.member != self.member and taken.state != "left":
                 raise NameTaken(f"peer name {self.me!r} is already used in this channel",
                                 "pick another with --as NAME")
-            self._publish_presence(link, "online" if wait > 0 else "joined")
-            deadline = time.monotonic() + wait
-            next_beat = time.monotonic() + HEARTBEAT
-            if wait > 0 and not self._others():
+            live.announce("online" if wait > 0 else "joined")
+            if wait > 0 and not live.others():
                 self.on_event(Event("waiting", "", f"up to {wait:g}s for another peer"))
-            while not self._others() and time.monotonic() < deadline:
-                link.pump(min(deadline, next_beat) - time.monotonic())
-                if time.monotonic() >= next_beat:
-                    self._publish_presence(link, "online", wait_ack=False)
-                    next_beat += HEARTBEAT
-            if wait > 0:
-                self._publish_presence(link, "joined")
-            return self._others()
+            deadline = time.monotonic() + wait
+            while not live.others() and time.monotonic() < deadline:
+                live.poll(deadline - time.monotonic())
+            return live.others()
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
              to: str | None = None, re: str | None = None) -> Envelope:
-        """Publish one message at QoS 1; returns once the broker acknowledged it."""
+        """Send one message: recorded in the outbox first, returned once the broker acknowledged it.
+
+        Raises :class:`Queued` if the broker could not be reached: the message stays in the outbox
+        and goes out with the next command that reaches the broker.
+        """
         if to is not None:
             check_peer(to)
-        env = new_envelope(self.me, kind, body, data=data, to=to, re=re)
-        from ._transport import Link
+        env = self._enqueue(body, kind, data=data, to=to, re=re)
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            with _try_lock(self._lock_path("outbox")) as sender:
+                if sender:
+                    from ._transport import Link
 
-        with Link(self.url.broker, timeout=self.settings.connect_timeout, state_dir=self.settings.state_dir) as link:
-            info = link.publish(self.topics.msg(self.me), env.encode(), wait=False)
-            if not self._held_elsewhere():
-                # refresh "last seen" (not while our own live process owns presence)
-                self._publish_presence(link, "joined", wait_ack=False)
-            link.wait_published(info)
-        return env
+                    try:
+                        with Link(self.url.broker, timeout=self.settings.connect_timeout,
+                                  state_dir=self.settings.state_dir) as link:
+                            self._flush_once(link)
+                            if not _held(self._lock_path("session")):
+                                self._announce(link, "joined", wait_ack=False)  # refresh "last seen"
+                    except _NETWORK_ERRORS as exc:
+                        raise Queued(env.id, exc.line()) from None
+                    return env
+            # Another process of this peer (a live one, or another send) owns the outbox: it sends ours.
+            if self.store.is_sent(self.url.channel, env.id):
+                return env
+            if time.monotonic() >= deadline:
+                raise Queued(env.id, "another mqttalk process of this peer is sending and has not sent it yet")
+            time.sleep(0.02)
 
-    def fetch(self, wait: float = 0.0) -> list[Message]:
-        """Unread messages for this peer, in arrival order; with ``wait``, block up to that long for one.
+    def fetch(self, wait: float = 0.0) -> Inbox:
+        """Unread messages (and new gaps) for this peer; with ``wait``, block up to that long for one.
 
-        The read cursor does not move: call :meth:`mark_read` once the messages were shown.
+        Nothing is marked read: call :meth:`mark_read` once the messages were shown.
         """
         deadline = time.monotonic() + wait
-        with self._hold() as held:
-            if not held:
-                # Another process of this peer holds the broker session and stores what arrives.
-                if wait > 0 and not self._unread():
-                    self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
-                while True:
-                    got = self._unread()
-                    if got or time.monotonic() >= deadline:
-                        return got
-                    time.sleep(0.2)
-            with self._session(online=wait > 0, exclusive=True) as link:
-                if wait > 0:
-                    self._publish_presence(link, "online")
-                got = self._unread()
-                next_beat = time.monotonic() + HEARTBEAT
-                if wait > 0 and not got:
-                    self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
-                while not got and time.monotonic() < deadline:
-                    self._new = False
-                    link.pump(min(deadline, next_beat) - time.monotonic())
-                    if self._new:
-                        got = self._unread()
-                    if time.monotonic() >= next_beat:
-                        self._publish_presence(link, "online", wait_ack=False)
-                        next_beat += HEARTBEAT
-                self._publish_presence(link, "joined")
-                return got
+        live = Live(self, online=wait > 0)
+        try:
+            live.open()
+        except SessionBusy:
+            # A live process of this peer holds the broker session and stores what arrives.
+            got = self._inbox()
+            if wait > 0 and not got:
+                self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.1)
+                got = self._inbox()
+            return got
+        with live:
+            live.announce("online" if wait > 0 else "joined")
+            got = self._inbox()
+            if wait > 0 and not got:
+                self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
+            while not got and time.monotonic() < deadline:
+                if live.poll(deadline - time.monotonic()):
+                    got = self._inbox()
+            return got
 
-    def mark_read(self, messages: list[Message]) -> None:
-        if messages:
-            self.store.advance(self.url.channel, self.me, max(m.n for m in messages))
+    def mark_read(self, inbox: Inbox) -> None:
+        n = max((m.n for m in inbox.messages), default=0)
+        gap = max((g.n for g in inbox.gaps), default=0)
+        if n or gap:
+            self.store.advance(self.url.channel, self.me, n, gap)
 
     def status(self) -> Status:
         """Who is in the channel and whether they are there, plus this peer's unread count."""
-        with self._hold() as held, self._session(online=False, exclusive=held) as link:
-            if held:
-                self._publish_presence(link, "joined")
-            proto = "MQTT 5" if link.protocol == 5 else "MQTT 3.1.1"
-        peers = [_judge(p, me=p.peer == self.me) for p in self._presences.values()]
+        live = Live(self, online=False)
+        try:
+            live.open()
+        except SessionBusy:  # a live process holds the session: read presence over a throwaway one
+            live = Live(self, online=False, exclusive=False).open()
+        with live:
+            if live.exclusive:
+                live.announce("joined")
+            proto = "MQTT 5" if live.protocol == 5 else "MQTT 3.1.1"
+            presences = dict(live.presences)
+        peers = [_judge(p, me=p.peer == self.me) for p in presences.values()]
         peers.sort(key=lambda p: (not p.me, p.name))
-        return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(self.url.channel, self.me))
+        channel = self.url.channel
+        return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(channel, self.me),
+                      len(self.store.new_gaps(channel, self.me)), len(self.store.pending(channel, self.me)))
 
     def leave(self) -> None:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
@@ -185,7 +219,16 @@ class Channel:
 
         with Link(self.url.broker, client_id=self.client_id, persistent=False,
                   timeout=self.settings.connect_timeout, state_dir=self.settings.state_dir) as link:
-            self._publish_presence(link, "left")
+            self._announce(link, "left")
+
+    def history(self, *, peer: str | None = None, kind: str | None = None, since: str | None = None,
+                limit: int | None = None) -> list[Envelope]:
+        """Messages of this channel in the local store, oldest first (see :meth:`Store.history`)."""
+        return list(self.store.history(self.url.channel, peer=peer, kind=kind, since=since, limit=limit))
+
+    def live(self, *, online: bool = True, reconnect: bool = False, new_member: bool = False) -> Live:
+        """A long-lived connection holding this peer's broker session (see :class:`Live`)."""
+        return Live(self, online=online, reconnect=reconnect, new_member=new_member)
 
     @property
     def store(self) -> Any:
@@ -197,123 +240,422 @@ class Channel:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _hold(self) -> Iterator[bool]:
-        """Try to become the one process that holds this peer's broker session.
+    def _lock_path(self, what: str) -> Path:
+        return self.settings.state_dir / "locks" / f"{self.client_id}.{what}.lock"
 
-        Two connections with one client id would kick each other off the broker, so only the holder
-        connects with the session; others read the store (which the holder keeps current).
-        """
-        lock_dir = self.settings.state_dir / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{self.client_id}.lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
+    def _enqueue(self, body: str, kind: str, *, data: dict[str, Any] | None, to: str | None,
+                 re: str | None) -> Envelope:
+        new_envelope(self.me, kind, body, data=data, to=to, re=re)  # validate before touching the store
+        return self.store.enqueue(self.url.channel, self.me, self.topics.msg(self.me),
+                                  lambda seq: new_envelope(self.me, kind, body, data=data, to=to, re=re, seq=seq))
+
+    def _flush_once(self, link: Any) -> int:
+        """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
+        pending = self.store.pending(self.url.channel, self.me)
+        infos = [(row.n, link.publish(row.topic, row.payload, wait=False)) for row in pending]
+        for n, info in infos:
+            link.wait_published(info)
+            self.store.mark_sent(n)
+        return len(pending)
+
+    def _presence(self, state: Literal["joined", "online", "away", "left"]) -> Presence:
+        at = now()
+        return Presence(peer=self.me, role=self.role, state=state, member=self.member,
+                        since=self.joined if state == "joined" else at, hb=at,
+                        client=f"mqttalk/{VERSION} {socket.gethostname()} pid {os.getpid()}",
+                        seq=self.store.last_sent_seq(self.url.channel, self.me) or None)
+
+    def _announce(self, link: Any, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
+        pres = self._presence(state)
+        link.publish(self.topics.presence(self.me), pres.encode(), retain=True, wait=wait_ack)
+        return pres
+
+    def _inbox(self) -> Inbox:
+        channel = self.url.channel
+        return Inbox([Message(n, env) for n, env in self.store.unread(channel, self.me)],
+                     self.store.new_gaps(channel, self.me))
+
+
+class Live:
+    """A connection that holds this peer's persistent broker session.
+
+    While open it stores every message as it arrives (acknowledging each to the broker only once
+    stored), tracks presence and sequence gaps, keeps this peer's presence ``online`` with a
+    heartbeat (``online=True``; a retained Last Will marks it ``away`` if the connection dies), and
+    sends the outbox, including messages other processes of this peer queued. With ``reconnect`` it
+    rides out broker outages with backoff; otherwise a lost connection raises.
+
+    ``exclusive=False`` reads presence only, over a throwaway session (for a process that cannot
+    hold the session because a live one does).
+    """
+
+    def __init__(self, channel: Channel, *, online: bool = True, reconnect: bool = False,
+                 new_member: bool = False, exclusive: bool = True) -> None:
+        self.channel = channel
+        self.online = online
+        self.reconnect = reconnect
+        self.new_member = new_member
+        self.exclusive = exclusive
+        self.presences: dict[str, Presence] = {}
+        self.protocol = 0
+        self._session_lock = _FileLock(channel._lock_path("session"))
+        self._outbox_lock = _FileLock(channel._lock_path("outbox"))
+        self._link: Any = None
+        self._tokens: set[bytes] = set()
+        self._dropped: set[tuple[str, int]] = set()
+        self._handled = 0  # messages and presence updates taken in since poll() started
+        self._synced = False
+        self._announced: str | None = None
+        self._next_beat = 0.0
+        self._next_outbox = 0.0
+        self._backoff = 0.5
+        self._retry_at = 0.0
+        self._inflight: list[tuple[int, Any]] = []
+        self._gap_mark = 0
+        self._offline: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def open(self) -> Live:
+        """Connect (a :class:`Live` used in a ``with`` block opens itself)."""
+        if self._link is not None:
+            return self
+        ch = self.channel
+        if self.exclusive and not self._session_lock.acquire():
+            raise SessionBusy("another mqttalk process of this peer holds its broker session",
+                              "stop it, or let it receive: `mqttalk recv` reads what it stores")
+        self._gap_mark = max((g.n for g in ch.store.new_gaps(ch.url.channel, ch.me)), default=0)
+        try:
+            self._connect()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __enter__(self) -> Live:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave presence ``joined`` (if it was ``online``), disconnect cleanly, release the locks."""
+        try:
+            if self._link is not None and self.exclusive and self._announced == "online":
+                with contextlib.suppress(*_NETWORK_ERRORS):
+                    self.announce("joined")
+        finally:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+            self._release()
+
+    def _release(self) -> None:
+        self._outbox_lock.release()
+        self._session_lock.release()
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    def others(self) -> list[str]:
+        return sorted(p for p, pres in self.presences.items() if p != self.channel.me and pres.state != "left")
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def announce(self, state: Literal["joined", "online", "left"]) -> None:
+        """Publish this peer's presence (``online`` also starts the heartbeat)."""
+        self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
+        self._announced = state
+        self._next_beat = time.monotonic() + HEARTBEAT
+
+    def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
+             to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
+        """Send over this connection. ``wait=False`` returns once it is in the outbox and handed to
+        the network (for throughput); :meth:`drain` or :meth:`poll` collect the acknowledgements."""
+        if to is not None:
+            check_peer(to)
+        env = self.channel._enqueue(body, kind, data=data, to=to, re=re)
+        self._publish_pending()
+        if self._link is None or not self._outbox_lock.held:
+            if wait:
+                raise Queued(env.id, "not connected to the broker")
+            return env
+        if wait:
+            self.drain()
+            if not self.channel.store.is_sent(self.channel.url.channel, env.id):
+                raise Queued(env.id, "the broker did not acknowledge it")
+        return env
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until everything handed to the network was acknowledged."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.channel.settings.connect_timeout)
+        while self._inflight and self._link is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return
-            yield True
-
-    def _held_elsewhere(self) -> bool:
-        path = self.settings.state_dir / "locks" / f"{self.client_id}.lock"
-        if not path.exists():
-            return False
-        with open(path, "w") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False
+                self._link.pump(min(left, 0.05))
+            except _NETWORK_ERRORS as exc:
+                self._lost(exc)
+                return
+            self._collect_acks()
 
-    @contextlib.contextmanager
-    def _session(self, *, online: bool, exclusive: bool) -> Iterator[Any]:
-        """A connection, synced: subscriptions in place and the broker's backlog stored.
+    def poll(self, timeout: float) -> int:
+        """Run for up to ``timeout`` s: receive, heartbeat, send queued messages, reconnect.
 
-        ``exclusive``: use this peer's persistent session (queued messages arrive); otherwise a
-        throwaway clean session that only reads presence.
+        Returns how many messages and presence updates it took in (it returns early once there
+        are some), so callers re-check what they wait for.
         """
+        deadline = time.monotonic() + timeout
+        self._handled = 0
+        while True:
+            now_ = time.monotonic()
+            if self._link is None:
+                if not self.reconnect:
+                    raise BrokerUnreachable(f"lost the connection to {self.channel.url.broker.display()}")
+                if now_ >= self._retry_at:
+                    self._try_reconnect()
+                    continue
+                time.sleep(max(0.0, min(deadline, self._retry_at) - now_))
+            else:
+                try:
+                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_))
+                    self._collect_acks()
+                    self._routine()
+                except _NETWORK_ERRORS as exc:
+                    self._lost(exc)
+            if self._handled or time.monotonic() >= deadline:
+                got, self._handled = self._handled, 0
+                return got
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
         from ._transport import Link, Will
 
-        will = None
-        if online:
-            will = Will(self.topics.presence(self.me), self._presence("away").encode())
-        link = Link(self.url.broker, client_id=self.client_id if exclusive else None, persistent=exclusive,
-                    timeout=self.settings.connect_timeout, will=will, state_dir=self.settings.state_dir)
-        link.on_messages = lambda batch: self._absorb(link, batch)
-        with link:
-            topics = [self.topics.all_presence, self.topics.sync(link.client_id)]
-            if exclusive:
-                topics.append(self.topics.all_msg)
+        ch = self.channel
+        will = Will(ch.topics.presence(ch.me), ch._presence("away").encode()) if self.online else None
+        link = Link(ch.url.broker, client_id=ch.client_id if self.exclusive else None,
+                    persistent=self.exclusive, timeout=ch.settings.connect_timeout, will=will,
+                    state_dir=ch.settings.state_dir, on_messages=lambda batch: self._absorb(link, batch))
+        link.open()
+        try:
+            self._synced = False
+            topics = [ch.topics.all_presence, ch.topics.sync(link.client_id)]
+            if self.exclusive:
+                topics.append(ch.topics.all_msg)
             link.subscribe(topics)
             token = os.urandom(16).hex().encode()
-            link.publish(self.topics.sync(link.client_id), token)
-            deadline = time.monotonic() + self.settings.connect_timeout
+            link.publish(ch.topics.sync(link.client_id), token)
+            deadline = time.monotonic() + ch.settings.connect_timeout
             while token not in self._tokens:
                 if time.monotonic() >= deadline:
-                    from ._errors import TimedOut
-
-                    raise TimedOut(f"broker at {self.url.broker.display()} did not deliver the channel "
-                                   f"within {self.settings.connect_timeout:g}s")
+                    raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
+                                   f"within {ch.settings.connect_timeout:g}s")
                 link.pump(deadline - time.monotonic())
-            yield link
+        except BaseException:
+            link.close()
+            raise
+        self._link, self.protocol = link, link.protocol
+        self._synced = True
+        self._after_sync()
+        if self._announced is not None:  # a reconnect: say again who we are
+            self.announce("online" if self._announced == "online" else "joined")
+        if self.exclusive:
+            self._publish_pending()
+
+    def _after_sync(self) -> None:
+        """The backlog is in: compare what each peer says it sent with what arrived."""
+        ch = self.channel
+        if not self.exclusive:
+            return
+        for peer, pres in self.presences.items():
+            if peer == ch.me or not pres.seq:
+                continue
+            if self.new_member:
+                ch.store.start_head(ch.url.channel, peer, pres.seq)
+            else:
+                ch.store.expect(ch.url.channel, peer, pres.seq)
+        if self.new_member:  # what this machine stored before we joined is not ours to read
+            self.new_member = False
+            ch.store.advance(ch.url.channel, ch.me, *ch.store.marks(ch.url.channel))
+            self._gap_mark = ch.store.marks(ch.url.channel)[1]
+        self._report_gaps()
+
+    def _report_gaps(self) -> None:
+        ch = self.channel
+        for gap in ch.store.new_gaps(ch.url.channel, ch.me):
+            if gap.n > self._gap_mark:
+                self._gap_mark = gap.n
+                self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}"))
 
     def _absorb(self, link: Any, incoming: list[Any]) -> None:
         """Store messages, track presence, announce pairings; ack each once it is taken care of."""
+        ch = self.channel
         for item in incoming:
-            where = self.topics.split(item.topic)
+            where = ch.topics.split(item.topic)
             section, peer = where if where else ("", "")
             if section == "msg":
                 env = decode_envelope(item.payload)
                 if env is None or env.sender != peer:
                     self._drop(item.topic, item.payload, peer, f"malformed message on {item.topic}")
-                elif self.store.add(self.url.channel, env, item.payload):
-                    self._new = True
+                elif ch.store.add(ch.url.channel, env, item.payload):
+                    self._handled += 1
+                    if peer != ch.me:
+                        ch.on_event(Event("message", peer, envelope=env))
             elif section == "presence":
+                self._handled += 1
                 self._see_presence(item.topic, peer, item.payload)
             elif section == "sync":
                 self._tokens.add(item.payload)
             link.ack(item)
+        if self._synced:
+            self._report_gaps()
+
+    def _see_presence(self, topic: str, peer: str, payload: bytes) -> None:
+        ch = self.channel
+        if not payload:  # retained presence cleared
+            self.presences.pop(peer, None)
+            return
+        pres = decode_presence(payload)
+        if pres is None or pres.peer != peer:
+            self._drop(topic, payload, peer, f"malformed presence on {topic}")
+            return
+        self.presences[peer] = pres
+        if peer == ch.me:
+            return
+        if pres.state in ("left", "away"):
+            if pres.state == "left":
+                ch.store.forget_paired(ch.url.channel, ch.me, peer)
+            if peer not in self._offline and self._synced:
+                self._offline.add(peer)
+                ch.on_event(Event("offline", peer, pres.state))
+            return
+        self._offline.discard(peer)
+        if ch.store.mark_paired(ch.url.channel, ch.me, peer):
+            ch.on_event(Event("paired", peer, pres.role or ""))
+        if self._synced and self.exclusive and pres.seq:
+            ch.store.expect(ch.url.channel, peer, pres.seq)
 
     def _drop(self, topic: str, payload: bytes, peer: str, why: str) -> None:
         """Report a payload we cannot use, once per process (a retained one comes back on every subscribe)."""
         key = (topic, hash(payload))
         if key not in self._dropped:
             self._dropped.add(key)
-            self.on_event(Event("dropped", peer, why))
+            self.channel.on_event(Event("dropped", peer, why))
 
-    def _see_presence(self, topic: str, peer: str, payload: bytes) -> None:
-        if not payload:  # retained presence cleared
-            self._presences.pop(peer, None)
+    def _routine(self) -> None:
+        """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
+        mono = time.monotonic()
+        if mono >= self._next_beat:
+            if self._announced == "online":
+                self.announce("online")
+            self._next_beat = mono + HEARTBEAT
+            for peer, pres in self.presences.items():
+                stale = pres.state == "online" and (now() - pres.hb).total_seconds() > STALE_AFTER
+                if stale and peer != self.channel.me and peer not in self._offline:
+                    self._offline.add(peer)
+                    self.channel.on_event(Event("offline", peer, f"no heartbeat for {STALE_AFTER:g}s"))
+        if mono >= self._next_outbox:
+            self._next_outbox = mono + OUTBOX_POLL
+            if not self._inflight:
+                self._publish_pending()
+
+    def _publish_pending(self) -> None:
+        """Hand pending outbox messages to the network (if this process is the peer's sender)."""
+        ch = self.channel
+        if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
-        pres = decode_presence(payload)
-        if pres is None or pres.peer != peer:
-            self._drop(topic, payload, peer, f"malformed presence on {topic}")
+        busy = {n for n, _ in self._inflight}
+        for row in ch.store.pending(ch.url.channel, ch.me):
+            if row.n not in busy:
+                self._inflight.append((row.n, self._link.publish(row.topic, row.payload, wait=False)))
+
+    def _collect_acks(self) -> None:
+        while self._inflight and self._inflight[0][1].is_published():
+            n, _ = self._inflight.pop(0)
+            self.channel.store.mark_sent(n)
+
+    def _live_link(self) -> Any:
+        if self._link is None:
+            raise BrokerUnreachable(f"not connected to {self.channel.url.broker.display()}")
+        return self._link
+
+    def _lost(self, exc: Exception) -> None:
+        if self._link is not None:
+            self._link.close()
+        self._link = None
+        self._inflight.clear()  # unacknowledged: still pending in the outbox, sent again on reconnect
+        self._backoff = 0.5
+        self._retry_at = time.monotonic() + self._backoff
+        self.channel.on_event(Event("disconnected", "", str(exc)))
+        if not self.reconnect:
+            raise exc
+
+    def _try_reconnect(self) -> None:
+        try:
+            self._connect()
+        except (*_NETWORK_ERRORS, BrokerRefused):
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._retry_at = time.monotonic() + self._backoff
             return
-        self._presences[peer] = pres
-        if peer == self.me:
+        self._backoff = 0.5
+        self.channel.on_event(Event("reconnected", "", self.channel.url.broker.display()))
+
+
+class SessionBusy(BrokerRefused):
+    """Another process of this peer holds its broker session (a live `recv --wait`, `listen`, ...)."""
+
+
+class _FileLock:
+    """An exclusive, non-blocking file lock held for as long as this object wants it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def acquire(self) -> bool:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "w")  # noqa: SIM115 - kept open while the lock is held
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                return False
+            self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive file lock if it is free; yields whether we got it (never blocks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
             return
-        if pres.state == "left":
-            self.store.forget_paired(self.url.channel, self.me, peer)
-        elif self.store.mark_paired(self.url.channel, self.me, peer):
-            self.on_event(Event("paired", peer, pres.role or ""))
+        yield True
 
-    def _others(self) -> list[str]:
-        return sorted(p for p, pres in self._presences.items() if p != self.me and pres.state != "left")
 
-    def _presence(self, state: Literal["joined", "online", "away", "left"]) -> Presence:
-        at = now()
-        return Presence(peer=self.me, role=self.role, state=state, member=self.member,
-                        since=self.joined if state == "joined" else at, hb=at,
-                        client=f"mqttalk/{VERSION} {socket.gethostname()} pid {os.getpid()}")
-
-    def _publish_presence(self, link: Any, state: Literal["joined", "online", "left"], *,
-                          wait_ack: bool = True) -> None:
-        pres = self._presence(state)
-        self._presences[self.me] = pres
-        link.publish(self.topics.presence(self.me), pres.encode(), retain=True, wait=wait_ack)
-
-    def _unread(self) -> list[Message]:
-        return [Message(n, env) for n, env in self.store.unread(self.url.channel, self.me)]
+def _held(path: Path) -> bool:
+    """Whether some process holds the lock at ``path`` right now."""
+    if not path.exists():
+        return False
+    with _try_lock(path) as got:
+        return not got
 
 
 def _judge(p: Presence, *, me: bool) -> PeerInfo:

@@ -9,12 +9,14 @@ EXIT_USAGE = 2  # bad input: flags, URL, message
 EXIT_TIMEOUT = 3  # a wait ran out: no message / no peer within the time given
 EXIT_NOT_BOUND = 4  # no channel for this directory
 EXIT_BROKER = 5  # broker unreachable or refused us
+EXIT_QUEUED = 6  # a message was kept in the outbox, not yet acknowledged by the broker
 
 
 class MqttalkError(Exception):
     """Base of every error mqttalk raises on purpose."""
 
     exit_code = EXIT_ERROR
+    label = "error"  # how the CLI introduces the line: "mqttalk: error: ..."
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -66,3 +68,15 @@ class TimedOut(MqttalkError):
     """A bounded wait ran out."""
 
     exit_code = EXIT_TIMEOUT
+
+
+class Queued(MqttalkError):
+    """The message is safe in the local outbox but the broker has not acknowledged it yet."""
+
+    exit_code = EXIT_QUEUED
+    label = "QUEUED"
+
+    def __init__(self, message_id: str, reason: str) -> None:
+        super().__init__(f"id={message_id} not sent yet: {reason}",
+                         "it is kept and goes out with the next mqttalk command that reaches the broker")
+        self.message_id = message_id

@@ -1,14 +1,19 @@
-"""The local store: SQLite in the state directory (WAL, safe for several mqttalk processes at once).
+"""The local store: SQLite in the state directory (WAL; safe for several mqttalk processes at once).
 
 Per channel it keeps every message seen (de-duplicated by envelope id: QoS 1 may deliver twice),
-a read cursor per local peer, and which peers each local peer has already been told it paired with.
+a read cursor per local peer, the outbox of messages this machine's peers send (recorded before
+they are published, marked sent only on PUBACK), per-sender sequence heads and the gaps they
+reveal, and which pairings each local peer has been told about.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from ._wire import Envelope
 
@@ -20,14 +25,35 @@ CREATE TABLE IF NOT EXISTS messages (
     sender TEXT NOT NULL,
     recipient TEXT,
     kind TEXT NOT NULL,
+    seq INTEGER,
     ts TEXT NOT NULL,
     raw BLOB NOT NULL,
     received REAL NOT NULL,
     UNIQUE (channel, id)
 );
+CREATE INDEX IF NOT EXISTS messages_by_channel ON messages (channel, n);
 CREATE TABLE IF NOT EXISTS cursors (
-    channel TEXT NOT NULL, peer TEXT NOT NULL, n INTEGER NOT NULL,
+    channel TEXT NOT NULL, peer TEXT NOT NULL,
+    n INTEGER NOT NULL DEFAULT 0,       -- last message shown
+    gap INTEGER NOT NULL DEFAULT 0,     -- last gap reported
     PRIMARY KEY (channel, peer)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
+    id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    created REAL NOT NULL, sent REAL,
+    UNIQUE (channel, sender, seq)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, sender, sent, seq);
+CREATE TABLE IF NOT EXISTS heads (
+    channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (channel, sender)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL, sender TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    found REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS paired (
     channel TEXT NOT NULL, peer TEXT NOT NULL, other TEXT NOT NULL, at REAL NOT NULL,
@@ -36,10 +62,30 @@ CREATE TABLE IF NOT EXISTS paired (
 """
 
 
+class Gap(NamedTuple):
+    """Messages ``first``..``last`` from ``sender`` that never arrived (the broker dropped them)."""
+
+    n: int
+    sender: str
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+class Pending(NamedTuple):
+    n: int
+    id: str
+    topic: str
+    payload: bytes
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
@@ -47,21 +93,77 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the write lock up front (no upgrade deadlocks)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- received messages -------------------------------------------------------------------------
+
     def add(self, channel: str, env: Envelope, raw: bytes) -> bool:
-        """Store a message; False if it was already there (a duplicate delivery)."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, ts, raw, received)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (channel, env.id, env.sender, env.to, env.kind, env.ts.isoformat(), raw, time.time()),
-        )
-        return cur.rowcount == 1
+        """Store a message and track its sender's sequence; False if it was already there."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw, received)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (channel, env.id, env.sender, env.to, env.kind, env.seq, env.ts.isoformat(), raw, time.time()),
+            )
+            if cur.rowcount != 1:
+                return False
+            if env.seq is not None and env.seq > 0:
+                self._track(db, channel, env.sender, env.seq)
+            return True
+
+    def _track(self, db: sqlite3.Connection, channel: str, sender: str, seq: int) -> None:
+        row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
+        head = int(row[0]) if row else 0
+        if seq > head + 1:
+            db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
+                       (channel, sender, head + 1, seq - 1, time.time()))
+        if seq > head:
+            db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
+                       " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
+            return
+        gap = db.execute("SELECT n, first, last FROM gaps WHERE channel = ? AND sender = ? AND first <= ?"
+                         " AND last >= ?", (channel, sender, seq, seq)).fetchone()
+        if gap is None:
+            if seq == 1:  # the sender started counting again (a new membership): follow it
+                db.execute("UPDATE heads SET seq = 1 WHERE channel = ? AND sender = ?", (channel, sender))
+            return
+        n, first, last = gap  # a late message fills (part of) a gap
+        db.execute("DELETE FROM gaps WHERE n = ?", (n,))
+        for lo, hi in ((first, seq - 1), (seq + 1, last)):
+            if lo <= hi:
+                db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
+                           (channel, sender, lo, hi, time.time()))
+
+    def expect(self, channel: str, sender: str, seq: int) -> None:
+        """``sender`` says it has sent up to ``seq``: anything after our head that never came is a gap."""
+        with self._tx() as db:
+            row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
+            head = int(row[0]) if row else 0
+            if seq > head:
+                db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
+                           (channel, sender, head + 1, seq, time.time()))
+                db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
+                           " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
+
+    def start_head(self, channel: str, sender: str, seq: int) -> None:
+        """On joining: what ``sender`` sent before we were a member is not ours to miss."""
+        self.db.execute("INSERT OR IGNORE INTO heads (channel, sender, seq) VALUES (?, ?, ?)", (channel, sender, seq))
 
     def unread(self, channel: str, peer: str) -> list[tuple[int, Envelope]]:
         """Messages for ``peer`` (from others, to all or to it) after its cursor, in arrival order."""
         rows = self.db.execute(
             "SELECT n, raw FROM messages WHERE channel = ? AND n > ? AND sender != ?"
             " AND (recipient IS NULL OR recipient = ?) ORDER BY n",
-            (channel, self.cursor(channel, peer), peer, peer),
+            (channel, self._cursor(channel, peer)[0], peer, peer),
         ).fetchall()
         return [(n, Envelope.model_validate_json(raw)) for n, raw in rows]
 
@@ -69,28 +171,94 @@ class Store:
         row = self.db.execute(
             "SELECT count(*) FROM messages WHERE channel = ? AND n > ? AND sender != ?"
             " AND (recipient IS NULL OR recipient = ?)",
-            (channel, self.cursor(channel, peer), peer, peer),
+            (channel, self._cursor(channel, peer)[0], peer, peer),
         ).fetchone()
         return int(row[0])
 
-    def cursor(self, channel: str, peer: str) -> int:
-        row = self.db.execute("SELECT n FROM cursors WHERE channel = ? AND peer = ?", (channel, peer)).fetchone()
-        return int(row[0]) if row else 0
+    def new_gaps(self, channel: str, peer: str) -> list[Gap]:
+        """Gaps in other peers' sequences not yet reported to ``peer``."""
+        rows = self.db.execute("SELECT n, sender, first, last FROM gaps WHERE channel = ? AND n > ? AND sender != ?"
+                               " ORDER BY n", (channel, self._cursor(channel, peer)[1], peer)).fetchall()
+        return [Gap(*row) for row in rows]
 
-    def advance(self, channel: str, peer: str, n: int) -> None:
-        """Move ``peer``'s cursor forward to ``n`` (never back: two readers may race)."""
+    def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
+                since: str | None = None, limit: int | None = None) -> list[Envelope]:
+        """Stored messages, oldest first; ``since`` is an ISO time or a message id (exclusive)."""
+        sql, args = "SELECT raw FROM messages WHERE channel = ?", [channel]
+        if peer:
+            sql += " AND sender = ?"
+            args.append(peer)
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if since:
+            by_id = self.db.execute("SELECT n FROM messages WHERE channel = ? AND id = ?", (channel, since)).fetchone()
+            if by_id:
+                sql += " AND n > ?"
+                args.append(by_id[0])
+            else:
+                sql += " AND ts >= ?"
+                args.append(since)
+        sql += " ORDER BY n"
+        rows = self.db.execute(sql, args).fetchall()
+        if limit:
+            rows = rows[-limit:]
+        return [Envelope.model_validate_json(raw) for (raw,) in rows]
+
+    def marks(self, channel: str) -> tuple[int, int]:
+        """The newest message and gap numbers of a channel (a new member's cursors start there)."""
+        row = self.db.execute("SELECT (SELECT coalesce(max(n), 0) FROM messages WHERE channel = ?),"
+                              " (SELECT coalesce(max(n), 0) FROM gaps WHERE channel = ?)", (channel, channel)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def _cursor(self, channel: str, peer: str) -> tuple[int, int]:
+        row = self.db.execute("SELECT n, gap FROM cursors WHERE channel = ? AND peer = ?", (channel, peer)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def advance(self, channel: str, peer: str, n: int, gap: int = 0) -> None:
+        """Move ``peer``'s cursors forward (never back: two readers may race)."""
         self.db.execute(
-            "INSERT INTO cursors (channel, peer, n) VALUES (?, ?, ?)"
-            " ON CONFLICT (channel, peer) DO UPDATE SET n = max(n, excluded.n)",
-            (channel, peer, n),
+            "INSERT INTO cursors (channel, peer, n, gap) VALUES (?, ?, ?, ?) ON CONFLICT (channel, peer)"
+            " DO UPDATE SET n = max(n, excluded.n), gap = max(gap, excluded.gap)",
+            (channel, peer, n, gap),
         )
+
+    # -- outbox ------------------------------------------------------------------------------------
+
+    def enqueue(self, channel: str, sender: str, topic: str, build: Callable[[int], Envelope]) -> Envelope:
+        """Give the next sequence number to ``build`` and record its envelope in the outbox, atomically."""
+        with self._tx() as db:
+            row = db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?",
+                             (channel, sender)).fetchone()
+            env = build(int(row[0] or 0) + 1)
+            db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, created)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (channel, sender, env.seq, env.id, topic, env.encode(), time.time()))
+            return env
+
+    def pending(self, channel: str, sender: str) -> list[Pending]:
+        rows = self.db.execute("SELECT n, id, topic, payload FROM outbox WHERE channel = ? AND sender = ?"
+                               " AND sent IS NULL ORDER BY seq", (channel, sender)).fetchall()
+        return [Pending(*row) for row in rows]
+
+    def mark_sent(self, n: int) -> None:
+        self.db.execute("UPDATE outbox SET sent = ? WHERE n = ?", (time.time(), n))
+
+    def is_sent(self, channel: str, msg_id: str) -> bool:
+        row = self.db.execute("SELECT sent FROM outbox WHERE channel = ? AND id = ?", (channel, msg_id)).fetchone()
+        return bool(row and row[0] is not None)
+
+    def last_sent_seq(self, channel: str, sender: str) -> int:
+        row = self.db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ? AND sent IS NOT NULL",
+                              (channel, sender)).fetchone()
+        return int(row[0] or 0)
+
+    # -- pairing announcements ---------------------------------------------------------------------
 
     def mark_paired(self, channel: str, peer: str, other: str) -> bool:
         """Record that ``peer`` was told it paired with ``other``; False if it already was."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO paired (channel, peer, other, at) VALUES (?, ?, ?, ?)",
-            (channel, peer, other, time.time()),
-        )
+        cur = self.db.execute("INSERT OR IGNORE INTO paired (channel, peer, other, at) VALUES (?, ?, ?, ?)",
+                              (channel, peer, other, time.time()))
         return cur.rowcount == 1
 
     def forget_paired(self, channel: str, peer: str, other: str) -> None:

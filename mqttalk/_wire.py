@@ -101,6 +101,7 @@ class Presence(BaseModel):
     since: datetime = Field(description="when the state began")
     hb: datetime = Field(description="last heartbeat: when the peer last did anything")
     client: str | None = None
+    seq: int | None = Field(None, description="highest message sequence number the peer has sent")
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

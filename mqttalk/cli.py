@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -33,7 +34,8 @@ MQTTALK_PEER) act for another. With no broker configured, `create` starts the em
 
 \b
 Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer yet),
-            4 no channel for this directory, 5 broker unreachable or refused.
+            4 no channel for this directory, 5 broker unreachable or refused,
+            6 queued: kept in the outbox, sent by the next command that reaches the broker.
 """
 
 _APP_SETTINGS: dict[str, Any] = dict(
@@ -61,8 +63,9 @@ def _settings(**flags: Any) -> Any:
 class _Printer:
     """Renders events and results; --json switches every line to a JSON object."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, *, listening: bool = False) -> None:
         self.json = as_json
+        self.listening = listening  # `listen` prints message and connection events as they happen
 
     def data(self, text: str, obj: dict[str, Any]) -> None:
         print(json.dumps(obj, default=str) if self.json else text, flush=True)
@@ -79,6 +82,23 @@ class _Printer:
                       {"event": "paired", "peer": event.peer, "role": event.detail or None})
         elif event.kind == "waiting":
             self.note(f"waiting {event.detail}...")
+        elif event.kind == "gap":
+            first, last = event.detail.split("-")
+            count = int(last) - int(first) + 1
+            self.data(f"mqttalk: GAP from={event.peer} seq={event.detail} ({count} message"
+                      f"{'s' if count > 1 else ''} sent by {event.peer} never arrived: the broker dropped them; "
+                      f"ask {event.peer} to resend)",
+                      {"event": "gap", "peer": event.peer, "first": int(first), "last": int(last)})
+        elif event.kind == "offline":
+            self.data(f"mqttalk: OFFLINE {event.peer} ({event.detail})",
+                      {"event": "offline", "peer": event.peer, "detail": event.detail})
+        elif event.kind == "message" and self.listening and event.envelope is not None:
+            env = event.envelope
+            self.data(f"mqttalk: MESSAGE {_facts(env)}",
+                      {"event": "message", "from": env.sender, "kind": env.kind, "id": env.id})
+        elif event.kind in ("disconnected", "reconnected") and self.listening:
+            word = "BROKER_DOWN" if event.kind == "disconnected" else "BROKER_UP"
+            self.data(f"mqttalk: {word} {event.detail}", {"event": event.kind, "detail": event.detail})
         elif event.kind == "dropped":
             print(f"mqttalk: DROPPED {event.detail} (from {event.peer or '?'})", file=sys.stderr, flush=True)
 
@@ -113,7 +133,7 @@ def create(
                  "--broker mqtt://HOST:PORT (see README: Brokers)")
     if wait > 0:
         # The URL is on screen (the user must share it) before we block.
-        if not channel.join(wait):
+        if not channel.join(wait, new_member=False):
             out.note(f"no peer paired within {wait:g}s; the channel stays open "
                      "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
             raise typer.Exit(EXIT_TIMEOUT)
@@ -202,23 +222,80 @@ def recv(
 
     out = _Printer(as_json)
     channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
-    messages = channel.fetch(wait)
-    for m in messages:
+    inbox = channel.fetch(wait)
+    for gap in inbox.gaps:
+        out.event(_gap_event(gap))
+    for m in inbox.messages:
         env = m.envelope
         if as_json:
             out.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
-            continue
-        facts = [f"from={env.sender}", f"kind={env.kind}" + ("" if env.known_kind else "(unknown)")]
-        facts += [env.summary()] if env.summary() else []
-        facts += [f"id={env.id}"] + ([f"re={env.re}"] if env.re else []) + ([f"to={env.to}"] if env.to else [])
-        facts.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
-        print(f"mqttalk: MESSAGE {' '.join(facts)}\n{_printable(env.body).rstrip()}\n", flush=True)
-    channel.mark_read(messages)
-    if not messages:
+        else:
+            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
+    channel.mark_read(inbox)
+    if not inbox:
         if wait > 0:
             out.note(f"no new message within {wait:g}s")
             raise typer.Exit(EXIT_TIMEOUT)
         out.note("no unread messages")
+
+
+@app.command()
+def listen(
+    timeout: Annotated[float | None, typer.Option(
+        metavar="SECONDS", help="Stop after this long (default: run until interrupted).")] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stay connected: keep presence online, store every message as it arrives, print one line per event.
+
+    Run it in the background and wake on its output; read bodies with `mqttalk recv` (it reads what
+    `listen` stored). Lines: MESSAGE, PAIRED, OFFLINE, GAP, BROKER_DOWN, BROKER_UP. It reconnects
+    with backoff when the broker goes away, and sends what other mqttalk processes of this peer queued.
+    """
+    import signal
+
+    from ._api import open_channel
+
+    out = _Printer(as_json, listening=True)
+    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with channel.live(online=True, reconnect=True) as live:
+        live.announce("online")
+        out.note(f"listening as {channel.me} on {channel.url.display()} (Ctrl-C stops)")
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                live.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def log(
+    since: Annotated[str | None, typer.Option(
+        metavar="TIME|ID", help="Only after this message id, or from this ISO time (2026-11-25T12:00).")] = None,
+    peer: Annotated[str | None, typer.Option(metavar="NAME", help="Only messages from this peer.")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", "-k", help="Only this kind.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the last N.")] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the channel's history from the local store (sent and received), oldest first."""
+    from ._api import open_channel
+
+    out = _Printer(as_json)
+    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    for env in channel.history(peer=peer, kind=kind, since=since, limit=limit):
+        if as_json:
+            out.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
+        else:
+            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
 
 
 @app.command()
@@ -231,7 +308,7 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     st = channel.status()
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
-                      "unread": st.unread, "plain": True,
+                      "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "plain": True,
                       "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me,
                                  "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
                                  "liveness": p.liveness()} for p in st.peers]})
@@ -243,7 +320,9 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     for i, p in enumerate(others):
         role = f" [{p.role}]" if p.role else ""
         lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}")
-    lines.append(f"unread:  {st.unread}")
+    lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
+    if st.queued:
+        lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")
     print("\n".join(lines))
 
 
@@ -309,6 +388,22 @@ def _share_text(peer: str, url: str) -> str:
     return template.format(peer=peer, url=url, suggested="NAME")
 
 
+def _facts(env: Any) -> str:
+    """The key=value header of a message: one line, cheap in tokens."""
+    facts = [f"from={env.sender}", f"kind={env.kind}" + ("" if env.known_kind else "(unknown)")]
+    facts += [env.summary()] if env.summary() else []
+    facts += [f"id={env.id}"] + ([f"re={env.re}"] if env.re else []) + ([f"to={env.to}"] if env.to else [])
+    facts += [f"seq={env.seq}"] if env.seq is not None else []
+    facts.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
+    return " ".join(facts)
+
+
+def _gap_event(gap: Any) -> Any:
+    from ._channel import Event
+
+    return Event("gap", gap.sender, f"{gap.first}-{gap.last}")
+
+
 def _printable(text: str) -> str:
     """On a terminal, neutralise control characters (escape sequences could rewrite the screen)."""
     if not sys.stdout.isatty():
@@ -338,7 +433,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             args = ["--help"]
         rv = _app_for(args)(args=args, prog_name="mqttalk", standalone_mode=False)
     except MqttalkError as exc:
-        print(f"mqttalk: error: {exc.line()}", file=sys.stderr)
+        print(f"mqttalk: {exc.label}: {exc.line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
         command = next((a for a in args if not a.startswith("-")), "")

@@ -23,12 +23,13 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
     sent = impl.send("tests written?", kind="question")
     spec = impl.send("v2", kind="spec", data={"subject": "POST /users", "rev": 2})
     got = tests.fetch()
-    assert [m.envelope.id for m in got] == [sent.id, spec.id]
-    typed = got[1].envelope.typed()
+    assert [m.envelope.id for m in got.messages] == [sent.id, spec.id]
+    assert [m.envelope.seq for m in got.messages] == [1, 2]
+    typed = got.messages[1].envelope.typed()
     assert isinstance(typed, mqttalk.SpecData) and typed.rev == 2
-    assert len(tests.fetch()) == 2  # not marked read yet
+    assert len(tests.fetch().messages) == 2  # not marked read yet
     tests.mark_read(got)
-    assert tests.fetch() == []
+    assert not tests.fetch()
 
     (b_dir / "sub").mkdir()
     bound, binding = mqttalk.open_channel(settings, cwd=b_dir / "sub")  # nearest bound ancestor
@@ -36,7 +37,7 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
 
     with pytest.raises(mqttalk.BadMessage):
         impl.send("x", kind="status", data={"state": "purple"})
-    assert tests.fetch(wait=0.5) == []  # a wait that runs out returns nothing; it does not raise
+    assert not tests.fetch(wait=0.5)  # a wait that runs out returns nothing; it does not raise
 
 
 def test_library_errors_carry_exit_codes(tmp_path: Path) -> None:

@@ -57,8 +57,10 @@ def test_create_can_wait_for_the_peer(sessions: tuple[Session, Session], broker_
         assert line, "create exited before printing the join URL"
         url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
     tests.ok("pair", url, "--as", "tests")
+    paired_at = time.monotonic()
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out
+    assert time.monotonic() - paired_at < 5  # it stops waiting once the peer is there
 
 
 def test_typed_messages_arrive_once_in_order(sessions: tuple[Session, Session], broker_url: str) -> None:
