@@ -11,6 +11,8 @@ amqtt 0.12 traps this module handles:
   mqttalk's reader ignores the retain flag on message topics.
 * Keepalive is not enforced, so a stalled client's will never fires. mqttalk's presence carries a
   heartbeat time and readers judge liveness from it.
+* Everything lives in memory. :mod:`mqttalk_broker.persistence` keeps sessions, offline queues and
+  retained messages in SQLite so a restart loses nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ CONFIG_FILE = Path(__file__).with_name("mqttalk-broker.yaml")
 
 
 def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
-                  config_file: Path | None = None) -> dict[str, Any]:
-    """The amqtt configuration dict: the YAML file's settings with the listener(s) filled in."""
+                  config_file: Path | None = None, db: Path | None = None) -> dict[str, Any]:
+    """The amqtt configuration dict: the YAML file's settings with the listener(s) and the
+    persistence database (``db``; None keeps everything in memory) filled in."""
     import yaml
 
     config: dict[str, Any] = yaml.safe_load((config_file or CONFIG_FILE).read_text())
+    if db is not None:
+        config.setdefault("plugins", {})["mqttalk_broker.persistence.SQLitePersistencePlugin"] = {"file": str(db)}
     listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
     if ws_port is not None:
         listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
@@ -55,14 +60,14 @@ async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
 
 
 def run(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
-        config_file: Path | None = None, ready: Any = None) -> None:
+        config_file: Path | None = None, db: Path | None = None, ready: Any = None) -> None:
     """Run the broker in the foreground until SIGINT/SIGTERM. ``ready()`` is called once listening."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # amqtt logs every connect/disconnect at INFO and a stack trace for every client that drops
     # its socket without DISCONNECT (which one-shot CLI processes legitimately do on errors).
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    config = broker_config(host, port, ws_port=ws_port, config_file=config_file)
+    config = broker_config(host, port, ws_port=ws_port, config_file=config_file, db=db)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -26,8 +26,7 @@ from ._topics import Topics, check_peer
 from ._url import JoinURL
 from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_envelope, now
 
-HEARTBEAT = 10.0  # seconds between presence refreshes while a process is live
-STALE_AFTER = 3 * HEARTBEAT  # an "online" presence older than this is shown as away
+STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
 VERSION = "0.1.0"
@@ -152,7 +151,7 @@ class Channel:
                             if not _held(self._lock_path("session")):
                                 self._announce(link, "joined", wait_ack=False)  # refresh "last seen"
                     except _NETWORK_ERRORS as exc:
-                        raise Queued(env.id, exc.line()) from None
+                        raise Queued(env.id, exc.message) from None
                     return env
             # Another process of this peer (a live one, or another send) owns the outbox: it sends ours.
             if self.store.is_sent(self.url.channel, env.id):
@@ -263,6 +262,7 @@ class Channel:
         return Presence(peer=self.me, role=self.role, state=state, member=self.member,
                         since=self.joined if state == "joined" else at, hb=at,
                         client=f"mqttalk/{VERSION} {socket.gethostname()} pid {os.getpid()}",
+                        every=self.settings.heartbeat if state == "online" else None,
                         seq=self.store.last_sent_seq(self.url.channel, self.me) or None)
 
     def _announce(self, link: Any, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
@@ -367,7 +367,7 @@ class Live:
         """Publish this peer's presence (``online`` also starts the heartbeat)."""
         self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
         self._announced = state
-        self._next_beat = time.monotonic() + HEARTBEAT
+        self._next_beat = time.monotonic() + self.channel.settings.heartbeat
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
              to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
@@ -551,12 +551,12 @@ class Live:
         if mono >= self._next_beat:
             if self._announced == "online":
                 self.announce("online")
-            self._next_beat = mono + HEARTBEAT
+            self._next_beat = mono + self.channel.settings.heartbeat
             for peer, pres in self.presences.items():
-                stale = pres.state == "online" and (now() - pres.hb).total_seconds() > STALE_AFTER
-                if stale and peer != self.channel.me and peer not in self._offline:
+                if _judge(pres, me=False).state == "away" and pres.state == "online" \
+                        and peer != self.channel.me and peer not in self._offline:
                     self._offline.add(peer)
-                    self.channel.on_event(Event("offline", peer, f"no heartbeat for {STALE_AFTER:g}s"))
+                    self.channel.on_event(Event("offline", peer, f"no heartbeat for {_stale_after(pres):g}s"))
         if mono >= self._next_outbox:
             self._next_outbox = mono + OUTBOX_POLL
             if not self._inflight:
@@ -658,9 +658,13 @@ def _held(path: Path) -> bool:
         return not got
 
 
+def _stale_after(p: Presence) -> float:
+    return STALE_BEATS * (p.every or 10.0)
+
+
 def _judge(p: Presence, *, me: bool) -> PeerInfo:
     state = p.state
-    if state == "online" and (now() - p.hb).total_seconds() > STALE_AFTER:
+    if state == "online" and (now() - p.hb).total_seconds() > _stale_after(p):
         state = "away"  # its will never fired (e.g. amqtt does not enforce keepalive)
     return PeerInfo(p.peer, p.role, state, p.hb, p.since, me)
 

@@ -30,6 +30,8 @@ class Settings(BaseModel):
         None, description="Join URL of the channel to act on (overrides this directory's binding).")
     peer: str | None = Field(None, description="Peer name to act as (overrides this directory's binding).")
     connect_timeout: float = Field(5.0, gt=0, le=120, description="Seconds to wait for the broker to answer.")
+    heartbeat: float = Field(10.0, ge=0.2, le=3600,
+                             description="Seconds between presence heartbeats of a live process.")
     embedded_host: str = Field("127.0.0.1", description="Interface the embedded broker listens on.")
     embedded_port: int = Field(1884, ge=0, le=65535,
                                description="Port of the embedded broker (0 or busy: a free one).")

@@ -102,6 +102,7 @@ class Presence(BaseModel):
     hb: datetime = Field(description="last heartbeat: when the peer last did anything")
     client: str | None = None
     seq: int | None = Field(None, description="highest message sequence number the peer has sent")
+    every: float | None = Field(None, description="seconds between heartbeats while online")
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

@@ -345,8 +345,13 @@ def broker(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 1884).")] = None,
     ws_port: Annotated[int | None, typer.Option(help="Also listen for MQTT over websockets here.")] = None,
+    db: Annotated[Path | None, typer.Option(
+        help="Keep sessions, queues and retained messages here (default: STATE_DIR/broker-PORT.sqlite3).")] = None,
+    memory: Annotated[bool, typer.Option("--memory", help="Keep nothing across restarts.")] = False,
 ) -> None:
-    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C."""
+    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C.
+
+    Sessions, offline queues and retained messages survive a restart (kept in SQLite)."""
     import mqttalk_broker
 
     settings = _settings(embedded_host=host, embedded_port=port)
@@ -357,8 +362,11 @@ def broker(
         print(f"mqttalk: broker listening on {where}" + (f" and ws://{settings.embedded_host}:{ws_port}/mqtt"
                                                           if ws_port else ""), flush=True)
 
+    if db is None and not memory:
+        db = settings.state_dir / f"broker-{settings.embedded_port}.sqlite3"
     try:
-        mqttalk_broker.run(settings.embedded_host, settings.embedded_port, ws_port=ws_port, ready=ready)
+        mqttalk_broker.run(settings.embedded_host, settings.embedded_port, ws_port=ws_port,
+                           db=None if memory else db, ready=ready)
     except OSError as exc:
         from ._errors import BrokerUnreachable
 
