@@ -11,6 +11,9 @@ amqtt 0.12 traps this module handles:
   mqttalk's reader ignores the retain flag on message topics.
 * Keepalive is not enforced, so a stalled client's will never fires. mqttalk's presence carries a
   heartbeat time and readers judge liveness from it.
+* A QoS 1 message whose PUBACK does not come within 5 s is dropped (e.g. one written to a
+  subscriber that was just killed). :mod:`mqttalk_broker._fixes` delivers it again instead, and stops amqtt from sending a connecting
+  client the retained messages of filters other clients subscribed to.
 * Everything lives in memory. :mod:`mqttalk_broker.persistence` keeps sessions, offline queues and
   retained messages in SQLite so a restart loses nothing.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,9 @@ async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
     """Run an amqtt broker with ``config`` until ``stop`` is set (or forever)."""
     from amqtt.broker import Broker
 
+    from ._fixes import install
+
+    install()
     broker = Broker(config)
     await broker.start()
     if started is not None:
@@ -65,7 +72,8 @@ def run(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # amqtt logs every connect/disconnect at INFO and a stack trace for every client that drops
     # its socket without DISCONNECT (which one-shot CLI processes legitimately do on errors).
-    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    # MQTTALK_BROKER_LOG=WARNING (or DEBUG) shows them when debugging the broker itself.
+    logging.getLogger("amqtt").setLevel(os.environ.get("MQTTALK_BROKER_LOG", "CRITICAL").upper())
     logging.getLogger("transitions").setLevel(logging.WARNING)
     config = broker_config(host, port, ws_port=ws_port, config_file=config_file, db=db)
 

@@ -311,6 +311,7 @@ class Live:
         self._backoff = 0.5
         self._retry_at = 0.0
         self._inflight: list[tuple[int, Any]] = []
+        self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
 
@@ -339,10 +340,12 @@ class Live:
         self.close()
 
     def close(self) -> None:
-        """Leave presence ``joined`` (if it was ``online``), disconnect cleanly, release the locks."""
+        """Leave presence ``joined`` (if it was ``online``, or to tell what we sent), disconnect
+        cleanly, release the locks."""
         try:
-            if self._link is not None and self.exclusive and self._announced == "online":
+            if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more):
                 with contextlib.suppress(*_NETWORK_ERRORS):
+                    self.drain()
                     self.announce("joined")
         finally:
             if self._link is not None:
@@ -364,9 +367,11 @@ class Live:
     # -- operations --------------------------------------------------------------------------------
 
     def announce(self, state: Literal["joined", "online", "left"]) -> None:
-        """Publish this peer's presence (``online`` also starts the heartbeat)."""
+        """Publish this peer's presence (``online`` also starts the heartbeat). It carries the highest
+        sequence number sent, so readers can tell when the last messages never reached them."""
         self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
         self._announced = state
+        self._sent_more = False
         self._next_beat = time.monotonic() + self.channel.settings.heartbeat
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
@@ -549,8 +554,8 @@ class Live:
         """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
         mono = time.monotonic()
         if mono >= self._next_beat:
-            if self._announced == "online":
-                self.announce("online")
+            if self._announced == "online" or (self._sent_more and not self._inflight):
+                self.announce(self._announced or "joined")
             self._next_beat = mono + self.channel.settings.heartbeat
             for peer, pres in self.presences.items():
                 if _judge(pres, me=False).state == "away" and pres.state == "online" \
@@ -576,6 +581,7 @@ class Live:
         while self._inflight and self._inflight[0][1].is_published():
             n, _ = self._inflight.pop(0)
             self.channel.store.mark_sent(n)
+            self._sent_more = True
 
     def _live_link(self) -> Any:
         if self._link is None:

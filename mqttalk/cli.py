@@ -75,6 +75,12 @@ class _Printer:
         if not self.json:
             print(f"mqttalk: {text}", file=sys.stderr, flush=True)
 
+    def gap(self, peer: str, first: int, last: int) -> None:
+        count = last - first + 1
+        self.data(f"mqttalk: GAP from={peer} seq={first}-{last} ({count} message{'s' if count > 1 else ''} "
+                  f"sent by {peer} never arrived: the broker dropped them; ask {peer} to resend)",
+                  {"event": "gap", "peer": peer, "first": first, "last": last})
+
     def event(self, event: Any) -> None:
         if event.kind == "paired":
             role = f" ({event.detail})" if event.detail else ""
@@ -82,14 +88,10 @@ class _Printer:
                       {"event": "paired", "peer": event.peer, "role": event.detail or None})
         elif event.kind == "waiting":
             self.note(f"waiting {event.detail}...")
-        elif event.kind == "gap":
-            first, last = event.detail.split("-")
-            count = int(last) - int(first) + 1
-            self.data(f"mqttalk: GAP from={event.peer} seq={event.detail} ({count} message"
-                      f"{'s' if count > 1 else ''} sent by {event.peer} never arrived: the broker dropped them; "
-                      f"ask {event.peer} to resend)",
-                      {"event": "gap", "peer": event.peer, "first": int(first), "last": int(last)})
-        elif event.kind == "offline":
+        elif event.kind == "gap" and self.listening:  # recv prints the gaps it fetched itself
+            first, last = (int(x) for x in event.detail.split("-"))
+            self.gap(event.peer, first, last)
+        elif event.kind == "offline" and self.listening:
             self.data(f"mqttalk: OFFLINE {event.peer} ({event.detail})",
                       {"event": "offline", "peer": event.peer, "detail": event.detail})
         elif event.kind == "message" and self.listening and event.envelope is not None:
@@ -224,7 +226,7 @@ def recv(
     channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
     inbox = channel.fetch(wait)
     for gap in inbox.gaps:
-        out.event(_gap_event(gap))
+        out.gap(gap.sender, gap.first, gap.last)
     for m in inbox.messages:
         env = m.envelope
         if as_json:
@@ -404,12 +406,6 @@ def _facts(env: Any) -> str:
     facts += [f"seq={env.seq}"] if env.seq is not None else []
     facts.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
     return " ".join(facts)
-
-
-def _gap_event(gap: Any) -> Any:
-    from ._channel import Event
-
-    return Event("gap", gap.sender, f"{gap.first}-{gap.last}")
 
 
 def _printable(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -70,8 +71,11 @@ class EmbeddedBroker:
 
     def start(self) -> None:
         env = {**os.environ, "MQTTALK_STATE_DIR": str(self.state_dir)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.state_dir / "broker.log", "ab")  # noqa: SIM115 - the child writes it
         self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=log, stderr=log)
+        log.close()
         wait_listening(self.port, self.proc)
 
     def stop(self) -> None:
@@ -83,6 +87,52 @@ class EmbeddedBroker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+class PrivateMosquitto:
+    """A Mosquitto of the test's own, on a free port, with persistence on; can be restarted."""
+
+    def __init__(self, directory: Path, **options: object) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "user root",
+                 "persistence true", f"persistence_location {self.dir}/", f"log_dest file {self.dir}/mosquitto.log"]
+        lines += [f"{key} {value}" for key, value in options.items()]
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if shutil.which("mosquitto") is None:
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: mosquitto writes its persistence file, then exits
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def durable_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrivateMosquitto | EmbeddedBroker]:
+    """A broker of this test's own that it may stop and start: Mosquitto with persistence on, or the
+    embedded broker (which keeps its sessions in SQLite)."""
+    broker: PrivateMosquitto | EmbeddedBroker
+    if request.param == "mosquitto":
+        broker = PrivateMosquitto(tmp_path / "mosquitto")
+    else:
+        broker = EmbeddedBroker(tmp_path / "amqtt-state")
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -149,20 +199,38 @@ class Session:
                               capture_output=True, text=True, timeout=timeout)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def ok(self, *args: str, input: str | None = None) -> Result:
-        res = self.run(*args, input=input)
+    def ok(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+        res = self.run(*args, input=input, env=env)
         assert res.code == 0, f"mqttalk {' '.join(args)} exited {res.code}\nstdout: {res.out}\nstderr: {res.err}"
         return res
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def settings(self) -> object:
+        """Library settings as this session's `mqttalk` sees them (its state directory)."""
+        from mqttalk import Settings
+
+        return Settings(state_dir=self.state_dir)
+
+    def channel(self) -> object:
+        """The library's Channel for this session's directory binding."""
+        import mqttalk
+
+        return mqttalk.open_channel(self.settings(), cwd=self.cwd)[0]  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def sessions(tmp_path: Path) -> tuple[Session, Session]:
     """Two sessions as on two machines: separate working directories and separate homes."""
     return Session("impl", tmp_path), Session("tests", tmp_path)
+
+
+def status_of(session: Session) -> dict[str, object]:
+    """The `status --json` object (other lines, such as a PAIRED notice, may come before it)."""
+    lines = [json.loads(line) for line in session.ok("status", "--json").lines]
+    return next(obj for obj in lines if obj.get("event") == "status")
 
 
 def join_url(result: Result) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import Session, join_url, paired
+from conftest import Session, join_url, paired, status_of
 
 
 def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
@@ -155,7 +155,7 @@ def test_status_shows_peers_presence_and_unread(sessions: tuple[Session, Session
     assert "you:     tests" in res.out
     assert "impl: joined, last seen" in res.out
     assert "unread:  2" in res.out
-    st = json.loads(tests.ok("status", "--json").out)
+    st = status_of(tests)
     assert st["unread"] == 2 and st["me"] == "tests"
     assert {p["name"]: p["state"] for p in st["peers"]} == {"tests": "joined", "impl": "joined"}
 
@@ -168,13 +168,13 @@ def test_a_waiting_peer_shows_online(sessions: tuple[Session, Session], broker_u
         deadline = time.monotonic() + 10
         state = ""
         while state != "online" and time.monotonic() < deadline:
-            st = json.loads(tests.ok("status", "--json").out)
+            st = status_of(tests)
             state = next(p["state"] for p in st["peers"] if p["name"] == "impl")
         assert state == "online"
     finally:
         tests.ok("send", "wake up")
         waiting.communicate(timeout=20)
-    st = json.loads(tests.ok("status", "--json").out)
+    st = status_of(tests)
     assert next(p["state"] for p in st["peers"] if p["name"] == "impl") == "joined"
 
 

@@ -1,0 +1,293 @@
+"""Nothing lost: busy readers, killed processes, broker outages and restarts, overflowing queues,
+and several processes of one peer at once. Real brokers of each test's own, restarted for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from conftest import PrivateMosquitto, Session, paired, status_of
+from mqttalk import JoinURL
+
+
+def received(session: Session) -> list[dict[str, Any]]:
+    """Everything `mqttalk recv --json` prints as messages."""
+    res = session.ok("recv", "--json")
+    return [m for m in map(json.loads, res.lines) if m["event"] == "message"]
+
+
+def send_many(session: Session, count: int, start: int = 0, pause_every: int = 0) -> None:
+    """Send ``count`` notes through the library over one live connection (fast, pipelined)."""
+    channel: Any = session.channel()
+    with channel.live(online=False) as live:
+        for i in range(start, start + count):
+            live.send(f"message {i}", wait=False)
+            if pause_every and i % pause_every == 0:
+                live.drain()
+                time.sleep(0.05)
+        live.drain(timeout=30)
+    assert not channel.store.pending(channel.url.channel, channel.me), "outbox not empty after drain"
+
+
+@contextmanager
+def sniffer(url: str) -> Iterator[list[bytes]]:
+    """A raw MQTT client that records every payload published on the channel's msg topics."""
+    join = JoinURL.parse(url)
+    seen: list[bytes] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.on_message = lambda _c, _u, m: seen.append(m.payload)
+    client.connect(join.broker.host, join.broker.port)
+    client.subscribe(f"{join.prefix}/{join.channel}/msg/+", qos=1)
+    client.loop_start()
+    time.sleep(0.3)
+    try:
+        yield seen
+    finally:
+        time.sleep(0.5)
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_500_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
+        sessions: tuple[Session, Session], durable_broker: Any) -> None:
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    send_many(impl, 500)
+    msgs = received(tests)
+    assert [m["body"] for m in msgs] == [f"message {i}" for i in range(500)]
+    assert [m["seq"] for m in msgs] == list(range(1, 501))
+    assert received(tests) == []  # shown once
+
+
+def test_reader_killed_mid_stream_gets_every_message_exactly_once(sessions: tuple[Session, Session],
+                                                                  durable_broker: Any) -> None:
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    listener = tests.start("listen")
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True).start()
+    sender = threading.Thread(target=send_many, args=(impl, 1000), kwargs={"pause_every": 50})
+    sender.start()
+    deadline = time.monotonic() + 60
+    while sum("MESSAGE" in line for line in lines) < 150 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sum("MESSAGE" in line for line in lines) >= 150, "the listener never got going"
+    listener.send_signal(signal.SIGKILL)  # mid-stream, no chance to clean up
+    listener.wait()
+    sender.join(120)
+    again = tests.start("listen", "--timeout", "60")
+    threading.Thread(target=again.communicate, daemon=True).start()  # keep its output pipe drained
+    deadline = time.monotonic() + 60
+    while status_of(tests)["unread"] < 1000 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    again.terminate()
+    again.wait(10)
+    msgs = received(tests)
+    assert len(msgs) == 1000
+    assert [m["seq"] for m in msgs] == list(range(1, 1001))
+    assert len({m["id"] for m in msgs}) == 1000
+
+
+def test_send_while_the_broker_is_down_is_queued_then_delivered_once(sessions: tuple[Session, Session],
+                                                                      durable_broker: Any) -> None:
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    durable_broker.stop()
+    res = impl.run("send", "sent while the broker was down")
+    assert res.code == 6
+    assert res.err.startswith("mqttalk: QUEUED: id=") and "goes out with the next mqttalk command" in res.err
+    assert impl.run("status").code == 5  # status needs the broker, and says so
+    durable_broker.start()
+    impl.ok("send", "sent after it came back")  # flushes the queued one first
+    msgs = received(tests)
+    assert [m["body"] for m in msgs] == ["sent while the broker was down", "sent after it came back"]
+    assert received(tests) == []
+
+
+def test_broker_restart_between_send_and_receive_loses_nothing(sessions: tuple[Session, Session],
+                                                               durable_broker: Any) -> None:
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    for i in range(5):
+        impl.ok("send", f"before restart {i}")
+    durable_broker.stop()
+    durable_broker.start()
+    msgs = received(tests)
+    assert [m["body"] for m in msgs] == [f"before restart {i}" for i in range(5)]
+    st = status_of(tests)
+    assert {p["name"] for p in st["peers"]} == {"impl", "tests"}  # retained presence survived too
+
+
+def test_an_overflowing_offline_queue_is_reported_as_a_gap(sessions: tuple[Session, Session],
+                                                            tmp_path: Any) -> None:
+    broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
+    broker.start()
+    try:
+        impl, tests = sessions
+        paired(impl, tests, broker.url)
+        send_many(impl, 15)  # tests is not running: Mosquitto keeps 5 and drops the rest
+        res = tests.ok("recv", "--json")
+        events = [json.loads(line) for line in res.lines]
+        msgs = [e for e in events if e["event"] == "message"]
+        gaps = [e for e in events if e["event"] == "gap"]
+        assert 0 < len(msgs) < 15
+        assert gaps, "the lost messages were not reported"
+        missing = sum(g["last"] - g["first"] + 1 for g in gaps)
+        assert len(msgs) + missing == 15
+        assert all(g["peer"] == "impl" for g in gaps)
+        text = tests.ok("recv").out
+        assert "GAP" not in text  # reported once
+    finally:
+        broker.stop()
+
+
+def test_two_processes_of_one_peer_at_once_neither_corrupt_nor_double_send(
+        sessions: tuple[Session, Session], durable_broker: Any) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, durable_broker.url)
+    errors: list[str] = []
+
+    def sender(tag: str, count: int) -> None:
+        for i in range(count):
+            res = impl.run("send", f"{tag} {i}")
+            if res.code != 0:
+                errors.append(res.err)
+
+    with sniffer(url) as wire:
+        workers = [threading.Thread(target=sender, args=(tag, 15)) for tag in ("a", "b")]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        # and again while a live process of the same peer holds its session and outbox
+        listener = impl.start("listen", "--timeout", "60")
+        time.sleep(1.0)
+        workers = [threading.Thread(target=sender, args=(tag, 10)) for tag in ("c", "d")]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        listener.terminate()
+        listener.wait(10)
+    assert errors == []
+    sent = [json.loads(p) for p in wire]
+    assert len(sent) == 50, "each message published exactly once"
+    assert sorted(m["seq"] for m in sent) == list(range(1, 51))
+    msgs = received(tests)
+    assert len(msgs) == 50 and len({m["id"] for m in msgs}) == 50
+    for tag, count in (("a", 15), ("b", 15), ("c", 10), ("d", 10)):  # in order per sending process
+        assert [m["body"] for m in msgs if m["body"].startswith(tag)] == [f"{tag} {i}" for i in range(count)]
+
+
+def test_listen_prints_one_line_per_event(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    res = impl.ok("create", "--as", "impl", "--broker", broker_url)
+    url = next(line.split(": ", 1)[1] for line in res.lines if line.startswith("join URL: "))
+    listener = impl.start("listen", "--timeout", "30")
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True).start()
+    time.sleep(1.0)
+    tests.ok("pair", url, "--as", "tests")
+    tests.ok("send", "--kind", "status", "--state", "red", "tests written, all red")
+    tests.ok("leave")
+    deadline = time.monotonic() + 20
+    while not any("OFFLINE" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.send_signal(signal.SIGINT)
+    listener.wait(10)
+    assert lines[0].strip() == "mqttalk: PAIRED with tests"
+    assert lines[1].startswith("mqttalk: MESSAGE from=tests kind=status state=red id=")
+    assert lines[2].strip() == "mqttalk: OFFLINE tests (left)"
+    assert "tests written, all red" in impl.ok("recv").out  # the body is read with recv
+
+
+def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    listener = tests.start("listen")
+    _wait_state(impl, "tests", "online")
+    listener.send_signal(signal.SIGKILL)
+    listener.wait()
+    _wait_state(impl, "tests", "away")  # its Last Will, or (amqtt) its heartbeat going stale
+
+
+def test_a_stalled_listener_is_shown_away_once_its_heartbeat_is_stale(sessions: tuple[Session, Session],
+                                                                       broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    listener = tests.start("listen", env={"MQTTALK_HEARTBEAT": "0.5"})
+    try:
+        _wait_state(impl, "tests", "online")
+        os.kill(listener.pid, signal.SIGSTOP)  # socket open, no will: only the heartbeat tells
+        _wait_state(impl, "tests", "away", within=10)
+    finally:
+        os.kill(listener.pid, signal.SIGCONT)
+        listener.terminate()
+        listener.wait(10)
+
+
+def test_listen_rides_out_a_broker_restart(sessions: tuple[Session, Session], durable_broker: Any) -> None:
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    listener = tests.start("listen", "--timeout", "60")
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True).start()
+    _wait_state(impl, "tests", "online")
+    durable_broker.stop()
+    deadline = time.monotonic() + 10
+    while not any("BROKER_DOWN" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    durable_broker.start()
+    deadline = time.monotonic() + 30
+    while not any("BROKER_UP" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    impl.ok("send", "after the restart")
+    deadline = time.monotonic() + 10
+    while not any("MESSAGE" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.terminate()
+    listener.wait(10)
+    words = [line.split()[1] for line in lines]
+    assert "BROKER_DOWN" in words and "BROKER_UP" in words and "MESSAGE" in words
+    assert words.index("BROKER_DOWN") < words.index("BROKER_UP") < words.index("MESSAGE")
+    assert "after the restart" in tests.ok("recv").out
+
+
+def test_log_shows_history_with_filters(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    impl.ok("send", "--kind", "spec", "--subject", "POST /users", "v1")
+    tests.ok("send", "--kind", "status", "--state", "red", "all red")
+    first = json.loads(impl.ok("send", "--json", "plain note").out)["id"]
+    impl.ok("send", "last note")
+    tests.ok("recv")  # history includes what was read
+    everything = [json.loads(line) for line in tests.ok("log", "--json").lines]
+    assert [m["body"] for m in everything] == ["v1", "all red", "plain note", "last note"]
+    assert [json.loads(line)["body"] for line in tests.ok("log", "--json", "--kind", "spec").lines] == ["v1"]
+    assert [json.loads(line)["body"] for line in tests.ok("log", "--json", "--peer", "tests").lines] == ["all red"]
+    assert [json.loads(line)["body"] for line in tests.ok("log", "--json", "--since", first).lines] == ["last note"]
+    assert [json.loads(line)["body"] for line in tests.ok("log", "--json", "-n", "1").lines] == ["last note"]
+    assert "mqttalk: MESSAGE from=impl kind=spec" in tests.ok("log").out
+
+
+def _wait_state(session: Session, peer: str, state: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    seen = ""
+    while time.monotonic() < deadline:
+        st = status_of(session)
+        seen = next((p["state"] for p in st["peers"] if p["name"] == peer), "")
+        if seen == state:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{peer} stayed {seen!r}, expected {state!r} within {within}s")
+
