@@ -14,6 +14,7 @@ import fcntl
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,7 @@ from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_env
 STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
+GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
 VERSION = "0.1.0"
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
@@ -244,9 +246,9 @@ class Channel:
 
     def _enqueue(self, body: str, kind: str, *, data: dict[str, Any] | None, to: str | None,
                  re: str | None) -> Envelope:
-        new_envelope(self.me, kind, body, data=data, to=to, re=re)  # validate before touching the store
-        return self.store.enqueue(self.url.channel, self.me, self.topics.msg(self.me),
-                                  lambda seq: new_envelope(self.me, kind, body, data=data, to=to, re=re, seq=seq))
+        env = new_envelope(self.me, kind, body, data=data, to=to, re=re)
+        self.store.enqueue(self.url.channel, self.me, self.topics.msg(self.me), [env])
+        return env
 
     def _flush_once(self, link: Any) -> int:
         """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
@@ -254,7 +256,7 @@ class Channel:
         infos = [(row.n, link.publish(row.topic, row.payload, wait=False)) for row in pending]
         for n, info in infos:
             link.wait_published(info)
-            self.store.mark_sent(n)
+            self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
         return len(pending)
 
     def _presence(self, state: Literal["joined", "online", "away", "left"]) -> Presence:
@@ -310,7 +312,9 @@ class Live:
         self._next_outbox = 0.0
         self._backoff = 0.5
         self._retry_at = 0.0
-        self._inflight: list[tuple[int, Any]] = []
+        self._inflight: deque[tuple[int, Any]] = deque()  # (outbox row, paho message info), in order
+        self._handed = 0  # highest outbox row handed to the current connection
+        self._batch: list[Envelope] = []  # sent with wait=False, not yet recorded in the outbox
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
@@ -343,7 +347,10 @@ class Live:
         """Leave presence ``joined`` (if it was ``online``, or to tell what we sent), disconnect
         cleanly, release the locks."""
         try:
-            if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more):
+            if self._batch:
+                self._record_batch()  # recorded even if it cannot go out now: sent later
+            if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more
+                                                              or self._inflight):
                 with contextlib.suppress(*_NETWORK_ERRORS):
                     self.drain()
                     self.announce("joined")
@@ -376,25 +383,40 @@ class Live:
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
              to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
-        """Send over this connection. ``wait=False`` returns once it is in the outbox and handed to
-        the network (for throughput); :meth:`drain` or :meth:`poll` collect the acknowledgements."""
+        """Send over this connection; with ``wait``, return once the broker acknowledged it.
+
+        ``wait=False`` is for throughput: messages are recorded in the outbox in groups (one SQLite
+        transaction per group, so a group's ``env.seq`` is filled in when it is recorded) and each
+        group is recorded before it is published. :meth:`drain`, :meth:`poll` and leaving the
+        ``with`` block record and send what is left.
+        """
         if to is not None:
             check_peer(to)
-        env = self.channel._enqueue(body, kind, data=data, to=to, re=re)
-        self._publish_pending()
-        if self._link is None or not self._outbox_lock.held:
-            if wait:
-                raise Queued(env.id, "not connected to the broker")
-            return env
+        env = new_envelope(self.channel.me, kind, body, data=data, to=to, re=re)
+        self._batch.append(env)
+        if wait or len(self._batch) >= GROUP:
+            self._record_batch()
+            self._publish_pending()
         if wait:
+            if self._link is None or not self._outbox_lock.held:
+                raise Queued(env.id, "not connected to the broker" if self._link is None
+                             else "another mqttalk process of this peer is sending")
             self.drain()
             if not self.channel.store.is_sent(self.channel.url.channel, env.id):
                 raise Queued(env.id, "the broker did not acknowledge it")
         return env
 
+    def _record_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        ch = self.channel
+        ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), batch)
+
     def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed to the network was acknowledged."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.channel.settings.connect_timeout)
+        if self._batch:
+            self._record_batch()
+            self._publish_pending()
         while self._inflight and self._link is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -450,15 +472,17 @@ class Live:
             topics = [ch.topics.all_presence, ch.topics.sync(link.client_id)]
             if self.exclusive:
                 topics.append(ch.topics.all_msg)
-            link.subscribe(topics)
+            link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
             token = os.urandom(16).hex().encode()
             link.publish(ch.topics.sync(link.client_id), token)
+            # The backlog may be long: the wait runs out only after a quiet connect_timeout.
             deadline = time.monotonic() + ch.settings.connect_timeout
             while token not in self._tokens:
                 if time.monotonic() >= deadline:
                     raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
                                    f"within {ch.settings.connect_timeout:g}s")
-                link.pump(deadline - time.monotonic())
+                if link.pump(deadline - time.monotonic()):
+                    deadline = time.monotonic() + ch.settings.connect_timeout
         except BaseException:
             link.close()
             raise
@@ -496,24 +520,31 @@ class Live:
                 self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}"))
 
     def _absorb(self, link: Any, incoming: list[Any]) -> None:
-        """Store messages, track presence, announce pairings; ack each once it is taken care of."""
+        """Store messages (one transaction per batch), track presence, announce pairings; then ack
+        each, so a crash before the commit makes the broker deliver them again."""
         ch = self.channel
+        messages: list[tuple[Envelope, bytes]] = []
         for item in incoming:
             where = ch.topics.split(item.topic)
             section, peer = where if where else ("", "")
-            if section == "msg":
+            if section == "msg" and peer == ch.me:
+                pass  # our own message, echoed by the broker: already in our history since we sent it
+            elif section == "msg":
                 env = decode_envelope(item.payload)
                 if env is None or env.sender != peer:
                     self._drop(item.topic, item.payload, peer, f"malformed message on {item.topic}")
-                elif ch.store.add(ch.url.channel, env, item.payload):
-                    self._handled += 1
-                    if peer != ch.me:
-                        ch.on_event(Event("message", peer, envelope=env))
+                else:
+                    messages.append((env, item.payload))
             elif section == "presence":
                 self._handled += 1
                 self._see_presence(item.topic, peer, item.payload)
             elif section == "sync":
                 self._tokens.add(item.payload)
+        for env in ch.store.add_many(ch.url.channel, messages):
+            self._handled += 1
+            if env.sender != ch.me:
+                ch.on_event(Event("message", env.sender, envelope=env))
+        for item in incoming:
             link.ack(item)
         if self._synced:
             self._report_gaps()
@@ -564,23 +595,25 @@ class Live:
                     self.channel.on_event(Event("offline", peer, f"no heartbeat for {_stale_after(pres):g}s"))
         if mono >= self._next_outbox:
             self._next_outbox = mono + OUTBOX_POLL
-            if not self._inflight:
-                self._publish_pending()
+            if self._batch:
+                self._record_batch()
+            self._publish_pending()
 
     def _publish_pending(self) -> None:
         """Hand pending outbox messages to the network (if this process is the peer's sender)."""
         ch = self.channel
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
-        busy = {n for n, _ in self._inflight}
-        for row in ch.store.pending(ch.url.channel, ch.me):
-            if row.n not in busy:
-                self._inflight.append((row.n, self._link.publish(row.topic, row.payload, wait=False)))
+        for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
+            self._inflight.append((row.n, self._link.publish(row.topic, row.payload, wait=False)))
+            self._handed = row.n
 
     def _collect_acks(self) -> None:
+        done = []
         while self._inflight and self._inflight[0][1].is_published():
-            n, _ = self._inflight.pop(0)
-            self.channel.store.mark_sent(n)
+            done.append(self._inflight.popleft()[0])
+        if done:
+            self.channel.store.mark_sent(*done)
             self._sent_more = True
 
     def _live_link(self) -> Any:
@@ -593,6 +626,7 @@ class Live:
             self._link.close()
         self._link = None
         self._inflight.clear()  # unacknowledged: still pending in the outbox, sent again on reconnect
+        self._handed = 0
         self._backoff = 0.5
         self._retry_at = time.monotonic() + self._backoff
         self.channel.on_event(Event("disconnected", "", str(exc)))

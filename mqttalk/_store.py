@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -108,17 +108,27 @@ class Store:
 
     def add(self, channel: str, env: Envelope, raw: bytes) -> bool:
         """Store a message and track its sender's sequence; False if it was already there."""
+        return bool(self.add_many(channel, [(env, raw)]))
+
+    def add_many(self, channel: str, items: list[tuple[Envelope, bytes]]) -> list[Envelope]:
+        """Store messages in one transaction; returns those that were new (not duplicates)."""
+        new: list[Envelope] = []
+        if not items:
+            return new
+        received = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw, received)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (channel, env.id, env.sender, env.to, env.kind, env.seq, env.ts.isoformat(), raw, time.time()),
-            )
-            if cur.rowcount != 1:
-                return False
-            if env.seq is not None and env.seq > 0:
-                self._track(db, channel, env.sender, env.seq)
-            return True
+            for env, raw in items:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw, received)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (channel, env.id, env.sender, env.to, env.kind, env.seq, env.ts.isoformat(), raw, received),
+                )
+                if cur.rowcount != 1:
+                    continue
+                new.append(env)
+                if env.seq is not None and env.seq > 0:
+                    self._track(db, channel, env.sender, env.seq)
+        return new
 
     def _track(self, db: sqlite3.Connection, channel: str, sender: str, seq: int) -> None:
         row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
@@ -183,7 +193,8 @@ class Store:
 
     def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
                 since: str | None = None, limit: int | None = None) -> list[Envelope]:
-        """Stored messages, oldest first; ``since`` is an ISO time or a message id (exclusive)."""
+        """Stored messages in the order they were written (their timestamps; arrival breaks ties), sent
+        and received alike; ``since`` is an ISO time or a message id (exclusive)."""
         sql, args = "SELECT raw FROM messages WHERE channel = ?", [channel]
         if peer:
             sql += " AND sender = ?"
@@ -192,14 +203,15 @@ class Store:
             sql += " AND kind = ?"
             args.append(kind)
         if since:
-            by_id = self.db.execute("SELECT n FROM messages WHERE channel = ? AND id = ?", (channel, since)).fetchone()
+            by_id = self.db.execute("SELECT ts, n FROM messages WHERE channel = ? AND id = ?",
+                                    (channel, since)).fetchone()
             if by_id:
-                sql += " AND n > ?"
-                args.append(by_id[0])
+                sql += " AND (ts > ? OR (ts = ? AND n > ?))"
+                args += [by_id[0], by_id[0], by_id[1]]
             else:
                 sql += " AND ts >= ?"
                 args.append(since)
-        sql += " ORDER BY n"
+        sql += " ORDER BY ts, n"
         rows = self.db.execute(sql, args).fetchall()
         if limit:
             rows = rows[-limit:]
@@ -225,24 +237,38 @@ class Store:
 
     # -- outbox ------------------------------------------------------------------------------------
 
-    def enqueue(self, channel: str, sender: str, topic: str, build: Callable[[int], Envelope]) -> Envelope:
-        """Give the next sequence number to ``build`` and record its envelope in the outbox, atomically."""
+    def enqueue(self, channel: str, sender: str, topic: str, envs: list[Envelope]) -> None:
+        """Number ``envs`` with the sender's next sequence numbers (sets ``env.seq``) and record them in
+        the outbox and in our history, in one transaction: they exist here before they are published."""
+        if not envs:
+            return
+        at = time.time()
         with self._tx() as db:
             row = db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?",
                              (channel, sender)).fetchone()
-            env = build(int(row[0] or 0) + 1)
-            db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, created)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (channel, sender, env.seq, env.id, topic, env.encode(), time.time()))
-            return env
+            seq = int(row[0] or 0)
+            for env in envs:
+                seq += 1
+                env.seq = seq
+                raw = env.encode()
+                db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, created)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?)", (channel, sender, seq, env.id, topic, raw, at))
+                # our own history: the copy the broker echoes to our subscription is then a duplicate
+                db.execute("INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw,"
+                           " received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (channel, env.id, env.sender, env.to, env.kind, seq, env.ts.isoformat(), raw, at))
 
-    def pending(self, channel: str, sender: str) -> list[Pending]:
+    def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
+        """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""
         rows = self.db.execute("SELECT n, id, topic, payload FROM outbox WHERE channel = ? AND sender = ?"
-                               " AND sent IS NULL ORDER BY seq", (channel, sender)).fetchall()
+                               " AND sent IS NULL AND n > ? ORDER BY seq", (channel, sender, after)).fetchall()
         return [Pending(*row) for row in rows]
 
-    def mark_sent(self, n: int) -> None:
-        self.db.execute("UPDATE outbox SET sent = ? WHERE n = ?", (time.time(), n))
+    def mark_sent(self, *ns: int) -> None:
+        """The broker acknowledged these outbox rows."""
+        if ns:
+            marks = ",".join("?" * len(ns))
+            self.db.execute(f"UPDATE outbox SET sent = ? WHERE n IN ({marks})", (time.time(), *ns))  # noqa: S608
 
     def is_sent(self, channel: str, msg_id: str) -> bool:
         row = self.db.execute("SELECT sent FROM outbox WHERE channel = ? AND id = ?", (channel, msg_id)).fetchone()

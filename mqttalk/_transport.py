@@ -28,6 +28,7 @@ from ._url import BrokerAddress
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps an absent peer's session and queue
 KEEPALIVE = 30
+INFLIGHT = 100  # unacknowledged QoS 1 publishes in flight at once (paho's default of 20 stalls a stream)
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,14 @@ class Link:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def subscribe(self, topics: list[str], qos: int = 1) -> None:
-        """Subscribe and wait for the SUBACK; a refused topic raises :class:`BrokerRefused`."""
+    def subscribe(self, topics: list[str], qos: int = 1, *, no_local: frozenset[str] = frozenset()) -> None:
+        """Subscribe and wait for the SUBACK; a refused topic raises :class:`BrokerRefused`.
+        Topics in ``no_local`` (MQTT 5 only) do not echo this connection's own publishes."""
         client = self._live()
         if self.protocol == mqtt.MQTTv5:
             from paho.mqtt.subscribeoptions import SubscribeOptions
 
-            rc, mid = client.subscribe([(t, SubscribeOptions(qos=qos)) for t in topics])
+            rc, mid = client.subscribe([(t, SubscribeOptions(qos=qos, noLocal=t in no_local)) for t in topics])
         else:
             rc, mid = client.subscribe([(t, qos) for t in topics])
         self._check(rc)
@@ -192,6 +194,7 @@ class Link:
             reconnect_on_failure=False,
         )
         client.connect_timeout = self.timeout
+        client.max_inflight_messages_set(INFLIGHT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -1,0 +1,177 @@
+"""Delivery benchmarks (issue #3), each next to raw paho on the same broker in the same run.
+
+    .venv/bin/python bench/delivery.py [--backlog 10000] [--stream 5000]
+
+1. Backlog drain: a reader with a persistent session is offline while BACKLOG messages are sent;
+   time for it to come back and take them all in: `mqttalk recv` (stores every one in SQLite before
+   acknowledging it, then prints them) vs a raw paho client with a persistent session that only
+   counts them.
+2. Sustained send: messages/s through the library's live connection (outbox in SQLite, QoS 1,
+   pipelined) vs raw paho publishing the same payloads at QoS 1 and waiting for every PUBACK.
+
+Brokers: a private Mosquitto (no queue limit) and the embedded amqtt, both started here on free
+loopback ports. Prints markdown; writes bench/out/delivery.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import MQTTALK, OUT, Env, free_port, wait_port  # noqa: E402
+
+BODY = "status: 14 failing in test/users.test.ts (POST /users 409 on duplicate email); working on it"
+
+
+def start_brokers(root: Path) -> tuple[dict[str, str], list[subprocess.Popen[bytes]]]:
+    mport, aport = free_port(), free_port()
+    conf = root / "mosquitto.conf"
+    conf.write_text(f"listener {mport} 127.0.0.1\nallow_anonymous true\nuser root\n"
+                    "max_queued_messages 0\nmax_inflight_messages 20\n")
+    procs = [subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([MQTTALK, "broker", "--port", str(aport)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "MQTTALK_STATE_DIR": str(root / "amqtt")})]
+    wait_port(mport)
+    wait_port(aport)
+    return {"Mosquitto (MQTT 5)": f"mqtt://127.0.0.1:{mport}",
+            "embedded amqtt (MQTT 3.1.1)": f"mqtt://127.0.0.1:{aport}"}, procs
+
+
+def channel_of(env: Env, cwd: Path) -> Any:
+    import mqttalk
+
+    return mqttalk.open_channel(mqttalk.Settings(state_dir=Path(env.env["XDG_STATE_HOME"]) / "mqttalk"),
+                                cwd=cwd)[0]
+
+
+def library_send(channel: Any, count: int) -> float:
+    """Seconds to send ``count`` messages over one live connection, all acknowledged."""
+    with channel.live(online=False) as live:
+        t = time.perf_counter()
+        for i in range(count):
+            live.send(f"{BODY} #{i}", wait=False)
+            if i % 200 == 199:
+                live.poll(0)
+        live.drain(timeout=120)
+        took = time.perf_counter() - t
+    pending = channel.store.pending(channel.url.channel, channel.me)
+    if pending:
+        raise SystemExit(f"bench: {len(pending)} messages still pending")
+    return took
+
+
+def paho_client(host: str, port: int, client_id: str = "", clean: bool = True) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean)
+    c.connect(host, port)
+    return c
+
+
+def paho_send(host: str, port: int, topic: str, count: int) -> float:
+    c = paho_client(host, port)
+    c.loop_start()
+    t = time.perf_counter()
+    infos = [c.publish(topic, f"{BODY} #{i}", qos=1) for i in range(count)]
+    for info in infos:
+        info.wait_for_publish(60)
+    took = time.perf_counter() - t
+    c.loop_stop()
+    c.disconnect()
+    return took
+
+
+def paho_drain(host: str, port: int, count: int) -> float:
+    """A raw persistent-session reader: subscribe, go away, let ``count`` pile up, come back."""
+    topic = f"bench/drain/{os.getpid()}/{time.time_ns()}"
+    cid = f"bench-drain-{time.time_ns() % 10**9}"
+    c = paho_client(host, port, cid, clean=False)
+    c.subscribe(topic, qos=1)
+    for _ in range(20):
+        c.loop(0.05)
+    c.disconnect()
+    paho_send(host, port, topic, count)
+    got = [0]
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311, clean_session=False)
+    c.on_message = lambda _c, _u, _m: got.__setitem__(0, got[0] + 1)
+    t = time.perf_counter()
+    c.connect(host, port)
+    while got[0] < count and time.perf_counter() - t < 300:
+        c.loop(0.05)
+    took = time.perf_counter() - t
+    c.disconnect()
+    if got[0] < count:
+        raise SystemExit(f"bench: raw paho drained only {got[0]} of {count}")
+    return took
+
+
+def bench(url: str, backlog: int, stream: int) -> list[str]:
+    host, port = url.split("//")[1].split(":")
+    rows = []
+    # 1. backlog drain
+    env = Env()
+    try:
+        join = env.create(url)
+        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        library_send(channel_of(env, env.a), backlog)
+        t = time.perf_counter()
+        out = subprocess.run([MQTTALK, "recv", "--json"], cwd=env.b, env=env.env, capture_output=True, text=True,
+                             timeout=600)
+        ours = time.perf_counter() - t
+        n = out.stdout.count('"event": "message"')
+        if n != backlog:
+            raise SystemExit(f"bench: mqttalk recv got {n} of {backlog}: {out.stderr[-300:]}")
+    finally:
+        env.close()
+    ref = paho_drain(host, int(port), backlog)
+    rows.append(f"| backlog drain, {backlog} msgs | `mqttalk recv` {ours:.2f} s ({backlog / ours:,.0f}/s) | "
+                f"raw paho {ref:.2f} s ({backlog / ref:,.0f}/s) | {ref / ours:.2f}x |")
+    # 2. sustained send
+    env = Env()
+    try:
+        join = env.create(url)
+        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        ours = library_send(channel_of(env, env.a), stream)
+    finally:
+        env.close()
+    ref = paho_send(host, int(port), f"bench/stream/{time.time_ns()}", stream)
+    rows.append(f"| sustained send, {stream} msgs | library {stream / ours:,.0f} msgs/s | "
+                f"raw paho {stream / ref:,.0f} msgs/s | {ref / ours:.2f}x |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backlog", type=int, default=10_000)
+    ap.add_argument("--stream", type=int, default=5_000)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="mqttalk-bench-delivery-"))
+    brokers, procs = start_brokers(root)
+    report = [f"# mqttalk delivery bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+              "| what | mqttalk | reference | ratio (mqttalk speed / reference speed) |", "|---|---|---|---|"]
+    try:
+        for label, url in brokers.items():
+            report.append(f"| **{label}** | | | |")
+            report += bench(url, args.backlog, args.stream)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+    text = "\n".join(report) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "delivery.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
