@@ -397,6 +397,12 @@ class Live:
         if wait or len(self._batch) >= GROUP:
             self._record_batch()
             self._publish_pending()
+            if not wait and self._link is not None:
+                try:  # take in the acknowledgements that came meanwhile: keeps the in-flight window moving
+                    self._link.pump(0)
+                    self._collect_acks()
+                except _NETWORK_ERRORS as exc:
+                    self._lost(exc)
         if wait:
             if self._link is None or not self._outbox_lock.held:
                 raise Queued(env.id, "not connected to the broker" if self._link is None

@@ -38,10 +38,10 @@ CREATE TABLE IF NOT EXISTS cursors (
     gap INTEGER NOT NULL DEFAULT 0,     -- last gap reported
     PRIMARY KEY (channel, peer)
 );
-CREATE TABLE IF NOT EXISTS outbox (
+CREATE TABLE IF NOT EXISTS outbox (       -- what this machine's peers send; also their history
     n INTEGER PRIMARY KEY AUTOINCREMENT,
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
-    id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, kind TEXT NOT NULL, ts TEXT NOT NULL,
     created REAL NOT NULL, sent REAL,
     UNIQUE (channel, sender, seq)
 );
@@ -193,29 +193,29 @@ class Store:
 
     def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
                 since: str | None = None, limit: int | None = None) -> list[Envelope]:
-        """Stored messages in the order they were written (their timestamps; arrival breaks ties), sent
-        and received alike; ``since`` is an ISO time or a message id (exclusive)."""
-        sql, args = "SELECT raw FROM messages WHERE channel = ?", [channel]
+        """Messages received and sent here, in the order they were written (their timestamps; arrival
+        breaks ties); ``since`` is an ISO time or a message id (exclusive)."""
+        where, args = "channel = ?", [channel]
         if peer:
-            sql += " AND sender = ?"
+            where += " AND sender = ?"
             args.append(peer)
         if kind:
-            sql += " AND kind = ?"
+            where += " AND kind = ?"
             args.append(kind)
         if since:
-            by_id = self.db.execute("SELECT ts, n FROM messages WHERE channel = ? AND id = ?",
-                                    (channel, since)).fetchone()
-            if by_id:
-                sql += " AND (ts > ? OR (ts = ? AND n > ?))"
-                args += [by_id[0], by_id[0], by_id[1]]
-            else:
-                sql += " AND ts >= ?"
-                args.append(since)
-        sql += " ORDER BY ts, n"
-        rows = self.db.execute(sql, args).fetchall()
+            mark = self.db.execute("SELECT ts FROM messages WHERE channel = ? AND id = ? UNION ALL"
+                                   " SELECT ts FROM outbox WHERE channel = ? AND id = ?",
+                                   (channel, since, channel, since)).fetchone()
+            where += " AND ts > ?" if mark else " AND ts >= ?"
+            args.append(mark[0] if mark else since)
+        rows = self.db.execute(
+            f"SELECT raw, ts, n FROM messages WHERE {where} UNION ALL"  # noqa: S608 - only placeholders vary
+            f" SELECT payload, ts, n FROM outbox WHERE {where}"
+            " AND id NOT IN (SELECT id FROM messages WHERE channel = ?)"  # a local peer received it too
+            " ORDER BY 2, 3", [*args, *args, channel]).fetchall()
         if limit:
             rows = rows[-limit:]
-        return [Envelope.model_validate_json(raw) for (raw,) in rows]
+        return [Envelope.model_validate_json(raw) for raw, _ts, _n in rows]
 
     def marks(self, channel: str) -> tuple[int, int]:
         """The newest message and gap numbers of a channel (a new member's cursors start there)."""
@@ -239,7 +239,8 @@ class Store:
 
     def enqueue(self, channel: str, sender: str, topic: str, envs: list[Envelope]) -> None:
         """Number ``envs`` with the sender's next sequence numbers (sets ``env.seq``) and record them in
-        the outbox and in our history, in one transaction: they exist here before they are published."""
+        the outbox (which is also their sender's history), in one transaction: they exist here before
+        they are published."""
         if not envs:
             return
         at = time.time()
@@ -250,13 +251,9 @@ class Store:
             for env in envs:
                 seq += 1
                 env.seq = seq
-                raw = env.encode()
-                db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, created)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?)", (channel, sender, seq, env.id, topic, raw, at))
-                # our own history: the copy the broker echoes to our subscription is then a duplicate
-                db.execute("INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw,"
-                           " received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (channel, env.id, env.sender, env.to, env.kind, seq, env.ts.isoformat(), raw, at))
+                db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (channel, sender, seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at))
 
     def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
         """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""
