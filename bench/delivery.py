@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import MQTTALK, OUT, Env, free_port, wait_port  # noqa: E402
+from run import MQTTALK, OUT, Env, free_port, wait_port
 
 BODY = "status: 14 failing in test/users.test.ts (POST /users 409 on duplicate email); working on it"
 

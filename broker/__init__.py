@@ -12,8 +12,8 @@ amqtt 0.12 traps this module handles:
 * Keepalive is not enforced, so a stalled client's will never fires. mqttalk's presence carries a
   heartbeat time and readers judge liveness from it.
 * A QoS 1 message whose PUBACK does not come within 5 s is dropped (e.g. one written to a
-  subscriber that was just killed). :mod:`mqttalk_broker._fixes` delivers it again instead, and stops amqtt from sending a connecting
-  client the retained messages of filters other clients subscribed to.
+  subscriber that was just killed). :mod:`mqttalk_broker._fixes` delivers it again instead, and
+  stops amqtt from sending a connecting client the retained messages of filters other clients hold.
 * Everything lives in memory. :mod:`mqttalk_broker.persistence` keeps sessions, offline queues and
   retained messages in SQLite so a restart loses nothing.
 """

@@ -86,10 +86,13 @@ def _install_redelivery() -> None:
 
 
 async def _drain_later(broker: Any, session: Any) -> None:
-    """Deliver the session's queue through its current connection, if it has one."""
+    """Deliver the session's queue through its current connection while it has one and the queue
+    is not empty (messages that time out again during a round are queued for the next round)."""
     try:
-        await asyncio.sleep(_RETRY_DELAY)
-        if session.transitions.state == "connected":
-            await broker._publish_session_retained_messages(session)  # noqa: SLF001
+        while True:
+            await asyncio.sleep(_RETRY_DELAY)
+            if session.transitions.state != "connected" or session.retained_messages.empty():
+                return  # an empty queue, or the client's next connect delivers it
+            await broker._publish_session_retained_messages(session)
     finally:
         _draining.discard(session.client_id)

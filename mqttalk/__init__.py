@@ -40,16 +40,34 @@ _EXPORTS = {
     "BrokerUnreachable": "._errors",
     "BrokerRefused": "._errors",
     "TimedOut": "._errors",
+    "Queued": "._errors",
+    "Inbox": "._channel",
+    "Live": "._channel",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
+    "Channel", "Event", "Message", "PeerInfo", "Status", "create", "pair", "open_channel", "Settings",
+    "JoinURL", "BrokerAddress", "Envelope", "Presence", "SpecData", "StatusData", "KINDS", "MqttalkError",
+    "UsageError", "BadJoinURL", "BadMessage", "NameTaken", "NotBound", "BrokerUnreachable", "BrokerRefused",
+    "TimedOut", "Queued", "Inbox", "Live",
+]
 
 if TYPE_CHECKING:
     from ._api import create, open_channel, pair
-    from ._channel import Channel, Event, Message, PeerInfo, Status
+    from ._channel import Channel, Event, Inbox, Live, Message, PeerInfo, Status
     from ._config import Settings
-    from ._errors import (BadJoinURL, BadMessage, BrokerRefused, BrokerUnreachable, MqttalkError, NameTaken,
-                          NotBound, TimedOut, UsageError)
+    from ._errors import (
+        BadJoinURL,
+        BadMessage,
+        BrokerRefused,
+        BrokerUnreachable,
+        MqttalkError,
+        NameTaken,
+        NotBound,
+        Queued,
+        TimedOut,
+        UsageError,
+    )
     from ._url import BrokerAddress, JoinURL
     from ._wire import KINDS, Envelope, Presence, SpecData, StatusData
 

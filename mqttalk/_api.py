@@ -6,7 +6,6 @@ import base64
 import hashlib
 import os
 import socket
-
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path

@@ -307,7 +307,7 @@ class Live:
         self._dropped: set[tuple[str, int]] = set()
         self._handled = 0  # messages and presence updates taken in since poll() started
         self._synced = False
-        self._announced: str | None = None
+        self._announced: Literal["joined", "online", "left"] | None = None
         self._next_beat = 0.0
         self._next_outbox = 0.0
         self._backoff = 0.5

@@ -36,7 +36,7 @@ def run(keep: bool = False) -> int:
         print(f"\n[{who}] $ mqttalk {shown}", flush=True)
         argv = [sys.executable, "-m", "mqttalk", *args]
         proc = subprocess.run(argv, cwd=dirs[who], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=60)
+                              text=True, timeout=60, check=False)
         out = proc.stdout.rstrip()
         print("\n".join("    " + line for line in out.splitlines()), flush=True)
         if proc.returncode != expect:

@@ -71,7 +71,7 @@ class Gap(NamedTuple):
     last: int
 
     @property
-    def count(self) -> int:
+    def size(self) -> int:
         return self.last - self.first + 1
 
 
@@ -220,7 +220,8 @@ class Store:
     def marks(self, channel: str) -> tuple[int, int]:
         """The newest message and gap numbers of a channel (a new member's cursors start there)."""
         row = self.db.execute("SELECT (SELECT coalesce(max(n), 0) FROM messages WHERE channel = ?),"
-                              " (SELECT coalesce(max(n), 0) FROM gaps WHERE channel = ?)", (channel, channel)).fetchone()
+                              " (SELECT coalesce(max(n), 0) FROM gaps WHERE channel = ?)",
+                              (channel, channel)).fetchone()
         return int(row[0]), int(row[1])
 
     def _cursor(self, channel: str, peer: str) -> tuple[int, int]:

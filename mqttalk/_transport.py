@@ -7,18 +7,19 @@ version (5, falling back to 3.1.1 once and remembering it per broker), session f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import ssl
 import time
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -134,7 +135,7 @@ class Link:
             rc, mid = client.subscribe([(t, qos) for t in topics])
         self._check(rc)
         self._wait(lambda: mid in self._subacks, "subscribe")
-        for topic, code in zip(topics, self._subacks.pop(mid), strict=False):
+        for topic, code in zip(topics, self._subacks.pop(mid or 0), strict=False):
             if code.is_failure:
                 raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}",
                                     "check the broker's ACL for this user")
@@ -186,10 +187,10 @@ class Link:
         persistent = self.persistent and not bare
         # A probe must not touch our persistent session: a clean start would discard its queue.
         client_id = "mqk-probe-" + os.urandom(7).hex()[:13] if bare and self._probe_only else self.client_id
-        transport = "websockets" if self.broker.websockets else "tcp"
+        transport: Literal["tcp", "websockets"] = "websockets" if self.broker.websockets else "tcp"
         v5 = protocol == mqtt.MQTTv5
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion(protocol),
             clean_session=None if v5 else not persistent, transport=transport, manual_ack=True,
             reconnect_on_failure=False,
         )
@@ -209,7 +210,7 @@ class Link:
             client.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
         props = None
         if v5 and persistent:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY
         where = self.broker.display()
         try:
@@ -222,7 +223,7 @@ class Link:
         except ConnectionRefusedError:
             raise BrokerUnreachable(f"nothing is listening at {where}",
                                     "is the broker running? `mqttalk broker` starts the embedded one") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise BrokerUnreachable(f"no answer from {where} within {self.timeout:g}s") from None
         except ssl.SSLError as exc:
             raise BrokerUnreachable(f"TLS handshake with {where} failed: {exc.reason or exc}") from None
@@ -256,8 +257,9 @@ class Link:
 
     def _drop(self) -> None:
         client, self._client = self._client, None
-        if client is not None and client.socket() is not None:
-            client.socket().close()
+        sock = client.socket() if client is not None else None
+        if sock is not None:
+            sock.close()
 
     def _live(self) -> mqtt.Client:
         if self._client is None:
@@ -298,20 +300,18 @@ class Link:
         self._closed = rc
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.append(Incoming(msg.topic, msg.payload, msg.qos, msg.mid))
+        self._inbox.append(Incoming(msg.topic, bytes(msg.payload), msg.qos, msg.mid))
 
     def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         self._subacks[mid] = codes
 
 
-def _no_delay(sock: object) -> None:
+def _no_delay(sock: Any) -> None:
     """Turn Nagle off: MQTT sends small packets back to back (PUBACK, then PUBLISH), and with Nagle
     on the second waits for the broker's delayed ACK, ~40 ms per exchange. paho leaves it on."""
     raw = getattr(sock, "_socket", sock)  # paho's websocket wrapper keeps the TCP socket inside
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        pass
+    with contextlib.suppress(AttributeError, OSError):
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _ProtocolRefused(Exception):

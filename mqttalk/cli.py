@@ -13,7 +13,7 @@ from typing import Annotated, Any, NoReturn
 # (~15 ms of importlib.metadata). The CLI uses none, and every command pays for that start-up.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-import typer  # noqa: E402
+import typer
 
 from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
@@ -54,6 +54,13 @@ TimeoutOpt = Annotated[float | None, typer.Option(
     "--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5).")]
 
 
+def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Any:
+    """The channel a command acts for: --channel/--as, MQTTALK_CHANNEL/MQTTALK_PEER, or the binding."""
+    from ._api import open_channel
+
+    return open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+
+
 def _settings(**flags: Any) -> Any:
     from ._config import Settings
 
@@ -74,6 +81,13 @@ class _Printer:
         """A diagnostic for people (stderr); silent in --json mode unless it is a warning."""
         if not self.json:
             print(f"mqttalk: {text}", file=sys.stderr, flush=True)
+
+    def message(self, env: Any) -> None:
+        """A whole message: its one-line header, then its body (or one JSON object)."""
+        if self.json:
+            self.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
+        else:
+            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
 
     def gap(self, peer: str, first: int, last: int) -> None:
         count = last - first + 1
@@ -133,12 +147,11 @@ def create(
     if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
         out.note("this broker listens on this machine only; for a session on another machine use "
                  "--broker mqtt://HOST:PORT (see README: Brokers)")
-    if wait > 0:
-        # The URL is on screen (the user must share it) before we block.
-        if not channel.join(wait, new_member=False):
-            out.note(f"no peer paired within {wait:g}s; the channel stays open "
-                     "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
-            raise typer.Exit(EXIT_TIMEOUT)
+    # The URL is on screen (the user must share it) before we block.
+    if wait > 0 and not channel.join(wait, new_member=False):
+        out.note(f"no peer paired within {wait:g}s; the channel stays open "
+                 "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
+        raise typer.Exit(EXIT_TIMEOUT)
 
 
 @app.command()
@@ -182,7 +195,6 @@ def send(
     as_json: JsonOpt = False,
 ) -> None:
     """Send a message (QoS 1); exits 0 only once the broker has acknowledged it."""
-    from ._api import open_channel
     from ._channel import read_body
 
     out = _Printer(as_json)
@@ -204,7 +216,7 @@ def send(
             from ._errors import BadMessage
 
             raise BadMessage(f"{', '.join(stray)} only apply to --kind spec or status, not {kind}")
-    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel, _ = _open(channel_url, as_, out)
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
              {"event": "sent", "id": env.id, "kind": env.kind, "to": to})
@@ -220,19 +232,13 @@ def recv(
     as_json: JsonOpt = False,
 ) -> None:
     """Print unread messages once, oldest first, then mark them read."""
-    from ._api import open_channel
-
     out = _Printer(as_json)
-    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel, _ = _open(channel_url, as_, out)
     inbox = channel.fetch(wait)
     for gap in inbox.gaps:
         out.gap(gap.sender, gap.first, gap.last)
     for m in inbox.messages:
-        env = m.envelope
-        if as_json:
-            out.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
-        else:
-            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
+        out.message(m.envelope)
     channel.mark_read(inbox)
     if not inbox:
         if wait > 0:
@@ -257,10 +263,8 @@ def listen(
     """
     import signal
 
-    from ._api import open_channel
-
     out = _Printer(as_json, listening=True)
-    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel, _ = _open(channel_url, as_, out)
 
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -289,24 +293,17 @@ def log(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the channel's history from the local store (sent and received), oldest first."""
-    from ._api import open_channel
-
     out = _Printer(as_json)
-    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel, _ = _open(channel_url, as_, out)
     for env in channel.history(peer=peer, kind=kind, since=since, limit=limit):
-        if as_json:
-            out.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
-        else:
-            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
+        out.message(env)
 
 
 @app.command()
 def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False) -> None:
     """Show the channel, its peers and their presence (online / last seen / left), and your unread count."""
-    from ._api import open_channel
-
     out = _Printer(as_json)
-    channel, _ = open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel, _ = _open(channel_url, as_, out)
     st = channel.status()
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,

@@ -72,7 +72,7 @@ class EmbeddedBroker:
     def start(self) -> None:
         env = {**os.environ, "MQTTALK_STATE_DIR": str(self.state_dir)}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / "broker.log", "ab")  # noqa: SIM115 - the child writes it
+        log = open(self.state_dir / "broker.log", "ab")
         self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port)], env=env,
                                      stdout=log, stderr=log)
         log.close()
@@ -196,7 +196,7 @@ class Session:
     def run(self, *args: str, input: str | None = None, timeout: float = 60,
             env: dict[str, str] | None = None) -> Result:
         proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def ok(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:

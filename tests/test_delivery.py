@@ -13,10 +13,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
+from conftest import PrivateMosquitto, Session, paired, status_of
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import PrivateMosquitto, Session, paired, status_of
 from mqttalk import JoinURL
 
 

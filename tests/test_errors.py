@@ -6,9 +6,9 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import Session, free_port, join_url, paired
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import Session, free_port, join_url, paired
 from mqttalk import JoinURL
 
 
@@ -124,8 +124,9 @@ def test_garbage_on_channel_topics_is_dropped_not_delivered(sessions: tuple[Sess
 
 
 def test_help_teaches_the_story() -> None:
-    from conftest import MQTTALK
     import subprocess
+
+    from conftest import MQTTALK
 
     out = subprocess.run([MQTTALK, "--help"], capture_output=True, text=True, check=True).stdout
     for needle in ("mqttalk create --as impl", "mqttalk pair URL", "--kind status --state red", "recv --wait",
