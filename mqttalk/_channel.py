@@ -218,6 +218,11 @@ class Channel:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
         from ._transport import Link
 
+        if _held(self._lock_path("session")):
+            from ._errors import UsageError
+
+            raise UsageError(f"a live mqttalk process of {self.me} (listen, recv --wait) is running",
+                             "stop it first, then leave")
         with Link(self.url.broker, client_id=self.client_id, persistent=False,
                   timeout=self.settings.connect_timeout, state_dir=self.settings.state_dir) as link:
             self._announce(link, "left")

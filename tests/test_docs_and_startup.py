@@ -41,3 +41,14 @@ def test_importing_the_cli_pulls_in_no_heavy_module() -> None:
 def test_importing_the_package_is_lazy() -> None:
     mods = _imported_by("import mqttalk")
     assert "pydantic" not in mods and "paho.mqtt.client" not in mods
+
+
+def test_demo_runs_the_whole_story(isolated_home: Path) -> None:
+    """The README's first command ends with `mqttalk demo`: it must work on a fresh machine."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "mqttalk"), "demo"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "mqttalk demo: OK" in proc.stdout
+    for step in ("PAIRED with impl", "PAIRED with tests", "kind=spec", "state=agreed", "state=red", "state=green",
+                 "impl [implements POST /users]: left"):
+        assert step in proc.stdout

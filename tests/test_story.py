@@ -181,6 +181,12 @@ def test_a_waiting_peer_shows_online(sessions: tuple[Session, Session], broker_u
 def test_leave_marks_the_peer_gone(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
+    listener = impl.start("listen", "--timeout", "30")
+    time.sleep(1.0)
+    refused = impl.run("leave")  # its own live process would just come back online
+    assert refused.code == 2 and "stop it first" in refused.err
+    listener.terminate()
+    listener.wait(10)
     assert "mqttalk: LEFT channel" in impl.ok("leave").out
     assert "impl: left" in tests.ok("status").out
     res = impl.run("send", "still here?")
