@@ -25,10 +25,11 @@ def new_channel_id() -> str:
 
 
 def create(as_: str | None = None, *, role: str | None = None, settings: Settings | None = None,
-           cwd: Path | None = None, wait: float = 0.0,
+           cwd: Path | None = None, wait: float = 0.0, sealed: bool = True,
            on_event: Callable[[Event], None] | None = None) -> Channel:
     """Create a channel on the configured broker (default: the embedded one, started if needed),
-    join it as ``as_``, and bind the working directory to it."""
+    join it as ``as_``, and bind the working directory to it. ``sealed`` (the default) mints a
+    channel key: see :mod:`mqttalk._seal`."""
     settings = settings or Settings.load()
     cwd = (cwd or Path.cwd()).resolve()
     name = check_peer(as_ or peer_from_directory(cwd.name))
@@ -38,7 +39,12 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
         from . import _embedded
 
         address, _ = _embedded.ensure(settings.state_dir, settings.embedded_host, settings.embedded_port)
-    url = JoinURL(address, check_prefix(settings.prefix, UsageError), new_channel_id())
+    key = None
+    if sealed:
+        from ._seal import Seal
+
+        key = Seal.new().token
+    url = JoinURL(address, check_prefix(settings.prefix, UsageError), new_channel_id(), key)
     channel = Channel(url, name, member=os.urandom(16).hex(), role=role, settings=settings, on_event=on_event)
     channel.join(wait)
     _record(settings, cwd, channel)

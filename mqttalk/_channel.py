@@ -19,10 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ._config import Settings
 from ._errors import BrokerRefused, BrokerUnreachable, NameTaken, Queued, TimedOut
+
+if TYPE_CHECKING:
+    from ._seal import Seal
 from ._topics import Topics, check_peer
 from ._url import JoinURL
 from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_envelope, now
@@ -34,7 +37,10 @@ GROUP = 100  # messages sent with wait=False are recorded in the outbox this man
 VERSION = "0.1.0"
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
-EventKind = Literal["paired", "message", "gap", "offline", "dropped", "waiting", "disconnected", "reconnected"]
+EventKind = Literal["paired", "message", "gap", "offline", "dropped", "decrypt_fail", "waiting", "disconnected",
+                    "reconnected"]
+MAX_AGE = 8 * 24 * 3600.0  # a message older than this (beyond the brokers' 7-day session expiry) is a replay
+MAX_AHEAD = 600.0  # ... and one stamped this far in the future is forged or from a broken clock
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Status:
     unread: int = 0
     gaps: int = 0
     queued: int = 0
+    sealed: bool = False
 
 
 class Channel:
@@ -106,7 +113,12 @@ class Channel:
         self.settings = settings
         self.joined = joined or now()
         self.on_event = on_event or (lambda _e: None)
-        self.topics = Topics(url.prefix, url.channel)
+        self.seal: Seal | None = None
+        if url.key is not None:
+            from ._seal import Seal
+
+            self.seal = Seal.from_token(url.key)
+        self.topics = Topics(url.prefix, url.channel, self.seal)
         self.client_id = self.topics.client_id(me)
         self._store: Any = None
 
@@ -212,7 +224,8 @@ class Channel:
         peers.sort(key=lambda p: (not p.me, p.name))
         channel = self.url.channel
         return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(channel, self.me),
-                      len(self.store.new_gaps(channel, self.me)), len(self.store.pending(channel, self.me)))
+                      len(self.store.new_gaps(channel, self.me)), len(self.store.pending(channel, self.me)),
+                      self.url.sealed)
 
     def leave(self) -> None:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
@@ -246,6 +259,16 @@ class Channel:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _wrap(self, topic: str, data: bytes) -> bytes:
+        """What goes on the wire: sealed on a sealed channel."""
+        return self.seal.seal(topic, data) if self.seal else data
+
+    def _unwrap(self, topic: str, payload: bytes) -> bytes | None:
+        """The plaintext of a payload from the wire; None if it does not open with this channel's key."""
+        if self.seal is None or not payload:  # an empty payload clears a retained message
+            return payload
+        return self.seal.open(topic, payload)
+
     def _lock_path(self, what: str) -> Path:
         return self.settings.state_dir / "locks" / f"{self.client_id}.{what}.lock"
 
@@ -258,7 +281,7 @@ class Channel:
     def _flush_once(self, link: Any) -> int:
         """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
         pending = self.store.pending(self.url.channel, self.me)
-        infos = [(row.n, link.publish(row.topic, row.payload, wait=False)) for row in pending]
+        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False)) for row in pending]
         for n, info in infos:
             link.wait_published(info)
             self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
@@ -274,7 +297,8 @@ class Channel:
 
     def _announce(self, link: Any, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
         pres = self._presence(state)
-        link.publish(self.topics.presence(self.me), pres.encode(), retain=True, wait=wait_ack)
+        topic = self.topics.presence(self.me)
+        link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack)
         return pres
 
     def _inbox(self) -> Inbox:
@@ -310,6 +334,7 @@ class Live:
         self._link: Any = None
         self._tokens: set[bytes] = set()
         self._dropped: set[tuple[str, int]] = set()
+        self.dropped = 0  # payloads dropped (malformed, stale, or not opening with the key)
         self._handled = 0  # messages and presence updates taken in since poll() started
         self._synced = False
         self._announced: Literal["joined", "online", "left"] | None = None
@@ -473,7 +498,8 @@ class Live:
         from ._transport import Link, Will
 
         ch = self.channel
-        will = Will(ch.topics.presence(ch.me), ch._presence("away").encode()) if self.online else None
+        will_topic = ch.topics.presence(ch.me)
+        will = Will(will_topic, ch._wrap(will_topic, ch._presence("away").encode())) if self.online else None
         link = Link(ch.url.broker, client_id=ch.client_id if self.exclusive else None,
                     persistent=self.exclusive, timeout=ch.settings.connect_timeout, will=will,
                     state_dir=ch.settings.state_dir, on_messages=lambda batch: self._absorb(link, batch))
@@ -485,7 +511,7 @@ class Live:
                 topics.append(ch.topics.all_msg)
             link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
             token = os.urandom(16).hex().encode()
-            link.publish(ch.topics.sync(link.client_id), token)
+            link.publish(ch.topics.sync(link.client_id), ch._wrap(ch.topics.sync(link.client_id), token))
             # The backlog may be long: the wait runs out only after a quiet connect_timeout.
             deadline = time.monotonic() + ch.settings.connect_timeout
             while token not in self._tokens:
@@ -535,22 +561,32 @@ class Live:
         each, so a crash before the commit makes the broker deliver them again."""
         ch = self.channel
         messages: list[tuple[Envelope, bytes]] = []
+        mine = ch.topics.level(ch.me)
         for item in incoming:
             where = ch.topics.split(item.topic)
-            section, peer = where if where else ("", "")
-            if section == "msg" and peer == ch.me:
-                pass  # our own message, echoed by the broker: already in our history since we sent it
+            section, level = where if where else ("", "")
+            if section == "msg" and level == mine:
+                continue  # our own message, echoed by the broker: already in our history since we sent it
+            if section not in ("msg", "presence", "sync"):
+                continue
+            data = ch._unwrap(item.topic, item.payload)
+            if data is None:
+                self._drop(item.topic, item.payload, "decrypt_fail",
+                           f"payload on {item.topic} does not open with this channel's key")
             elif section == "msg":
-                env = decode_envelope(item.payload)
-                if env is None or env.sender != peer:
-                    self._drop(item.topic, item.payload, peer, f"malformed message on {item.topic}")
+                env = decode_envelope(data)
+                if env is None or ch.topics.level(env.sender) != level:
+                    self._drop(item.topic, item.payload, "dropped", f"malformed message on {item.topic}")
+                elif not -MAX_AHEAD < (now() - env.ts).total_seconds() < MAX_AGE:
+                    self._drop(item.topic, item.payload, "dropped",
+                               f"message {env.id} from {env.sender} has a stale or future timestamp")
                 else:
-                    messages.append((env, item.payload))
+                    messages.append((env, data))
             elif section == "presence":
                 self._handled += 1
-                self._see_presence(item.topic, peer, item.payload)
-            elif section == "sync":
-                self._tokens.add(item.payload)
+                self._see_presence(item.topic, level, data)
+            else:
+                self._tokens.add(data)
         for env in ch.store.add_many(ch.url.channel, messages):
             self._handled += 1
             if env.sender != ch.me:
@@ -560,15 +596,17 @@ class Live:
         if self._synced:
             self._report_gaps()
 
-    def _see_presence(self, topic: str, peer: str, payload: bytes) -> None:
+    def _see_presence(self, topic: str, level: str, payload: bytes) -> None:
         ch = self.channel
         if not payload:  # retained presence cleared
-            self.presences.pop(peer, None)
+            for name in [p for p in self.presences if ch.topics.level(p) == level]:
+                del self.presences[name]
             return
         pres = decode_presence(payload)
-        if pres is None or pres.peer != peer:
-            self._drop(topic, payload, peer, f"malformed presence on {topic}")
+        if pres is None or ch.topics.level(pres.peer) != level:
+            self._drop(topic, payload, "dropped", f"malformed presence on {topic}")
             return
+        peer = pres.peer
         self.presences[peer] = pres
         if peer == ch.me:
             return
@@ -585,12 +623,14 @@ class Live:
         if self._synced and self.exclusive and pres.seq:
             ch.store.expect(ch.url.channel, peer, pres.seq)
 
-    def _drop(self, topic: str, payload: bytes, peer: str, why: str) -> None:
-        """Report a payload we cannot use, once per process (a retained one comes back on every subscribe)."""
+    def _drop(self, topic: str, payload: bytes, kind: Literal["dropped", "decrypt_fail"], why: str) -> None:
+        """Report a payload we cannot use, once per process (a retained one comes back on every subscribe).
+        It is acknowledged and forgotten: never shown, never stored."""
         key = (topic, hash(payload))
         if key not in self._dropped:
             self._dropped.add(key)
-            self.channel.on_event(Event("dropped", peer, why))
+            self.dropped += 1
+            self.channel.on_event(Event(kind, "", why))
 
     def _routine(self) -> None:
         """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
@@ -616,7 +656,7 @@ class Live:
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
         for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
-            self._inflight.append((row.n, self._link.publish(row.topic, row.payload, wait=False)))
+            self._inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False)))
             self._handed = row.n
 
     def _collect_acks(self) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._errors import UsageError
+
+if TYPE_CHECKING:
+    from ._seal import Seal
 
 _PEER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -28,18 +32,25 @@ def peer_from_directory(path: str) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """Topic names under PREFIX/CHANNEL."""
+    """Topic names under PREFIX/CHANNEL. On a sealed channel the channel and peer levels are keyed
+    hashes (see :mod:`._seal`): topics name nothing the broker could read."""
 
     prefix: str
     channel: str
+    seal: Seal | None = field(default=None, compare=False)
 
     @property
     def root(self) -> str:
-        return f"{self.prefix}/{self.channel}"
+        level = self.seal.name(f"channel:{self.channel}") if self.seal else self.channel
+        return f"{self.prefix}/{level}"
+
+    def level(self, peer: str) -> str:
+        """The topic level that stands for ``peer``."""
+        return self.seal.name(f"peer:{peer}", 16) if self.seal else peer
 
     def presence(self, peer: str) -> str:
         """Retained: who PEER is and whether it is there."""
-        return f"{self.root}/presence/{peer}"
+        return f"{self.root}/presence/{self.level(peer)}"
 
     @property
     def all_presence(self) -> str:
@@ -47,7 +58,7 @@ class Topics:
 
     def msg(self, peer: str) -> str:
         """QoS 1: the messages PEER sends."""
-        return f"{self.root}/msg/{peer}"
+        return f"{self.root}/msg/{self.level(peer)}"
 
     @property
     def all_msg(self) -> str:
@@ -58,7 +69,7 @@ class Topics:
         return f"{self.root}/sync/{client_id}"
 
     def split(self, topic: str) -> tuple[str, str] | None:
-        """(section, peer) for a topic of this channel, e.g. ("msg", "impl"); None for anything else."""
+        """(section, peer level) for a topic of this channel, e.g. ("msg", "impl"); None for anything else."""
         head = self.root + "/"
         if not topic.startswith(head):
             return None
@@ -66,6 +77,9 @@ class Topics:
         return (parts[0], parts[1]) if len(parts) == 2 else None
 
     def client_id(self, peer: str) -> str:
-        """The stable client id of PEER's persistent broker session (23 chars: fits MQTT 3.1.1's minimum)."""
+        """The stable client id of PEER's persistent broker session (23 chars: fits MQTT 3.1.1's minimum).
+        Sealed: keyed, so nobody without the key can connect as the peer and take its session."""
+        if self.seal:
+            return "mqk" + self.seal.name(f"client:{self.channel}:{peer}", 20)
         digest = hashlib.sha256(f"{self.root}\n{peer}".encode()).digest()
         return "mqk" + base64.b32encode(digest).decode().lower()[:20]

@@ -18,6 +18,7 @@ from ._errors import BadJoinURL
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _LEVEL_RE = re.compile(r"^[^#+/\x00]+$")
+_KEY_RE = re.compile(r"^k=[A-Za-z0-9_-]{43}$")
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,22 @@ class JoinURL:
     broker: BrokerAddress
     prefix: str
     channel: str
+    key: str | None = None  # the channel key (base64url), from the #k= fragment; None: a plain channel
+
+    @property
+    def sealed(self) -> bool:
+        return self.key is not None
 
     @classmethod
     def parse(cls, text: str) -> JoinURL:
         """Parse and validate a join URL; raise :class:`BadJoinURL` with a line that says what is wrong."""
         broker, path, fragment = _split(text.strip(), what="join URL")
+        key = None
         if fragment:
-            raise BadJoinURL(
-                "this join URL carries a channel key (#k=...), but this mqttalk only speaks plain channels",
-                "drop the #... part for a plain channel, or upgrade mqttalk",
-            )
+            if not _KEY_RE.match(fragment):
+                raise BadJoinURL("join URL's #fragment is not a channel key (#k=...)",
+                                 "copy the whole join URL from `mqttalk create`; drop the # part for a plain channel")
+            key = fragment[2:]
         levels = [unquote(p) for p in path.split("/") if p]
         if len(levels) < 2:
             raise BadJoinURL(
@@ -82,15 +89,17 @@ class JoinURL:
             raise BadJoinURL(f"join URL's channel id {channel!r} is not valid (8-64 of A-Z a-z 0-9 _ -)")
         prefix = "/".join(levels[:-1])
         check_prefix(prefix, error=BadJoinURL)
-        return cls(broker, prefix, channel)
+        return cls(broker, prefix, channel, key)
 
     def render(self) -> str:
-        """The URL to paste (includes credentials if it has any)."""
-        return f"{self.broker.render()}/{quote(self.prefix, safe='/')}/{self.channel}"
+        """The URL to paste (includes credentials and the channel key if it has them)."""
+        fragment = f"#k={self.key}" if self.key else ""
+        return f"{self.broker.render()}/{quote(self.prefix, safe='/')}/{self.channel}{fragment}"
 
     def display(self) -> str:
-        """The URL without the password (safe for logs and status)."""
-        return f"{self.broker.display()}/{quote(self.prefix, safe='/')}/{self.channel}"
+        """The URL without the password or the key (safe for logs and status)."""
+        fragment = "#k=(hidden)" if self.key else ""
+        return f"{self.broker.display()}/{quote(self.prefix, safe='/')}/{self.channel}{fragment}"
 
     def with_broker(self, broker: BrokerAddress) -> JoinURL:
         return replace(self, broker=broker)
@@ -145,5 +154,6 @@ def _host(host: str) -> str:
 
 
 def _safe(text: str) -> str:
-    """The text with any password blanked, for error messages."""
+    """The text with any password and channel key blanked, for error messages."""
+    text = re.sub(r"#.*$", "#...", text)
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)[:200]

@@ -44,6 +44,9 @@ _APP_SETTINGS: dict[str, Any] = dict(
 )
 app = typer.Typer(**_APP_SETTINGS)
 
+PUBLIC_BROKERS = {"test.mosquitto.org", "broker.hivemq.com", "broker.emqx.io", "mqtt.eclipseprojects.io",
+                  "public.mqtthq.com", "broker.mqttdashboard.com"}
+
 AsOpt = Annotated[str | None, typer.Option(
     "--as", metavar="NAME", help="Peer name (a-z 0-9 - _). Default: this directory's name, or its binding.")]
 ChannelOpt = Annotated[str | None, typer.Option(
@@ -115,8 +118,9 @@ class _Printer:
         elif event.kind in ("disconnected", "reconnected") and self.listening:
             word = "BROKER_DOWN" if event.kind == "disconnected" else "BROKER_UP"
             self.data(f"mqttalk: {word} {event.detail}", {"event": event.kind, "detail": event.detail})
-        elif event.kind == "dropped":
-            print(f"mqttalk: DROPPED {event.detail} (from {event.peer or '?'})", file=sys.stderr, flush=True)
+        elif event.kind in ("dropped", "decrypt_fail"):
+            word = "DROPPED" if event.kind == "dropped" else "DECRYPT_FAIL"
+            print(f"mqttalk: {word} {event.detail}", file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -128,15 +132,28 @@ def create(
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (MQTTALK_PREFIX, default mqttalk/v1).")] = None,
     wait: Annotated[float, typer.Option(
         metavar="SECONDS", help="After printing the URL, wait this long for a peer to pair.")] = 0.0,
+    plain: Annotated[bool, typer.Option(
+        "--plain", help="No channel key: readable JSON on the broker (private brokers, IoT dashboards).")] = False,
     connect_timeout: TimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a new channel and print its join URL plus a sentence to paste into the other session."""
+    """Start a new channel and print its join URL plus a sentence to paste into the other session.
+
+    Channels are sealed by default: a key in the URL's #k= fragment (never sent to the broker) seals
+    every payload and names every topic, so the broker and its other users learn nothing.
+    """
     from ._api import create as create_channel
 
     out = _Printer(as_json)
     settings = _settings(broker=broker, prefix=prefix, connect_timeout=connect_timeout)
-    channel = create_channel(as_, role=role, settings=settings, on_event=out.event)
+    if plain and settings.broker:
+        from ._url import parse_broker
+
+        host = parse_broker(settings.broker).host
+        if host in PUBLIC_BROKERS:
+            print(f"mqttalk: WARNING: a --plain channel on the public broker {host}: anyone subscribed to # "
+                  "there reads every message and name. Drop --plain to seal it.", file=sys.stderr, flush=True)
+    channel = create_channel(as_, role=role, settings=settings, on_event=out.event, sealed=not plain)
     url = channel.url.render()
     share = _share_text(channel.me, url)
     out.data(
@@ -170,8 +187,10 @@ def pair(
     settings = _settings(connect_timeout=connect_timeout)
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if not others:
+        check = (" If the other session created it already, check that the whole join URL, its #k= key"
+                 " included, was copied." if channel.url.sealed else "")
         out.note(f"joined as {channel.me}, but no other peer is in the channel yet; "
-                 "`mqttalk recv --wait SECONDS` will print PAIRED when one comes")
+                 f"`mqttalk recv --wait SECONDS` will print PAIRED when one comes.{check}")
         raise typer.Exit(EXIT_TIMEOUT)
 
 
@@ -307,12 +326,12 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     st = channel.status()
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
-                      "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "plain": True,
+                      "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "sealed": st.sealed,
                       "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me,
                                  "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
                                  "liveness": p.liveness()} for p in st.peers]})
         return
-    lines = [f"channel: {st.url} (plain, {st.protocol})", f"you:     {st.me}"]
+    lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {st.me}"]
     others = [p for p in st.peers if not p.me]
     if not others:
         lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")

@@ -227,6 +227,16 @@ def sessions(tmp_path: Path) -> tuple[Session, Session]:
     return Session("impl", tmp_path), Session("tests", tmp_path)
 
 
+def channel_topics(url: str) -> object:
+    """The topic names of a channel, as its peers derive them (keyed hashes when sealed)."""
+    from mqttalk import JoinURL
+    from mqttalk._seal import Seal
+    from mqttalk._topics import Topics
+
+    join = JoinURL.parse(url)
+    return Topics(join.prefix, join.channel, Seal.from_token(join.key) if join.key else None)
+
+
 def status_of(session: Session) -> dict[str, object]:
     """The `status --json` object (other lines, such as a PAIRED notice, may come before it)."""
     lines = [json.loads(line) for line in session.ok("status", "--json").lines]
@@ -240,9 +250,9 @@ def join_url(result: Result) -> str:
     raise AssertionError(f"no join URL in:\n{result.out}")
 
 
-def paired(impl: Session, tests: Session, broker: str) -> str:
+def paired(impl: Session, tests: Session, broker: str, *create_flags: str) -> str:
     """Create as impl and pair as tests; return the join URL."""
-    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker))
+    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker, *create_flags))
     res = tests.ok("pair", url, "--as", "tests")
     assert "mqttalk: PAIRED with impl" in res.out
     return url

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from conftest import PrivateMosquitto, Session, paired, status_of
+from conftest import PrivateMosquitto, Session, channel_topics, paired, status_of
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqttalk import JoinURL
@@ -40,13 +40,15 @@ def send_many(session: Session, count: int, start: int = 0, pause_every: int = 0
 
 @contextmanager
 def sniffer(url: str) -> Iterator[list[bytes]]:
-    """A raw MQTT client that records every payload published on the channel's msg topics."""
+    """A raw MQTT client that records every payload published on the channel's msg topics
+    (opened with the channel key: the test knows it)."""
     join = JoinURL.parse(url)
+    topics: Any = channel_topics(url)
     seen: list[bytes] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.on_message = lambda _c, _u, m: seen.append(m.payload)
+    client.on_message = lambda _c, _u, m: seen.append(topics.seal.open(m.topic, m.payload))
     client.connect(join.broker.host, join.broker.port)
-    client.subscribe(f"{join.prefix}/{join.channel}/msg/+", qos=1)
+    client.subscribe(f"{topics.root}/msg/+", qos=1)
     client.loop_start()
     time.sleep(0.3)
     try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Session, free_port, join_url, paired
+from conftest import Session, channel_topics, free_port, join_url, paired
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqttalk import JoinURL
@@ -97,21 +98,15 @@ def test_bad_names_and_settings(sessions: tuple[Session, Session]) -> None:
     one_clear_line(impl.run("status", env={"MQTTALK_CONNECT_TIMEOUT": "-1"}), 2, "connect_timeout")
 
 
-def test_garbage_on_channel_topics_is_dropped_not_delivered(sessions: tuple[Session, Session],
-                                                            broker_url: str) -> None:
+def test_garbage_on_a_plain_channel_is_dropped_not_delivered(sessions: tuple[Session, Session],
+                                                              broker_url: str) -> None:
     impl, tests = sessions
-    url = JoinURL.parse(paired(impl, tests, broker_url))
-    root = f"{url.prefix}/{url.channel}"
-    hostile = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    hostile.connect(url.broker.host, url.broker.port)
-    hostile.loop_start()
+    url = paired(impl, tests, broker_url, "--plain")
+    topics: Any = channel_topics(url)
     junk = [b"not json", b"\x00\xff" * 10, b'{"id":"x"}', b"[1,2,3]",
             b'{"v":1,"id":"y","ts":"2026-01-01T00:00:00Z","from":"someone-else","kind":"note","body":"spoof"}']
-    for payload in junk:
-        hostile.publish(f"{root}/msg/impl", payload, qos=1).wait_for_publish(5)
-    hostile.publish(f"{root}/presence/ghost", b"garbage presence", qos=1, retain=True).wait_for_publish(5)
-    hostile.loop_stop()
-    hostile.disconnect()
+    _publish_raw(url, [(topics.msg("impl"), p, False) for p in junk]
+                 + [(topics.presence("ghost"), b"garbage presence", True)])
     impl.ok("send", "the real one")
     res = tests.ok("recv")
     assert "the real one" in res.out
@@ -119,8 +114,40 @@ def test_garbage_on_channel_topics_is_dropped_not_delivered(sessions: tuple[Sess
     assert res.out.count("mqttalk: MESSAGE") == 1
     assert res.err.count("mqttalk: DROPPED") == len(junk) + 1  # five messages and the presence
     assert "Traceback" not in res.err
-    st = tests.ok("status")
-    assert "ghost" not in st.out
+    assert "ghost" not in tests.ok("status").out
+
+
+def test_payloads_that_do_not_open_are_dropped_and_reported(sessions: tuple[Session, Session],
+                                                             broker_url: str) -> None:
+    from mqttalk._seal import Seal
+
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    topics: Any = channel_topics(url)
+    forged = Seal.new()  # a forger who knows the topics (say, from a leaked URL without the key) but not the key
+    env = b'{"v":1,"id":"f1","ts":"2026-01-01T00:00:00Z","from":"impl","kind":"note","body":"forged"}'
+    _publish_raw(url, [(topics.msg("impl"), b"plain text, not sealed", False),
+                       (topics.msg("impl"), forged.seal(topics.msg("impl"), env), False),
+                       # a genuine sealed payload moved to another topic does not open either
+                       (topics.msg("impl"), topics.seal.seal(topics.msg("tests"), env), False),
+                       (topics.presence("ghost"), forged.seal(topics.presence("ghost"), b"{}"), True)])
+    impl.ok("send", "the real one")
+    res = tests.ok("recv")
+    assert res.out.count("mqttalk: MESSAGE") == 1 and "the real one" in res.out and "forged" not in res.out
+    assert res.err.count("mqttalk: DECRYPT_FAIL") == 4
+    assert "ghost" not in tests.ok("status").out
+
+
+def _publish_raw(url: str, items: list[tuple[str, bytes, bool]]) -> None:
+    """Publish as a hostile client would: raw paho, straight onto the channel's topics."""
+    join = JoinURL.parse(url)
+    hostile = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    hostile.connect(join.broker.host, join.broker.port)
+    hostile.loop_start()
+    for topic, payload, retain in items:
+        hostile.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    hostile.loop_stop()
+    hostile.disconnect()
 
 
 def test_help_teaches_the_story() -> None:
