@@ -93,6 +93,8 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
             member = hashlib.sha256(seed).hexdigest()[:32]
             return Channel(url, settings.peer, member=member, settings=settings, on_event=on_event), None
     binding = _bindings.require(binding)
+    if binding.ca_file and settings.ca_file is None:
+        settings = settings.model_copy(update={"ca_file": Path(binding.ca_file)})
     peer = binding.peer
     if settings.peer and settings.peer != binding.peer:
         raise UsageError(f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
@@ -112,4 +114,5 @@ def forget(settings: Settings, binding: _bindings.Binding | None) -> None:
 def _record(settings: Settings, cwd: Path, channel: Channel) -> None:
     _bindings.record(settings.state_dir, cwd, _bindings.Binding(
         url=channel.url.render(), peer=channel.me, member=channel.member, role=channel.role,
-        joined=(channel.joined or now()).isoformat()))
+        joined=(channel.joined or now()).isoformat(),
+        ca_file=str(settings.ca_file.resolve()) if settings.ca_file else None))

@@ -24,6 +24,7 @@ class Binding:
     member: str  # random id of this membership (tells us apart from a namesake)
     role: str | None = None
     joined: str | None = None  # ISO time the membership began
+    ca_file: str | None = None  # the CA given to create/pair for this broker (--ca)
     directory: str | None = None  # where it was recorded (None: from flag/environment)
 
 

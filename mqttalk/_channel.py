@@ -156,11 +156,8 @@ class Channel:
         while True:
             with _try_lock(self._lock_path("outbox")) as sender:
                 if sender:
-                    from ._transport import Link
-
                     try:
-                        with Link(self.url.broker, timeout=self.settings.connect_timeout,
-                                  state_dir=self.settings.state_dir) as link:
+                        with self._link() as link:
                             self._flush_once(link)
                             if not _held(self._lock_path("session")):
                                 self._announce(link, "joined", wait_ack=False)  # refresh "last seen"
@@ -229,15 +226,12 @@ class Channel:
 
     def leave(self) -> None:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
-        from ._transport import Link
-
         if _held(self._lock_path("session")):
             from ._errors import UsageError
 
             raise UsageError(f"a live mqttalk process of {self.me} (listen, recv --wait) is running",
                              "stop it first, then leave")
-        with Link(self.url.broker, client_id=self.client_id, persistent=False,
-                  timeout=self.settings.connect_timeout, state_dir=self.settings.state_dir) as link:
+        with self._link(client_id=self.client_id) as link:  # a clean start: the broker drops the session
             self._announce(link, "left")
 
     def history(self, *, peer: str | None = None, kind: str | None = None, since: str | None = None,
@@ -258,6 +252,14 @@ class Channel:
         return self._store
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _link(self, **options: Any) -> Any:
+        """A connection to this channel's broker, with this peer's settings (timeouts, TLS, websockets)."""
+        from ._transport import Link
+
+        s = self.settings
+        return Link(self.url.broker, timeout=s.connect_timeout, state_dir=s.state_dir, ca_file=s.ca_file,
+                    ws_path=s.ws_path, **options)
 
     def _wrap(self, topic: str, data: bytes) -> bytes:
         """What goes on the wire: sealed on a sealed channel."""
@@ -495,14 +497,14 @@ class Live:
     # -- internals ---------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        from ._transport import Link, Will
+        from ._transport import Will
 
         ch = self.channel
         will_topic = ch.topics.presence(ch.me)
         will = Will(will_topic, ch._wrap(will_topic, ch._presence("away").encode())) if self.online else None
-        link = Link(ch.url.broker, client_id=ch.client_id if self.exclusive else None,
-                    persistent=self.exclusive, timeout=ch.settings.connect_timeout, will=will,
-                    state_dir=ch.settings.state_dir, on_messages=lambda batch: self._absorb(link, batch))
+        link: Any = None
+        link = ch._link(client_id=ch.client_id if self.exclusive else None, persistent=self.exclusive, will=will,
+                        on_messages=lambda batch: self._absorb(link, batch))
         link.open()
         try:
             self._synced = False

@@ -30,6 +30,9 @@ class Settings(BaseModel):
         None, description="Join URL of the channel to act on (overrides this directory's binding).")
     peer: str | None = Field(None, description="Peer name to act as (overrides this directory's binding).")
     connect_timeout: float = Field(5.0, gt=0, le=120, description="Seconds to wait for the broker to answer.")
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) to verify an mqtts:// or wss:// broker with, instead of the system's.")
+    ws_path: str = Field("/mqtt", description="HTTP path of the broker's MQTT-over-websockets endpoint (ws://, wss://).")
     heartbeat: float = Field(10.0, ge=0.2, le=3600,
                              description="Seconds between presence heartbeats of a live process.")
     embedded_host: str = Field("127.0.0.1", description="Interface the embedded broker listens on.")

@@ -52,7 +52,8 @@ class Link:
 
     def __init__(self, broker: BrokerAddress, *, client_id: str | None = None, persistent: bool = False,
                  timeout: float = 5.0, will: Will | None = None, state_dir: Path | None = None,
-                 on_messages: Callable[[list[Incoming]], None] | None = None) -> None:
+                 on_messages: Callable[[list[Incoming]], None] | None = None, ca_file: Path | None = None,
+                 ws_path: str = "/mqtt") -> None:
         """``on_messages`` gets every batch of incoming messages, in the caller's thread, whenever
         the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
         one it has taken care of: some brokers (amqtt) send nothing else until it does."""
@@ -63,6 +64,8 @@ class Link:
         self.will = will
         self.state_dir = state_dir
         self.on_messages = on_messages
+        self.ca_file = ca_file  # TLS: trust this CA instead of the system's store
+        self.ws_path = ws_path
         self.protocol = 0
         self.session_present = False
         self._client: mqtt.Client | None = None
@@ -202,10 +205,10 @@ class Link:
         client.on_subscribe = self._on_subscribe
         if self.broker.username is not None:
             client.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if self.broker.tls:  # certificates are always verified, host name included
+            client.tls_set(ca_certs=str(self.ca_file) if self.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
         if self.broker.websockets:
-            client.ws_set_options(path="/mqtt")
+            client.ws_set_options(path=self.ws_path)
         if self.will is not None and not bare:
             client.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
         props = None
@@ -225,6 +228,9 @@ class Link:
                                     "is the broker running? `mqttalk broker` starts the embedded one") from None
         except TimeoutError:
             raise BrokerUnreachable(f"no answer from {where} within {self.timeout:g}s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise BrokerRefused(f"the certificate of {where} is not trusted: {exc.verify_message}",
+                                "give the CA that signed it with --ca PATH (or MQTTALK_CA_FILE)") from None
         except ssl.SSLError as exc:
             raise BrokerUnreachable(f"TLS handshake with {where} failed: {exc.reason or exc}") from None
         except (OSError, ValueError) as exc:

@@ -53,6 +53,9 @@ ChannelOpt = Annotated[str | None, typer.Option(
     "--channel", metavar="URL", help="Join URL to act on instead of this directory's binding (MQTTALK_CHANNEL).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line) for programs.")]
 RoleOpt = Annotated[str | None, typer.Option("--role", help="What this session works on, shown to peers.")]
+CaOpt = Annotated[Path | None, typer.Option(
+    "--ca", metavar="PATH", help="CA certificate (PEM) that signed an mqtts:// or wss:// broker's certificate; "
+    "remembered for this directory (MQTTALK_CA_FILE).")]
 TimeoutOpt = Annotated[float | None, typer.Option(
     "--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5).")]
 
@@ -134,6 +137,7 @@ def create(
         metavar="SECONDS", help="After printing the URL, wait this long for a peer to pair.")] = 0.0,
     plain: Annotated[bool, typer.Option(
         "--plain", help="No channel key: readable JSON on the broker (private brokers, IoT dashboards).")] = False,
+    ca: CaOpt = None,
     connect_timeout: TimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -145,7 +149,7 @@ def create(
     from ._api import create as create_channel
 
     out = _Printer(as_json)
-    settings = _settings(broker=broker, prefix=prefix, connect_timeout=connect_timeout)
+    settings = _settings(broker=broker, prefix=prefix, connect_timeout=connect_timeout, ca_file=ca)
     if plain and settings.broker:
         from ._url import parse_broker
 
@@ -177,6 +181,7 @@ def pair(
     as_: AsOpt = None,
     role: RoleOpt = None,
     wait: Annotated[float, typer.Option(metavar="SECONDS", help="How long to wait for another peer.")] = 10.0,
+    ca: CaOpt = None,
     connect_timeout: TimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -184,7 +189,7 @@ def pair(
     from ._api import pair as pair_channel
 
     out = _Printer(as_json)
-    settings = _settings(connect_timeout=connect_timeout)
+    settings = _settings(connect_timeout=connect_timeout, ca_file=ca)
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if not others:
         check = (" If the other session created it already, check that the whole join URL, its #k= key"

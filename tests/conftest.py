@@ -60,8 +60,9 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class EmbeddedBroker:
     """`mqttalk broker` (amqtt) as a real process on a free port; can be stopped and started again."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, websockets: bool = False) -> None:
         self.port = free_port()
+        self.ws_port = free_port() if websockets else None
         self.state_dir = state_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -73,10 +74,13 @@ class EmbeddedBroker:
         env = {**os.environ, "MQTTALK_STATE_DIR": str(self.state_dir)}
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.state_dir / "broker.log", "ab")
-        self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port)], env=env,
+        ws = ["--ws-port", str(self.ws_port)] if self.ws_port else []
+        self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port), *ws], env=env,
                                      stdout=log, stderr=log)
         log.close()
         wait_listening(self.port, self.proc)
+        if self.ws_port:
+            wait_listening(self.ws_port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,0 +1,77 @@
+"""Transport security and websockets: mqtts:// with certificate verification on (a CA of the test's
+own), and ws:// to the embedded broker's websocket listener."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from pathlib import Path
+
+from conftest import EmbeddedBroker, PrivateMosquitto, Session, join_url
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _cert(subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer: x509.Name | None,
+          *, ca: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return key, builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def make_ca(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = _cert("mqttalk test CA", None, None, ca=True)
+    key, cert = _cert("127.0.0.1", ca_key, ca.subject, ca=False)
+    files = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
+
+
+def test_mqtts_pairs_with_the_ca_and_is_refused_without(sessions: tuple[Session, Session], tmp_path: Path) -> None:
+    pem = make_ca(tmp_path / "pki")
+    broker = PrivateMosquitto(tmp_path / "tls", cafile=pem["ca"], certfile=pem["cert"], keyfile=pem["key"])
+    broker.start()
+    try:
+        impl, tests = sessions
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        refused = impl.run("create", "--as", "impl", "--broker", url)  # the system's CAs do not know it
+        assert refused.code == 5 and "not trusted" in refused.err and "--ca" in refused.err
+        assert "Traceback" not in refused.err
+        join = join_url(impl.ok("create", "--as", "impl", "--broker", url, "--ca", str(pem["ca"])))
+        assert join.startswith("mqtts://127.0.0.1:")
+        assert tests.run("pair", join, "--as", "tests").code == 5  # tests has no CA yet
+        assert "PAIRED with impl" in tests.ok("pair", join, "--as", "tests", "--ca", str(pem["ca"])).out
+        impl.ok("send", "over TLS")  # the directory remembers its CA
+        assert "over TLS" in tests.ok("recv").out
+    finally:
+        broker.stop()
+
+
+def test_ws_pairs_through_the_embedded_brokers_websocket_listener(sessions: tuple[Session, Session],
+                                                                   tmp_path: Path) -> None:
+    broker = EmbeddedBroker(tmp_path / "ws-broker", websockets=True)
+    broker.start()
+    try:
+        impl, tests = sessions
+        url = join_url(impl.ok("create", "--as", "impl", "--broker", f"ws://127.0.0.1:{broker.ws_port}"))
+        assert url.startswith("ws://")
+        assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out
+        tests.ok("send", "--kind", "status", "--state", "green", "over websockets")
+        assert "over websockets" in impl.ok("recv").out
+    finally:
+        broker.stop()
