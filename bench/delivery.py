@@ -169,6 +169,43 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
     return rows
 
 
+def bench_sealing(url: str, stream: int, rounds: int) -> list[str]:
+    """The cost of sealing: the same stream through a sealed and a --plain channel, rounds alternating;
+    plus one message's round trip (send, then the peer's live connection has it) in each."""
+    chans: dict[str, Any] = {}
+    envs = []
+    for label, flags in (("sealed", ()), ("plain", ("--plain",))):
+        env = Env()
+        envs.append(env)
+        join = env.create(url, *flags)
+        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        chans[label] = (channel_of(env, env.a), channel_of(env, env.b))
+    took: dict[str, list[float]] = {"sealed": [], "plain": []}
+    rtt: dict[str, list[float]] = {"sealed": [], "plain": []}
+    try:
+        for _ in range(rounds):
+            for label, (sender, _reader) in chans.items():
+                took[label].append(library_send(sender, stream))
+        for label, (sender, reader) in chans.items():
+            reader.fetch()  # take in the backlog first
+            with sender.live(online=False) as out, reader.live(online=False) as inbox:
+                for i in range(200):
+                    t = time.perf_counter()
+                    out.send(f"ping {i}")
+                    while not inbox.poll(1.0):
+                        pass
+                    rtt[label].append(time.perf_counter() - t)
+    finally:
+        for env in envs:
+            env.close()
+    sealed, plain = statistics.median(took["sealed"]), statistics.median(took["plain"])
+    rs, rp = statistics.median(rtt["sealed"]) * 1000, statistics.median(rtt["plain"]) * 1000
+    return [f"| sealing, sustained send {stream} msgs (median of {rounds}) | sealed {stream / sealed:,.0f} msgs/s | "
+            f"plain {stream / plain:,.0f} msgs/s | {plain / sealed:.2f}x ({(sealed / plain - 1) * 100:+.0f}% time) |",
+            f"| sealing, one message send -> peer has it (median of 200) | sealed {rs:.2f} ms | plain {rp:.2f} ms | "
+            f"{rp / rs:.2f}x ({(rs / rp - 1) * 100:+.0f}% time) |"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backlog", type=int, default=10_000)
@@ -184,6 +221,7 @@ def main() -> None:
             report.append(f"| **{label}** | | | |")
             protocol = PROTOCOL["mosquitto" if label.startswith("Mosquitto") else "amqtt"]
             report += bench(url, args.backlog, args.stream, args.rounds, protocol)
+            report += bench_sealing(url, args.stream, args.rounds)
     finally:
         for p in procs:
             p.terminate()

@@ -90,8 +90,8 @@ class Env:
             raise SystemExit(f"bench: mqttalk {' '.join(args)} failed: {proc.stderr}")
         return proc.stdout
 
-    def create(self, broker: str) -> str:
-        out = self.mqttalk(self.a, "create", "--as", "impl", "--broker", broker)
+    def create(self, broker: str, *flags: str) -> str:
+        out = self.mqttalk(self.a, "create", "--as", "impl", "--broker", broker, *flags)
         return re.search(r"join URL: (\S+)", out).group(1)  # type: ignore[union-attr]
 
     def close(self) -> None:

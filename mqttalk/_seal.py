@@ -31,6 +31,7 @@ class Seal:
         self._key = key
         self._aead = ChaCha20Poly1305(_derive(key, b"mqttalk aead v1"))
         self._names = _derive(key, b"mqttalk names v1")
+        self._named: dict[tuple[str, int], str] = {}  # every topic name is derived on every publish: keep them
 
     @classmethod
     def new(cls) -> Seal:
@@ -52,8 +53,11 @@ class Seal:
 
     def name(self, label: str, length: int = 26) -> str:
         """A keyed, topic- and client-id-safe name for ``label`` (lowercase base32)."""
-        digest = hmac.new(self._names, label.encode(), hashlib.sha256).digest()
-        return base64.b32encode(digest).decode().lower()[:length]
+        name = self._named.get((label, length))
+        if name is None:
+            digest = hmac.new(self._names, label.encode(), hashlib.sha256).digest()
+            name = self._named[(label, length)] = base64.b32encode(digest).decode().lower()[:length]
+        return name
 
     def seal(self, topic: str, data: bytes) -> bytes:
         nonce = os.urandom(_NONCE)

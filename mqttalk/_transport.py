@@ -73,6 +73,7 @@ class Link:
         self._connack: ReasonCode | None = None
         self._closed: ReasonCode | None = None
         self._subacks: dict[int, list[ReasonCode]] = {}
+        self._acks = 0  # PUBACKs received: pump() returns early on one
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -157,16 +158,17 @@ class Link:
         self._wait(info.is_published, "publish")
 
     def pump(self, timeout: float) -> int:
-        """Run the network for up to ``timeout`` seconds; return early, with the number of messages
-        handed to ``on_messages``, once something arrived."""
+        """Run the network for up to ``timeout`` seconds; return early once something arrived (a message,
+        handed to ``on_messages``, or an acknowledgement). Returns the number of messages handed over."""
         client = self._live()
         deadline = time.monotonic() + timeout
+        acks = self._acks
         while True:
             rc = client.loop(max(0.0, min(timeout, deadline - time.monotonic())))
             if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             handed = self._dispatch()
-            if handed or time.monotonic() >= deadline:
+            if handed or self._acks != acks or time.monotonic() >= deadline:
                 return handed
 
     def _dispatch(self) -> int:
@@ -203,6 +205,7 @@ class Link:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         if self.broker.username is not None:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:  # certificates are always verified, host name included
@@ -307,6 +310,9 @@ class Link:
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._inbox.append(Incoming(msg.topic, bytes(msg.payload), msg.qos, msg.mid))
+
+    def _on_publish(self, _c: object, _u: object, _mid: int, _rc: ReasonCode, _p: object) -> None:
+        self._acks += 1
 
     def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         self._subacks[mid] = codes
