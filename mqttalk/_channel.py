@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -609,6 +609,16 @@ class Live:
             self._drop(topic, payload, "dropped", f"malformed presence on {topic}")
             return
         peer = pres.peer
+        hb = pres.hb.astimezone(UTC).isoformat(timespec="microseconds")
+        # A peer's Last Will ("away") carries the heartbeat of when it connected, older than the ones it
+        # sent since: it is never a replay. Any other presence older than one seen is.
+        newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
+        if newest is not None:
+            self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+            known = decode_presence(newest)
+            if known is not None:
+                self.presences[peer] = known  # what we know to be newer stands
+            return
         self.presences[peer] = pres
         if peer == ch.me:
             return

@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS gaps (
     channel TEXT NOT NULL, sender TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
     found REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS presence_seen (  -- the newest presence seen per peer: older ones are replays
+    channel TEXT NOT NULL, peer TEXT NOT NULL, hb TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (channel, peer)
+);
 CREATE TABLE IF NOT EXISTS paired (
     channel TEXT NOT NULL, peer TEXT NOT NULL, other TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (channel, peer, other)
@@ -276,6 +280,21 @@ class Store:
         row = self.db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ? AND sent IS NOT NULL",
                               (channel, sender)).fetchone()
         return int(row[0] or 0)
+
+    # -- presence ----------------------------------------------------------------------------------
+
+    def newest_presence(self, channel: str, peer: str, hb: str, raw: bytes) -> bytes | None:
+        """Record ``peer``'s presence if it is the newest seen (by heartbeat time) and return None; else
+        (a replayed, older presence) return the newest one seen."""
+        with self._tx() as db:
+            row = db.execute("SELECT hb, raw FROM presence_seen WHERE channel = ? AND peer = ?",
+                             (channel, peer)).fetchone()
+            if row and row[0] > hb:
+                return bytes(row[1])
+            db.execute("INSERT INTO presence_seen (channel, peer, hb, raw) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (channel, peer) DO UPDATE SET hb = excluded.hb, raw = excluded.raw",
+                       (channel, peer, hb, raw))
+            return None
 
     # -- pairing announcements ---------------------------------------------------------------------
 

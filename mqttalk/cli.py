@@ -177,7 +177,9 @@ def create(
 
 @app.command()
 def pair(
-    url: Annotated[str, typer.Argument(metavar="URL", help="The join URL printed by `mqttalk create`.")],
+    url: Annotated[str, typer.Argument(
+        metavar="URL", help="The join URL printed by `mqttalk create`; '-' reads it from stdin (keeps the "
+        "channel key out of the process list and shell history).")],
     as_: AsOpt = None,
     role: RoleOpt = None,
     wait: Annotated[float, typer.Option(metavar="SECONDS", help="How long to wait for another peer.")] = 10.0,
@@ -190,6 +192,8 @@ def pair(
 
     out = _Printer(as_json)
     settings = _settings(connect_timeout=connect_timeout, ca_file=ca)
+    if url == "-":
+        url = sys.stdin.readline().strip()
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if not others:
         check = (" If the other session created it already, check that the whole join URL, its #k= key"

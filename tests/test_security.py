@@ -155,3 +155,34 @@ def test_terminal_escapes_in_bodies_are_neutralised_on_a_terminal(sessions: tupl
     assert "\\x1b]0;pwned" in script.stdout
     raw = json.loads(tests.ok("log", "--json").lines[-1])["body"]
     assert raw.startswith("before\x1b]0;pwned")  # stored and --json untouched: programs get the real bytes
+
+
+def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Session, Session],
+                                                            broker_url: str) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    topics: Any = channel_topics(url)
+    snoop = Snooper(url)  # the attacker records impl's sealed, retained presence while impl is there
+    snoop.client.subscribe(topics.presence("impl"), qos=1)  # (re)delivers the retained one
+    time.sleep(0.5)
+    snoop.stop()
+    old = [p for t, p in snoop.seen if t == topics.presence("impl")]
+    assert old, "the retained presence was on the wire"
+    impl.ok("leave")
+    assert "impl: left" in tests.ok("status").out
+    join = JoinURL.parse(url)
+    attacker = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    attacker.connect(join.broker.host, join.broker.port)
+    attacker.loop_start()
+    attacker.publish(topics.presence("impl"), old[0], qos=1, retain=True).wait_for_publish(5)
+    attacker.loop_stop()
+    attacker.disconnect()
+    res = tests.ok("status")
+    assert "impl: left" in res.out  # the replay opens (it is genuine), but it is older than what we saw
+    assert "an old presence of impl was replayed" in res.err
+
+
+def test_pair_reads_the_url_from_stdin(sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
+    assert "PAIRED with impl" in tests.ok("pair", "-", "--as", "tests", input=url + "\n").out
