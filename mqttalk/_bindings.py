@@ -44,12 +44,13 @@ def _read(state_dir: Path) -> dict[str, dict[str, str]]:
 
 @contextmanager
 def _locked(state_dir: Path) -> Iterator[dict[str, dict[str, str]]]:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds channel keys and broker passwords
     with open(state_dir / "bindings.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = _read(state_dir)
         yield data
         tmp = _file(state_dir).with_suffix(f".{os.getpid()}.tmp")
+        tmp.touch(mode=0o600)
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         tmp.replace(_file(state_dir))
 

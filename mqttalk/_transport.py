@@ -282,6 +282,8 @@ class Link:
             raise BrokerUnreachable(f"MQTT error talking to {self.broker.display()}: {mqtt.error_string(rc)}")
 
     def _wait(self, done: object, what: str) -> None:
+        """Pump until ``done()``. The time limit counts from the last sign of life: a broker busy
+        delivering a long backlog answers our request only after it, and that is not a hang."""
         client = self._live()
         deadline = time.monotonic() + self.timeout
         while not done():  # type: ignore[operator]
@@ -291,7 +293,8 @@ class Link:
                                f"within {self.timeout:g}s")
             if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
-            self._dispatch()
+            if self._dispatch():
+                deadline = time.monotonic() + self.timeout
 
     def _lost(self) -> None:
         reason = self._closed

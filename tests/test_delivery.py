@@ -292,3 +292,4 @@ def _wait_state(session: Session, peer: str, state: str, within: float = 20) -> 
         time.sleep(0.2)
     raise AssertionError(f"{peer} stayed {seen!r}, expected {state!r} within {within}s")
 
+
