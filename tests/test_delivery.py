@@ -291,5 +291,3 @@ def _wait_state(session: Session, peer: str, state: str, within: float = 20) -> 
             return
         time.sleep(0.2)
     raise AssertionError(f"{peer} stayed {seen!r}, expected {state!r} within {within}s")
-
-
