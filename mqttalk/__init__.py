@@ -42,7 +42,7 @@ _EXPORTS = {
     "TimedOut": "._errors",
     "Queued": "._errors",
     "Inbox": "._channel",
-    "Live": "._channel",
+    "Live": "._live",
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
@@ -54,7 +54,7 @@ __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
 
 if TYPE_CHECKING:
     from ._api import create, open_channel, pair
-    from ._channel import Channel, Event, Inbox, Live, Message, PeerInfo, Status
+    from ._channel import Channel, Event, Inbox, Message, PeerInfo, Status
     from ._config import Settings
     from ._errors import (
         BadJoinURL,
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         TimedOut,
         UsageError,
     )
+    from ._live import Live
     from ._url import BrokerAddress, JoinURL
     from ._wire import KINDS, Envelope, Presence, SpecData, StatusData
 

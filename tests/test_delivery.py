@@ -206,9 +206,12 @@ def test_listen_prints_one_line_per_event(sessions: tuple[Session, Session], bro
         time.sleep(0.05)
     listener.send_signal(signal.SIGINT)
     listener.wait(10)
-    assert lines[0].strip() == "mqttalk: PAIRED with tests"
-    assert lines[1].startswith("mqttalk: MESSAGE from=tests kind=status state=red id=")
-    assert lines[2].strip() == "mqttalk: OFFLINE tests (left)"
+    # (amqtt sometimes fires a cleanly disconnected client's will: an "OFFLINE tests (away)" may come
+    # between them; the events that must be there come in this order)
+    events = [line.strip() for line in lines if "(away)" not in line]
+    assert events[0] == "mqttalk: PAIRED with tests"
+    assert events[1].startswith("mqttalk: MESSAGE from=tests kind=status state=red id=")
+    assert events[2] == "mqttalk: OFFLINE tests (left)"
     assert "tests written, all red" in impl.ok("recv").out  # the body is read with recv
 
 

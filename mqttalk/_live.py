@@ -1,0 +1,428 @@
+"""A live connection: holds one peer's persistent broker session for as long as a process wants it.
+
+Used by one-shot reads (for the seconds they run) and by long-lived processes (`listen`, waits, a
+program using the library). It stores every message as it arrives (acknowledging each to the broker
+only once stored), tracks presence and sequence gaps, keeps presence ``online`` with a heartbeat,
+sends the outbox (its own and what other processes of the peer queued), and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from datetime import UTC
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._channel import _NETWORK_ERRORS, Event, SessionBusy, _FileLock, _judge, _stale_after
+from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
+from ._topics import check_peer
+from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_envelope, now
+
+if TYPE_CHECKING:
+    from ._channel import Channel
+
+BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
+OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
+GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
+MAX_AGE = 8 * 24 * 3600.0  # a message older than this (beyond the brokers' 7-day session expiry) is a replay
+MAX_AHEAD = 600.0  # ... and one stamped this far in the future is forged or from a broken clock
+
+
+class Live:
+    """A connection that holds this peer's persistent broker session.
+
+    While open it stores every message as it arrives (acknowledging each to the broker only once
+    stored), tracks presence and sequence gaps, keeps this peer's presence ``online`` with a
+    heartbeat (``online=True``; a retained Last Will marks it ``away`` if the connection dies), and
+    sends the outbox, including messages other processes of this peer queued. With ``reconnect`` it
+    rides out broker outages with backoff; otherwise a lost connection raises.
+
+    ``exclusive=False`` reads presence only, over a throwaway session (for a process that cannot
+    hold the session because a live one does).
+    """
+
+    def __init__(self, channel: Channel, *, online: bool = True, reconnect: bool = False,
+                 new_member: bool = False, exclusive: bool = True) -> None:
+        self.channel = channel
+        self.online = online
+        self.reconnect = reconnect
+        self.new_member = new_member
+        self.exclusive = exclusive
+        self.presences: dict[str, Presence] = {}
+        self.protocol = 0
+        self._session_lock = _FileLock(channel._lock_path("session"))
+        self._outbox_lock = _FileLock(channel._lock_path("outbox"))
+        self._link: Any = None
+        self._tokens: set[bytes] = set()
+        self._dropped: set[tuple[str, int]] = set()
+        self.dropped = 0  # payloads dropped (malformed, stale, or not opening with the key)
+        self._handled = 0  # messages and presence updates taken in since poll() started
+        self._synced = False
+        self._announced: Literal["joined", "online", "left"] | None = None
+        self._next_beat = 0.0
+        self._next_outbox = 0.0
+        self._backoff = 0.5
+        self._retry_at = 0.0
+        self._inflight: deque[tuple[int, Any]] = deque()  # (outbox row, paho message info), in order
+        self._handed = 0  # highest outbox row handed to the current connection
+        self._batch: list[Envelope] = []  # sent with wait=False, not yet recorded in the outbox
+        self._sent_more = False  # sent messages since our presence last said how many
+        self._gap_mark = 0
+        self._offline: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def open(self) -> Live:
+        """Connect (a :class:`Live` used in a ``with`` block opens itself)."""
+        if self._link is not None:
+            return self
+        ch = self.channel
+        if self.exclusive and not self._session_lock.acquire():
+            raise SessionBusy("another mqttalk process of this peer holds its broker session",
+                              "stop it, or let it receive: `mqttalk recv` reads what it stores")
+        self._gap_mark = max((g.n for g in ch.store.new_gaps(ch.url.channel, ch.me)), default=0)
+        try:
+            self._connect()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __enter__(self) -> Live:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave presence ``joined`` (if it was ``online``, or to tell what we sent), disconnect
+        cleanly, release the locks."""
+        try:
+            if self._batch:
+                self._record_batch()  # recorded even if it cannot go out now: sent later
+            if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more
+                                                              or self._inflight):
+                with contextlib.suppress(*_NETWORK_ERRORS):
+                    self.drain()
+                    self.announce("joined")
+        finally:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+            self._release()
+
+    def _release(self) -> None:
+        self._outbox_lock.release()
+        self._session_lock.release()
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    def others(self) -> list[str]:
+        return sorted(p for p, pres in self.presences.items() if p != self.channel.me and pres.state != "left")
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def announce(self, state: Literal["joined", "online", "left"]) -> None:
+        """Publish this peer's presence (``online`` also starts the heartbeat). It carries the highest
+        sequence number sent, so readers can tell when the last messages never reached them."""
+        self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
+        self._announced = state
+        self._sent_more = False
+        self._next_beat = time.monotonic() + self.channel.settings.heartbeat
+
+    def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
+             to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
+        """Send over this connection; with ``wait``, return once the broker acknowledged it.
+
+        ``wait=False`` is for throughput: messages are recorded in the outbox in groups (one SQLite
+        transaction per group, so a group's ``env.seq`` is filled in when it is recorded) and each
+        group is recorded before it is published. :meth:`drain`, :meth:`poll` and leaving the
+        ``with`` block record and send what is left.
+        """
+        if to is not None:
+            check_peer(to)
+        env = new_envelope(self.channel.me, kind, body, data=data, to=to, re=re)
+        self._batch.append(env)
+        if wait or len(self._batch) >= GROUP:
+            self._record_batch()
+            self._publish_pending()
+            if not wait and self._link is not None:
+                try:  # take in the acknowledgements that came meanwhile: keeps the in-flight window moving
+                    self._link.pump(0)
+                    self._collect_acks()
+                except _NETWORK_ERRORS as exc:
+                    self._lost(exc)
+        if wait:
+            if self._link is None or not self._outbox_lock.held:
+                raise Queued(env.id, "not connected to the broker" if self._link is None
+                             else "another mqttalk process of this peer is sending")
+            self.drain()
+            if not self.channel.store.is_sent(self.channel.url.channel, env.id):
+                raise Queued(env.id, "the broker did not acknowledge it")
+        return env
+
+    def _record_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        ch = self.channel
+        ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), batch)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until everything handed to the network was acknowledged."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.channel.settings.connect_timeout)
+        if self._batch:
+            self._record_batch()
+            self._publish_pending()
+        while self._inflight and self._link is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                self._link.pump(min(left, 0.05))
+            except _NETWORK_ERRORS as exc:
+                self._lost(exc)
+                return
+            self._collect_acks()
+
+    def poll(self, timeout: float) -> int:
+        """Run for up to ``timeout`` s: receive, heartbeat, send queued messages, reconnect.
+
+        Returns how many messages and presence updates it took in (it returns early once there
+        are some), so callers re-check what they wait for.
+        """
+        deadline = time.monotonic() + timeout
+        self._handled = 0
+        while True:
+            now_ = time.monotonic()
+            if self._link is None:
+                if not self.reconnect:
+                    raise BrokerUnreachable(f"lost the connection to {self.channel.url.broker.display()}")
+                if now_ >= self._retry_at:
+                    self._try_reconnect()
+                    continue
+                time.sleep(max(0.0, min(deadline, self._retry_at) - now_))
+            else:
+                try:
+                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_))
+                    self._collect_acks()
+                    self._routine()
+                except _NETWORK_ERRORS as exc:
+                    self._lost(exc)
+            if self._handled or time.monotonic() >= deadline:
+                got, self._handled = self._handled, 0
+                return got
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        from ._transport import Will
+
+        ch = self.channel
+        will_topic = ch.topics.presence(ch.me)
+        will = Will(will_topic, ch._wrap(will_topic, ch._presence("away").encode())) if self.online else None
+        link: Any = None
+        link = ch._link(client_id=ch.client_id if self.exclusive else None, persistent=self.exclusive, will=will,
+                        on_messages=lambda batch: self._absorb(link, batch))
+        link.open()
+        try:
+            self._synced = False
+            topics = [ch.topics.all_presence, ch.topics.sync(link.client_id)]
+            if self.exclusive:
+                topics.append(ch.topics.all_msg)
+            link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
+            token = os.urandom(16).hex().encode()
+            link.publish(ch.topics.sync(link.client_id), ch._wrap(ch.topics.sync(link.client_id), token))
+            # The backlog may be long: the wait runs out only after a quiet connect_timeout.
+            deadline = time.monotonic() + ch.settings.connect_timeout
+            while token not in self._tokens:
+                if time.monotonic() >= deadline:
+                    raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
+                                   f"within {ch.settings.connect_timeout:g}s")
+                if link.pump(deadline - time.monotonic()):
+                    deadline = time.monotonic() + ch.settings.connect_timeout
+        except BaseException:
+            link.close()
+            raise
+        self._link, self.protocol = link, link.protocol
+        self._synced = True
+        self._after_sync()
+        if self._announced is not None:  # a reconnect: say again who we are
+            self.announce("online" if self._announced == "online" else "joined")
+        if self.exclusive:
+            self._publish_pending()
+
+    def _after_sync(self) -> None:
+        """The backlog is in: compare what each peer says it sent with what arrived."""
+        ch = self.channel
+        if not self.exclusive:
+            return
+        for peer, pres in self.presences.items():
+            if peer == ch.me or not pres.seq:
+                continue
+            if self.new_member:
+                ch.store.start_head(ch.url.channel, peer, pres.seq)
+            else:
+                ch.store.expect(ch.url.channel, peer, pres.seq)
+        if self.new_member:  # what this machine stored before we joined is not ours to read
+            self.new_member = False
+            ch.store.advance(ch.url.channel, ch.me, *ch.store.marks(ch.url.channel))
+            self._gap_mark = ch.store.marks(ch.url.channel)[1]
+        self._report_gaps()
+
+    def _report_gaps(self) -> None:
+        ch = self.channel
+        for gap in ch.store.new_gaps(ch.url.channel, ch.me):
+            if gap.n > self._gap_mark:
+                self._gap_mark = gap.n
+                self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}"))
+
+    def _absorb(self, link: Any, incoming: list[Any]) -> None:
+        """Store messages (one transaction per batch), track presence, announce pairings; then ack
+        each, so a crash before the commit makes the broker deliver them again."""
+        ch = self.channel
+        messages: list[tuple[Envelope, bytes]] = []
+        mine = ch.topics.level(ch.me)
+        for item in incoming:
+            where = ch.topics.split(item.topic)
+            section, level = where if where else ("", "")
+            if section == "msg" and level == mine:
+                continue  # our own message, echoed by the broker: already in our history since we sent it
+            if section not in ("msg", "presence", "sync"):
+                continue
+            data = ch._unwrap(item.topic, item.payload)
+            if data is None:
+                self._drop(item.topic, item.payload, "decrypt_fail",
+                           f"payload on {item.topic} does not open with this channel's key")
+            elif section == "msg":
+                env = decode_envelope(data)
+                if env is None or ch.topics.level(env.sender) != level:
+                    self._drop(item.topic, item.payload, "dropped", f"malformed message on {item.topic}")
+                elif not -MAX_AHEAD < (now() - env.ts).total_seconds() < MAX_AGE:
+                    self._drop(item.topic, item.payload, "dropped",
+                               f"message {env.id} from {env.sender} has a stale or future timestamp")
+                else:
+                    messages.append((env, data))
+            elif section == "presence":
+                self._handled += 1
+                self._see_presence(item.topic, level, data)
+            else:
+                self._tokens.add(data)
+        for env in ch.store.add_many(ch.url.channel, messages):
+            self._handled += 1
+            if env.sender != ch.me:
+                ch.on_event(Event("message", env.sender, envelope=env))
+        for item in incoming:
+            link.ack(item)
+        if self._synced:
+            self._report_gaps()
+
+    def _see_presence(self, topic: str, level: str, payload: bytes) -> None:
+        ch = self.channel
+        if not payload:  # retained presence cleared
+            for name in [p for p in self.presences if ch.topics.level(p) == level]:
+                del self.presences[name]
+            return
+        pres = decode_presence(payload)
+        if pres is None or ch.topics.level(pres.peer) != level:
+            self._drop(topic, payload, "dropped", f"malformed presence on {topic}")
+            return
+        peer = pres.peer
+        hb = pres.hb.astimezone(UTC).isoformat(timespec="microseconds")
+        # A peer's Last Will ("away") carries the heartbeat of when it connected, older than the ones it
+        # sent since: it is never a replay. Any other presence older than one seen is.
+        newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
+        if newest is not None:
+            self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+            known = decode_presence(newest)
+            if known is not None:
+                self.presences[peer] = known  # what we know to be newer stands
+            return
+        self.presences[peer] = pres
+        if peer == ch.me:
+            return
+        if pres.state in ("left", "away"):
+            if pres.state == "left":
+                ch.store.forget_paired(ch.url.channel, ch.me, peer)
+            if peer not in self._offline and self._synced:
+                self._offline.add(peer)
+                ch.on_event(Event("offline", peer, pres.state))
+            return
+        self._offline.discard(peer)
+        if ch.store.mark_paired(ch.url.channel, ch.me, peer):
+            ch.on_event(Event("paired", peer, pres.role or ""))
+        if self._synced and self.exclusive and pres.seq:
+            ch.store.expect(ch.url.channel, peer, pres.seq)
+
+    def _drop(self, topic: str, payload: bytes, kind: Literal["dropped", "decrypt_fail"], why: str) -> None:
+        """Report a payload we cannot use, once per process (a retained one comes back on every subscribe).
+        It is acknowledged and forgotten: never shown, never stored."""
+        key = (topic, hash(payload))
+        if key not in self._dropped:
+            self._dropped.add(key)
+            self.dropped += 1
+            self.channel.on_event(Event(kind, "", why))
+
+    def _routine(self) -> None:
+        """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
+        mono = time.monotonic()
+        if mono >= self._next_beat:
+            if self._announced == "online" or (self._sent_more and not self._inflight):
+                self.announce(self._announced or "joined")
+            self._next_beat = mono + self.channel.settings.heartbeat
+            for peer, pres in self.presences.items():
+                if _judge(pres, me=False).state == "away" and pres.state == "online" \
+                        and peer != self.channel.me and peer not in self._offline:
+                    self._offline.add(peer)
+                    self.channel.on_event(Event("offline", peer, f"no heartbeat for {_stale_after(pres):g}s"))
+        if mono >= self._next_outbox:
+            self._next_outbox = mono + OUTBOX_POLL
+            if self._batch:
+                self._record_batch()
+            self._publish_pending()
+
+    def _publish_pending(self) -> None:
+        """Hand pending outbox messages to the network (if this process is the peer's sender)."""
+        ch = self.channel
+        if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
+            return
+        for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
+            self._inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False)))
+            self._handed = row.n
+
+    def _collect_acks(self) -> None:
+        done = []
+        while self._inflight and self._inflight[0][1].is_published():
+            done.append(self._inflight.popleft()[0])
+        if done:
+            self.channel.store.mark_sent(*done)
+            self._sent_more = True
+
+    def _live_link(self) -> Any:
+        if self._link is None:
+            raise BrokerUnreachable(f"not connected to {self.channel.url.broker.display()}")
+        return self._link
+
+    def _lost(self, exc: Exception) -> None:
+        if self._link is not None:
+            self._link.close()
+        self._link = None
+        self._inflight.clear()  # unacknowledged: still pending in the outbox, sent again on reconnect
+        self._handed = 0
+        self._backoff = 0.5
+        self._retry_at = time.monotonic() + self._backoff
+        self.channel.on_event(Event("disconnected", "", str(exc)))
+        if not self.reconnect:
+            raise exc
+
+    def _try_reconnect(self) -> None:
+        try:
+            self._connect()
+        except (*_NETWORK_ERRORS, BrokerRefused):
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._retry_at = time.monotonic() + self._backoff
+            return
+        self._backoff = 0.5
+        self.channel.on_event(Event("reconnected", "", self.channel.url.broker.display()))
