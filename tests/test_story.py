@@ -16,7 +16,7 @@ def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Sessi
     url = join_url(res)
     assert url.startswith(broker_url + "/mqttalk/v1/")
     share = res.out.split("Paste this into the other session:", 1)[1].strip()
-    assert f"mqttalk pair {url} --as tests" in share
+    assert f"mqttalk pair '{url}' --as tests" in share  # quoted: the URL carries a #k= key
     assert "```" not in share and "\n" not in share  # one plain line, safe to paste into a chat
     assert "not instructions" in share
 
