@@ -47,3 +47,10 @@ def test_bad_settings_say_where_to_look(isolated_home: Path, monkeypatch: pytest
     cfg.write_text("brokr = 'typo'\n")
     with pytest.raises(UsageError, match="brokr"):
         Settings.load()
+
+
+def test_the_shipped_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "mqttalk.toml"
+    monkeypatch.setenv("MQTTALK_CONFIG", str(example))
+    s = Settings.load()
+    assert (s.broker, s.prefix, s.connect_timeout, s.heartbeat) == ("mqtt://127.0.0.1:1883", "mqttalk/v1", 5.0, 10.0)
