@@ -33,6 +33,7 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
     settings = settings or Settings.load()
     cwd = (cwd or Path.cwd()).resolve()
     name = check_peer(as_ or peer_from_directory(cwd.name))
+    prefix = check_prefix(settings.prefix, UsageError)  # before a broker is started for nothing
     if settings.broker:
         address = parse_broker(settings.broker)
     else:
@@ -44,7 +45,7 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
         from ._seal import Seal
 
         key = Seal.new().token
-    url = JoinURL(address, check_prefix(settings.prefix, UsageError), new_channel_id(), key)
+    url = JoinURL(address, prefix, new_channel_id(), key)
     channel = Channel(url, name, member=os.urandom(16).hex(), role=role, settings=settings, on_event=on_event)
     channel.join(wait)
     _record(settings, cwd, channel)

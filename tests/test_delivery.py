@@ -80,11 +80,13 @@ def test_reader_killed_mid_stream_gets_every_message_exactly_once(sessions: tupl
     sender = threading.Thread(target=send_many, args=(impl, 1000), kwargs={"pause_every": 50})
     sender.start()
     deadline = time.monotonic() + 60
-    while sum("MESSAGE" in line for line in lines) < 150 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        while sum("MESSAGE" in line for line in lines) < 150 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        listener.send_signal(signal.SIGKILL)  # mid-stream, no chance to clean up
+        listener.wait()
     assert sum("MESSAGE" in line for line in lines) >= 150, "the listener never got going"
-    listener.send_signal(signal.SIGKILL)  # mid-stream, no chance to clean up
-    listener.wait()
     sender.join(120)
     again = tests.start("listen", "--timeout", "60")
     threading.Thread(target=again.communicate, daemon=True).start()  # keep its output pipe drained
@@ -219,9 +221,11 @@ def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], brok
     impl, tests = sessions
     paired(impl, tests, broker_url)
     listener = tests.start("listen")
-    _wait_state(impl, "tests", "online")
-    listener.send_signal(signal.SIGKILL)
-    listener.wait()
+    try:
+        _wait_state(impl, "tests", "online")
+    finally:
+        listener.send_signal(signal.SIGKILL)
+        listener.wait()
     _wait_state(impl, "tests", "away")  # its Last Will, or (amqtt) its heartbeat going stale
 
 

@@ -95,6 +95,7 @@ def test_bad_names_and_settings(sessions: tuple[Session, Session]) -> None:
     one_clear_line(impl.run("create", "--as", "Impl Team"), 2, "peer name")
     one_clear_line(impl.run("create", "--as", "impl", "--broker", "ftp://x"), 2, "scheme")
     one_clear_line(impl.run("create", "--as", "impl", "--prefix", "a/+/b"), 2, "prefix")
+    assert not (impl.state_dir / "broker.json").exists()  # no embedded broker started for a bad prefix
     one_clear_line(impl.run("status", env={"MQTTALK_CONNECT_TIMEOUT": "-1"}), 2, "connect_timeout")
 
 
