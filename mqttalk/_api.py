@@ -83,10 +83,9 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
     binding = _bindings.find(settings.state_dir, cwd)
     if settings.channel:
         url = JoinURL.parse(settings.channel)
-        if binding and JoinURL.parse(binding.url).channel == url.channel and binding.peer == (
-                settings.peer or binding.peer):
-            pass  # the flag names the bound channel: use the binding's membership
-        else:
+        names_binding = (binding is not None and JoinURL.parse(binding.url).channel == url.channel
+                         and settings.peer in (None, binding.peer))
+        if not names_binding:  # (if it does, the binding's membership is used below)
             if not settings.peer:
                 raise UsageError("--channel needs --as NAME (or MQTTALK_PEER) to say which peer you are")
             check_peer(settings.peer)

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
+from . import __version__
 from ._config import Settings
 from ._errors import BrokerRefused, BrokerUnreachable, NameTaken, Queued, TimedOut
 
@@ -32,7 +33,6 @@ from ._url import JoinURL
 from ._wire import Envelope, Presence, new_envelope, now
 
 STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
-VERSION = "0.1.0"
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 EventKind = Literal["paired", "message", "gap", "offline", "dropped", "decrypt_fail", "waiting", "disconnected",
@@ -295,7 +295,7 @@ class Channel:
         at = now()
         return Presence(peer=self.me, role=self.role, state=state, member=self.member,
                         since=self.joined if state == "joined" else at, hb=at,
-                        client=f"mqttalk/{VERSION} {socket.gethostname()} pid {os.getpid()}",
+                        client=f"mqttalk/{__version__} {socket.gethostname()} pid {os.getpid()}",
                         every=self.settings.heartbeat if state == "online" else None,
                         seq=self.store.last_sent_seq(self.url.channel, self.me) or None)
 
