@@ -27,6 +27,7 @@ from typing import Any
 
 _PATCHED = "_mqttalk_redelivery"
 _RETRY_DELAY = 0.5  # let the broker notice a dead connection (or attach a new one) first
+_PATIENCE = 60.0  # how long to keep trying; after that the client's next connect delivers the queue
 _background: set[asyncio.Task[Any]] = set()
 _draining: set[str] = set()
 
@@ -86,13 +87,18 @@ def _install_redelivery() -> None:
 
 
 async def _drain_later(broker: Any, session: Any) -> None:
-    """Deliver the session's queue through its current connection while it has one and the queue
-    is not empty (messages that time out again during a round are queued for the next round)."""
+    """Deliver the session's queue through its current connection while the queue is not empty.
+
+    The session may be between connections when a message is put back (its dead one noticed, the
+    new one not attached yet), and the new connection may already have taken the queue at connect:
+    so wait for it to be connected, for a while, rather than give up at once.
+    """
     try:
-        while True:
+        for _ in range(int(_PATIENCE / _RETRY_DELAY)):
             await asyncio.sleep(_RETRY_DELAY)
-            if session.transitions.state != "connected" or session.retained_messages.empty():
-                return  # an empty queue, or the client's next connect delivers it
-            await broker._publish_session_retained_messages(session)
+            if session.retained_messages.empty():
+                return
+            if session.transitions.state == "connected":
+                await broker._publish_session_retained_messages(session)
     finally:
         _draining.discard(session.client_id)
