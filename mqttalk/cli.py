@@ -27,6 +27,9 @@ Either side: mqttalk send "POST /users takes {email,name}"
              mqttalk send --kind status --state red "tests written, all red"
              mqttalk recv --wait 60            (prints unread messages; waits up to 60 s for one)
              mqttalk status                    (peers, presence, unread count)
+Agents:      mqttalk guide                     (the manual an agent reads: who is here, what to run when)
+             mqttalk mcp                       (the same as MCP tools over stdio)
+             mqttalk install claude            (Claude Code hooks that show new messages as they come)
 
 Each directory remembers the channel and peer it joined; --channel URL --as NAME (or MQTTALK_CHANNEL,
 MQTTALK_PEER) act for another. With no broker configured, `create` starts the embedded broker on
@@ -79,6 +82,7 @@ class _Printer:
     def __init__(self, as_json: bool, *, listening: bool = False) -> None:
         self.json = as_json
         self.listening = listening  # `listen` prints message and connection events as they happen
+        self.bodies: Path | None = None  # where long bodies go (see _render.LONG_BODY); None: print them whole
 
     def data(self, text: str, obj: dict[str, Any]) -> None:
         print(json.dumps(obj, default=str) if self.json else text, flush=True)
@@ -89,11 +93,16 @@ class _Printer:
             print(f"mqttalk: {text}", file=sys.stderr, flush=True)
 
     def message(self, env: Any) -> None:
-        """A whole message: its one-line header, then its body (or one JSON object)."""
+        """A whole message: its one-line header, then its body (or one JSON object, whole body included).
+
+        A body longer than _render.LONG_BODY characters is written to a file in the state directory
+        and shown as a preview plus that file's path: agents pay for every token they read."""
         if self.json:
             self.data("", {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
         else:
-            print(f"mqttalk: MESSAGE {_facts(env)}\n{_printable(env.body).rstrip()}\n", flush=True)
+            from ._render import message_text
+
+            print(message_text(env, self.bodies, terminal=sys.stdout.isatty()) + "\n", flush=True)
 
     def gap(self, peer: str, first: int, last: int) -> None:
         count = last - first + 1
@@ -259,9 +268,13 @@ def recv(
     as_: AsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print unread messages once, oldest first, then mark them read."""
+    """Print unread messages once, oldest first, then mark them read.
+
+    Each message is one header line and its body; a body over 600 characters is shown as a preview and the
+    path of a file holding all of it (--json prints whole bodies)."""
     out = _Printer(as_json)
     channel, _ = _open(channel_url, as_, out)
+    out.bodies = channel.settings.state_dir / "bodies"
     inbox = channel.fetch(wait)
     for gap in inbox.gaps:
         out.gap(gap.sender, gap.first, gap.last)
@@ -323,6 +336,7 @@ def log(
     """Show the channel's history from the local store (sent and received), oldest first."""
     out = _Printer(as_json)
     channel, _ = _open(channel_url, as_, out)
+    out.bodies = channel.settings.state_dir / "bodies"
     for env in channel.history(peer=peer, kind=kind, since=since, limit=limit):
         out.message(env)
 
@@ -340,17 +354,9 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
                                  "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
                                  "liveness": p.liveness()} for p in st.peers]})
         return
-    lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {st.me}"]
-    others = [p for p in st.peers if not p.me]
-    if not others:
-        lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
-    for i, p in enumerate(others):
-        role = f" [{p.role}]" if p.role else ""
-        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}")
-    lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
-    if st.queued:
-        lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")
-    print("\n".join(lines))
+    from ._render import status_text
+
+    print(status_text(st))
 
 
 @app.command()
@@ -411,6 +417,96 @@ def demo(
     raise typer.Exit(run(keep=keep))
 
 
+@app.command()
+def guide(
+    role: Annotated[str | None, typer.Option(
+        metavar="ROLE", help="The part you play: tests, impl or review (default: your peer name).")] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+) -> None:
+    """Print the agent's manual for this directory's channel: who you are, who your peers are, and the exact
+    commands to read, wait and send, and when to use each. With no channel yet: how to create or join one."""
+    from ._guide import guide as render
+
+    text = render(_settings(channel=channel_url, peer=as_), Path.cwd().resolve(), role, _Printer(False).event)
+    print(text, end="")
+
+
+@app.command()
+def mcp() -> None:
+    """Run an MCP server on stdin/stdout, so an agent uses mqttalk as native tools.
+
+    \b
+    Tools: receive (waits up to 55 s), send, status, history, create, pair, leave; the guide is a
+    resource (mqttalk://guide) and a prompt. It holds this directory's channel with presence online and
+    stores messages as they arrive. Claude Code: claude mcp add mqttalk -- mqttalk mcp
+    Needs the mcp package: pip install 'mqttalk[mcp]'."""
+    try:
+        import mcp.server.mcpserver  # noqa: F401 - only to say clearly when the optional package is missing
+    except ImportError:
+        print("mqttalk: error: `mqttalk mcp` needs the MCP SDK: pip install 'mqttalk[mcp]'", file=sys.stderr)
+        raise typer.Exit(1) from None
+    from ._mcp import serve
+
+    serve(_settings(), Path.cwd().resolve())
+
+
+@app.command()
+def hook(
+    agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent that runs the hook: claude.")],
+    event: Annotated[str | None, typer.Option(
+        metavar="EVENT", help="UserPromptSubmit, PostToolUse or Stop (default: hook_event_name from stdin).")] = None,
+    wait: Annotated[float, typer.Option(
+        metavar="SECONDS", help="Stop: how long to wait for a reply the agent awaits.")] = 90.0,
+    every: Annotated[float, typer.Option(
+        metavar="SECONDS", help="PostToolUse: look for messages at most this often.")] = 15.0,
+) -> None:
+    """A Claude Code hook: read the hook's JSON on stdin, add new peer messages to the agent's context.
+
+    UserPromptSubmit and PostToolUse print hookSpecificOutput.additionalContext with messages not seen yet
+    (never the same one twice; nothing when there is nothing new). Stop, when the agent's last message asked
+    a question or proposed a spec, waits up to --wait seconds for the reply and makes the agent continue with
+    it. Any error: nothing on stdout, one line on stderr, exit 0. `mqttalk install claude` sets it up."""
+    from ._hook import main_stdio
+
+    raise typer.Exit(main_stdio(agent, event, wait=wait, every=every))
+
+
+@app.command()
+def install(
+    agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent to set up: claude.")],
+    user: Annotated[bool, typer.Option(
+        "--user", help="Write ~/.claude/settings.json (every project) instead of this project's.")] = False,
+    project: Annotated[bool, typer.Option(
+        "--project", help="Write .claude/settings.json in this directory (the default).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")] = False,
+    skill: Annotated[bool, typer.Option(
+        "--skill/--no-skill", help="Also write the mqttalk skill (.claude/skills/mqttalk/SKILL.md).")] = True,
+    stop_wait: Annotated[float, typer.Option(
+        metavar="SECONDS", help="How long the Stop hook waits for an awaited reply.")] = 90.0,
+) -> None:
+    """Set up Claude Code: hooks that show new peer messages (UserPromptSubmit, PostToolUse, Stop) and a skill.
+
+    Merges into the settings file, keeping everything else; running it again changes nothing. Prints each
+    change and the settings diff. For MCP tools as well: claude mcp add mqttalk -- mqttalk mcp"""
+    from ._errors import UsageError
+    from ._install import plan_claude
+
+    if agent != "claude":
+        raise UsageError(f"unknown agent {agent!r}", "only claude is supported")
+    if user and project:
+        raise UsageError("--user and --project exclude each other")
+    plan = plan_claude(Path.home() if user else Path.cwd(), stop_wait=stop_wait, skill=skill)
+    if not plan.changes:
+        print("mqttalk: nothing to change: Claude Code is already set up" + (" for this user" if user else " here"))
+        return
+    for change in plan.changes:
+        print(f"mqttalk: {'would change' if dry_run else 'changed'}: {change}")
+    print(plan.diff(), end="")
+    if not dry_run:
+        plan.write()
+
+
 def _record_broker(settings: Any) -> None:
     record = settings.state_dir / "broker.json"
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -419,25 +515,16 @@ def _record_broker(settings: Any) -> None:
 
 
 def _share_text(peer: str, url: str) -> str:
-    template = (Path(__file__).parent / "data" / "share.txt").read_text().strip()
-    return template.format(peer=peer, url=url, suggested="NAME")
+    from ._guide import share_text
+
+    return share_text(peer, url)
 
 
 def _facts(env: Any) -> str:
     """The key=value header of a message: one line, cheap in tokens."""
-    facts = [f"from={env.sender}", f"kind={env.kind}" + ("" if env.known_kind else "(unknown)")]
-    facts += [env.summary()] if env.summary() else []
-    facts += [f"id={env.id}"] + ([f"re={env.re}"] if env.re else []) + ([f"to={env.to}"] if env.to else [])
-    facts += [f"seq={env.seq}"] if env.seq is not None else []
-    facts.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
-    return " ".join(facts)
+    from ._render import facts
 
-
-def _printable(text: str) -> str:
-    """On a terminal, neutralise control characters (escape sequences could rewrite the screen)."""
-    if not sys.stdout.isatty():
-        return text
-    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return facts(env)
 
 
 def _version(value: bool) -> None:

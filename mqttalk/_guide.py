@@ -1,0 +1,92 @@
+"""`mqttalk guide`: the agent-facing manual of the current channel (its ``llms.txt``).
+
+Who this session is, who the peers are, the exact commands to read, wait and send, and when to use
+each. The text lives in package data (``data/guide.md``, ``data/guide-start.md`` before a channel
+exists, ``data/roles.md`` for the part a role plays) so it can be read and reviewed as prose.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+
+
+def data_text(name: str) -> str:
+    return (DATA / name).read_text(encoding="utf-8")
+
+
+def fill(template: str, **values: str) -> str:
+    """Replace ``{{name}}`` placeholders (braces alone are left alone: the text is full of JSON and shell)."""
+    def value(match: re.Match[str]) -> str:
+        return values[match.group(1)]
+
+    return re.sub(r"\{\{(\w+)\}\}", value, template)
+
+
+def role_part(role: str | None) -> str:
+    """The paragraph for a role (``tests``, ``impl``, ``review``), else the general one."""
+    sections: dict[str, str] = {}
+    for chunk in data_text("roles.md").split("## ")[1:]:
+        name, _, text = chunk.partition("\n")
+        sections[name.strip()] = text.strip()
+    key = (role or "").strip().lower()
+    return sections.get(key, sections["*"])
+
+
+def share_text(peer: str, url: str) -> str:
+    """The sentence a person pastes into the other session: what mqttalk is, the one command to run."""
+    return data_text("share.txt").strip().format(peer=peer, url=url)
+
+
+def start_guide(cwd: Path) -> str:
+    """The guide before this directory has a channel: how to create or join one."""
+    return fill(data_text("guide-start.md"), cwd=str(cwd)).rstrip() + "\n"
+
+
+def channel_guide(channel: Any, *, role: str | None = None, status: Any = None, cwd: Path | None = None,
+                  status_error: str | None = None) -> str:
+    """The guide for a bound channel. ``status`` (a :class:`~._channel.Status`) names the peers; without
+    one (broker unreachable) ``status_error`` says why they are not listed."""
+    from ._render import LONG_BODY
+
+    if status is not None:
+        others = [p for p in status.peers if not p.me]
+        peers = "; ".join(f"{p.name}" + (f" [{p.role}]" if p.role else "") + f": {p.liveness()}" for p in others)
+        peers = peers or "none yet (the other session joins with `mqttalk pair 'URL' --as NAME`)"
+        unread = str(status.unread)
+    else:
+        peers = f"unknown ({status_error or 'broker not reached'}); `mqttalk status` lists them"
+        unread = str(channel.store.unread_count(channel.url.channel, channel.me))
+    shown_role = channel.role or ""
+    return fill(
+        data_text("guide.md"),
+        me=channel.me,
+        role=f" ({shown_role})" if shown_role else "",
+        broker=channel.url.broker.display(),
+        peers=peers,
+        unread=unread,
+        cwd=str(cwd or Path.cwd()),
+        long=str(LONG_BODY),
+        part=role_part(role if role is not None else channel.me),
+    ).rstrip() + "\n"
+
+
+def guide(settings: Any, cwd: Path, role: str | None = None, on_event: Any = None) -> str:
+    """The guide for ``cwd``: the channel's if it has one, else how to start one. ``on_event`` hears what
+    reading the peers' presence brings (a PAIRED notice)."""
+    from ._api import open_channel
+    from ._errors import MqttalkError, NotBound
+
+    try:
+        channel, binding = open_channel(settings, cwd, on_event=on_event)
+    except NotBound:
+        return start_guide(cwd)
+    where = Path(binding.directory) if binding is not None and binding.directory else cwd
+    try:
+        status = channel.status()
+    except MqttalkError as exc:
+        return channel_guide(channel, role=role, cwd=where, status_error=exc.message)
+    return channel_guide(channel, role=role, status=status, cwd=where)
