@@ -74,6 +74,8 @@ class Link:
         self._closed: ReasonCode | None = None
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._acks = 0  # PUBACKs received: pump() returns early on one
+        self._publishing: dict[int, str] = {}  # mid -> topic of a QoS 1 publish not acknowledged yet
+        self._refused: list[tuple[str, ReasonCode]] = []  # publishes an MQTT 5 broker refused (PUBACK >= 0x80)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -141,8 +143,10 @@ class Link:
         self._wait(lambda: mid in self._subacks, "subscribe")
         for topic, code in zip(topics, self._subacks.pop(mid or 0), strict=False):
             if code.is_failure:
-                raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}",
-                                    "check the broker's ACL for this user")
+                # NATS maps topic levels to subject tokens and refuses any topic with '.' or ' ' in it
+                hint = ("NATS refuses '.' and ' ' in MQTT topics: choose a --prefix without them"
+                        if "." in topic or " " in topic else "check the broker's ACL for this user")
+                raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}", hint)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 wait: bool = True) -> mqtt.MQTTMessageInfo:
@@ -150,12 +154,25 @@ class Link:
         client = self._live()
         info = client.publish(topic, payload, qos=qos, retain=retain)
         self._check(info.rc)
+        if qos > 0:
+            self._publishing[info.mid] = topic
         if wait and qos > 0:
             self.wait_published(info)
         return info
 
     def wait_published(self, info: mqtt.MQTTMessageInfo) -> None:
         self._wait(info.is_published, "publish")
+        self._raise_refused()
+
+    def _raise_refused(self) -> None:
+        """An MQTT 5 broker acknowledges a publish it will not deliver with a failure reason (Mosquitto's
+        ACL: "Not authorized"). That is no delivery: say so instead of counting it as sent. (On 3.1.1
+        a broker can only drop such a publish silently; readers' sequence gaps show it.)"""
+        if self._refused:
+            topic, code = self._refused[0]
+            self._refused.clear()
+            raise BrokerRefused(f"broker at {self.broker.display()} refused a message on {topic!r}: "
+                                f"{code.getName()}", "check the broker's ACL for this user and the topic prefix")
 
     def pump(self, timeout: float) -> int:
         """Run the network for up to ``timeout`` seconds; return early once something arrived (a message,
@@ -168,6 +185,7 @@ class Link:
             if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             handed = self._dispatch()
+            self._raise_refused()
             if handed or self._acks != acks or time.monotonic() >= deadline:
                 return handed
 
@@ -189,6 +207,8 @@ class Link:
         """Connect with ``protocol``. ``bare``: a v5 probe without properties, as a clean session,
         that raises :class:`_ProtocolRefused` if the broker refuses, closes or stays silent."""
         self._connack = self._closed = None
+        self._publishing.clear()  # message ids start over on a new connection
+        self._refused.clear()
         persistent = self.persistent and not bare
         # A probe must not touch our persistent session: a clean start would discard its queue.
         client_id = "mqk-probe-" + os.urandom(7).hex()[:13] if bare and self._probe_only else self.client_id
@@ -314,8 +334,11 @@ class Link:
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._inbox.append(Incoming(msg.topic, bytes(msg.payload), msg.qos, msg.mid))
 
-    def _on_publish(self, _c: object, _u: object, _mid: int, _rc: ReasonCode, _p: object) -> None:
+    def _on_publish(self, _c: object, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
         self._acks += 1
+        topic = self._publishing.pop(mid, "?")
+        if rc.is_failure:
+            self._refused.append((topic, rc))
 
     def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         self._subacks[mid] = codes

@@ -148,6 +148,41 @@ def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedB
 
 
 @pytest.fixture(scope="session")
+def private_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMosquitto]:
+    """A Mosquitto of the test session's own (the machine's one on 1883 may be configured otherwise)."""
+    broker = PrivateMosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """nats-server with JetStream and its MQTT listener, from config/nats-server.conf (see _brokers.py)."""
+    from _brokers import NatsBroker
+
+    broker = NatsBroker(tmp_path_factory.mktemp("nats"))
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> Iterator[object]:
+    """A RabbitMQ node with rabbitmq_mqtt, from config/rabbitmq.conf; booted once per test session."""
+    from _brokers import RabbitBroker
+
+    broker = RabbitBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
 def mosquitto_url() -> str:
     """The machine's Mosquitto on 127.0.0.1:1883, started if it is down."""
     if not listening(MOSQUITTO_PORT):

@@ -1,0 +1,366 @@
+"""The broker compatibility matrix: pairing, messaging, offline delivery and presence, as two agent sessions
+run them with the real `mqttalk` command, against every broker this machine can run for real — Mosquitto,
+the embedded amqtt, NATS (MQTT listener, JetStream) and RabbitMQ (rabbitmq_mqtt) — each started by the
+tests on loopback ports of their own. Then the operator files in config/, each loaded and put to work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from _brokers import CONFIG, MatrixBroker, substitute, tail
+from conftest import EmbeddedBroker, PrivateMosquitto, Session, channel_topics, free_port, join_url, status_of
+from conftest import wait_listening as wait_port
+from paho.mqtt.enums import CallbackAPIVersion
+
+# RabbitMQ's MQTT plugin sends retained messages only to subscriptions that name the topic exactly, never
+# to a wildcard one; mqttalk subscribes to PREFIX/CHANNEL/presence/+ and so sees no retained presence.
+# TEMPORARY marks (known_gap): the fix proposed to the lead subscribes exactly to the presence of peers known
+# by name (a retained roster of member names, and presences seen before on this machine).
+RABBITMQ_NO_RETAINED_ON_WILDCARD = ("RabbitMQ delivers no retained message to a wildcard subscription: "
+                                    "mqttalk does not see retained presence there yet")
+RABBITMQ_CHALLENGE_UNSEEN = ("with challenge/response pairing, a joiner that never sees the creator's retained "
+                             "presence (RabbitMQ) does not answer its challenge: the creator's next command "
+                             "prints no PAIRED")
+
+
+def _mosquitto_version() -> str:
+    out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
+    return out.split("version", 1)[1].split()[0] if "version" in out else "?"
+
+
+@pytest.fixture(params=["mosquitto", "amqtt", "nats", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> MatrixBroker:
+    """Each broker of the matrix, with the MQTT version mqttalk must settle on for it."""
+    name = request.param
+    if name == "mosquitto":
+        mosq: PrivateMosquitto = request.getfixturevalue("private_mosquitto")
+        return MatrixBroker(name, mosq.url, _mosquitto_version(), "MQTT 5")
+    if name == "amqtt":
+        amqtt: EmbeddedBroker = request.getfixturevalue("amqtt_broker")
+        return MatrixBroker(name, amqtt.url, version("amqtt"), "MQTT 3.1.1")
+    if name == "nats":
+        nats: Any = request.getfixturevalue("nats_broker")
+        return MatrixBroker(name, nats.url, nats.version, "MQTT 3.1.1")
+    rabbit: Any = request.getfixturevalue("rabbitmq_broker")
+    return MatrixBroker(name, rabbit.url, rabbit.version, "MQTT 3.1.1")
+
+
+def known_gap(request: pytest.FixtureRequest, broker: MatrixBroker, *, rabbitmq: str | None = None,
+              strict: bool = True) -> None:
+    """TEMPORARY: mark a broker's known failure. Strict: once fixed, the pass fails the test, so the mark goes."""
+    if broker.name == "rabbitmq" and rabbitmq:
+        request.applymarker(pytest.mark.xfail(reason=rabbitmq, strict=strict))
+
+
+def both_paired(impl: Session, tests: Session, broker_url: str, *create_flags: str) -> str:
+    """The story's way to pair: impl creates the channel and waits, tests pairs with the join URL; both
+    print PAIRED at once. Returns the join URL."""
+    proc = impl.start("create", "--as", "impl", "--broker", broker_url, "--wait", "30", *create_flags)
+    try:
+        assert proc.stdout is not None
+        url = ""
+        while not url:
+            line = proc.stdout.readline()
+            assert line, "create exited before printing the join URL"
+            url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+        res = tests.run("pair", url, "--as", "tests")
+        paired_at = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert res.code == 0 and "mqttalk: PAIRED with impl" in res.out, res.err
+    assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out, err
+    assert time.monotonic() - paired_at < 5, "the waiting creator did not stop once the peer was there"
+    return url
+
+
+def messages(result_lines: list[str]) -> list[dict[str, Any]]:
+    return [m for m in map(json.loads, result_lines) if m["event"] == "message"]
+
+
+def peer_state(session: Session, peer: str) -> str | None:
+    return next((str(p["state"]) for p in status_of(session)["peers"]  # type: ignore[attr-defined]
+                 if p["name"] == peer), None)
+
+
+def wait_state(session: Session, peer: str, state: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    seen = peer_state(session, peer)
+    while seen != state and time.monotonic() < deadline:
+        time.sleep(0.3)
+        seen = peer_state(session, peer)
+    assert seen == state, f"{peer} is {seen!r} to {session.name}, expected {state!r}"
+
+
+# -- the matrix ----------------------------------------------------------------------------------------
+
+
+def test_a_waiting_creator_and_the_joiner_both_print_paired_at_once(sessions: tuple[Session, Session],
+                                                                   broker: MatrixBroker) -> None:
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    assert "PAIRED" not in impl.ok("recv").out + tests.ok("recv").out  # told once
+
+
+def test_a_creator_that_runs_nothing_pairs_when_each_side_next_runs(
+        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    known_gap(request, broker, rabbitmq=RABBITMQ_CHALLENGE_UNSEEN, strict=False)  # passes before that change
+    impl, tests = sessions
+    url = join_url(impl.ok("create", "--as", "impl", "--role", "owns src/api/users.ts", "--broker", broker.url))
+    joined = tests.run("pair", url, "--as", "tests", "--wait", "2")
+    assert joined.code in (0, 3), joined.err  # 3: impl, running nothing, has not been seen to answer yet
+    assert impl.ok("recv").out.count("mqttalk: PAIRED with tests") == 1
+    told = joined.out + tests.ok("recv").out  # by now impl has run a command: tests is told, once
+    assert told.count("mqttalk: PAIRED with impl (owns src/api/users.ts)") == 1, told
+    assert "PAIRED" not in impl.ok("recv").out + tests.ok("recv").out
+
+
+def test_status_lists_both_peers_over_the_right_mqtt_version(
+        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    known_gap(request, broker, rabbitmq=RABBITMQ_NO_RETAINED_ON_WILDCARD)
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    for me in (impl, impl, tests, tests):  # and again: status reads presence, it does not use it up
+        st = status_of(me)
+        assert st["protocol"] == broker.protocol, f"{broker.name} {broker.version}"
+        peers = {p["name"]: p["state"] for p in st["peers"]}  # type: ignore[attr-defined]
+        assert set(peers) == {"impl", "tests"} and "left" not in peers.values(), peers
+        # ("away" is possible: amqtt at times fires the will of a client that disconnected cleanly)
+
+
+def test_spec_and_status_messages_travel_both_ways_with_their_typed_fields(
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    spec = json.loads(impl.ok("send", "--json", "--kind", "spec", "--subject", "POST /users",
+                              "takes {email,name}, returns {id, created_at}, 409 on duplicate").out)
+    got = messages(tests.ok("recv", "--json").lines)
+    assert [(m["kind"], m["id"], m["from"]) for m in got] == [("spec", spec["id"], "impl")]
+    assert got[0]["data"] == {"subject": "POST /users", "rev": 1, "state": "proposed"}
+    assert got[0]["body"] == "takes {email,name}, returns {id, created_at}, 409 on duplicate"
+    tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--state", "agreed", "--re", spec["id"], "ok")
+    tests.ok("send", "--kind", "status", "--state", "red", "--commit", "abc1234", "-",
+             input="tests written,\nall red\n")
+    back = messages(impl.ok("recv", "--json").lines)
+    assert [(m["kind"], m["data"]) for m in back] == [
+        ("spec", {"subject": "POST /users", "rev": 1, "state": "agreed"}),
+        ("status", {"state": "red", "commit": "abc1234"})]
+    assert back[0]["re"] == spec["id"] and back[1]["body"] == "tests written,\nall red\n"
+    assert messages(impl.ok("recv", "--json").lines) == []  # shown once
+
+
+def test_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    for i in range(12):  # tests runs no process: the broker queues for its persistent session
+        impl.ok("send", f"message {i}")
+    got = messages(tests.ok("recv", "--json").lines)
+    assert [m["body"] for m in got] == [f"message {i}" for i in range(12)]
+    assert [m["seq"] for m in got] == list(range(1, 13))
+    assert messages(tests.ok("recv", "--json").lines) == []  # exactly once
+
+
+def test_a_listening_peer_shows_online_and_sees_the_other_leave(
+        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    known_gap(request, broker, rabbitmq=RABBITMQ_NO_RETAINED_ON_WILDCARD)
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    listener = tests.start("listen", "--timeout", "60")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True)
+    reader.start()
+    try:
+        wait_state(impl, "tests", "online")
+        assert "mqttalk: LEFT channel" in impl.ok("leave").out
+        deadline = time.monotonic() + 20
+        while not any("OFFLINE impl" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        listener.send_signal(signal.SIGINT)
+        listener.wait(15)
+        reader.join(5)
+    assert "mqttalk: OFFLINE impl (left)" in [line.strip() for line in lines]
+    assert peer_state(tests, "impl") == "left"
+
+
+def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    listener = tests.start("listen", env={"MQTTALK_HEARTBEAT": "1"})  # amqtt fires no will: the heartbeat tells
+    try:
+        wait_state(impl, "tests", "online")
+    finally:
+        listener.send_signal(signal.SIGKILL)
+        listener.wait()
+    wait_state(impl, "tests", "away")
+
+
+def test_nats_refuses_a_prefix_with_a_dot_and_mqttalk_says_why(tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    nats: Any = request.getfixturevalue("nats_broker")
+    res = Session("impl", tmp_path).run("create", "--as", "impl", "--broker", nats.url, "--prefix", "plant.7/mqttalk")
+    assert res.code == 5 and "refused subscription" in res.err and "'.'" in res.err and "--prefix" in res.err
+
+
+# -- config/ -------------------------------------------------------------------------------------------
+
+
+class FencedMosquitto(PrivateMosquitto):
+    """A Mosquitto started from config/mosquitto.conf and config/mosquitto.acl, with a password file of
+    the test's users (made with mosquitto_passwd, as an operator would)."""
+
+    def __init__(self, directory: Path, users: dict[str, str]) -> None:
+        super().__init__(directory)
+        if shutil.which("mosquitto_passwd") is None:
+            pytest.skip("mosquitto_passwd is not installed (apt-get install mosquitto)")
+        passwd = self.dir / "mqttalk.passwd"
+        for n, (user, password) in enumerate(users.items()):
+            subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, password],
+                           check=True, capture_output=True)
+        self.conf.write_text(substitute((CONFIG / "mosquitto.conf").read_text(), {
+            r"^listener .*$": f"listener {self.port} 127.0.0.1",
+            r"^password_file .*$": f"password_file {passwd}",
+            r"^acl_file .*$": f"acl_file {CONFIG / 'mosquitto.acl'}",
+            r"^persistence_location .*$": f"persistence_location {self.dir}/",
+        }) + f"user root\nlog_dest file {self.dir}/mosquitto.log\n")
+
+    def broker(self, user: str, password: str) -> str:
+        return f"mqtt://{user}:{password}@127.0.0.1:{self.port}"
+
+
+class RawClient:
+    """A plain paho client with its own credentials, to poke at the broker the way another user could."""
+
+    def __init__(self, port: int, user: str, password: str) -> None:
+        self.seen: list[tuple[str, bytes]] = []
+        self.granted: list[int] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(user, password)
+        self.client.on_message = lambda _c, _u, m: self.seen.append((m.topic, bytes(m.payload)))
+        self.client.on_subscribe = lambda _c, _u, _mid, codes, _p: self.granted.extend(c.value for c in codes)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> int:
+        before = len(self.granted)
+        self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + 10
+        while len(self.granted) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.granted[before]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def fenced(tmp_path: Path) -> Iterator[FencedMosquitto]:
+    broker = FencedMosquitto(tmp_path / "fenced", {"alice": "alice-pw", "bob": "bob-pw"})
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_the_mosquitto_acl_keeps_each_user_in_its_own_channels(tmp_path: Path, fenced: FencedMosquitto) -> None:
+    impl, tests = Session("impl", tmp_path), Session("tests", tmp_path)
+    alice = fenced.broker("alice", "alice-pw")
+    # Under the default prefix (or anyone else's) alice is refused, and told why: Mosquitto grants the
+    # subscription but delivers nothing from it, and refuses her publishes (MQTT 5: "Not authorized").
+    refused = impl.run("create", "--as", "impl", "--broker", alice)
+    assert refused.code == 5 and "Not authorized" in refused.err and "ACL" in refused.err, refused.err
+    # Her own prefix works, for both of her sessions, through the join URL (it carries her credentials).
+    url = both_paired(impl, tests, alice, "--prefix", "mqttalk/alice")
+    assert url.startswith(alice + "/mqttalk/alice/")
+    topics: Any = channel_topics(url)
+    snoop = RawClient(fenced.port, "bob", "bob-pw")
+    owner = RawClient(fenced.port, "alice", "alice-pw")
+    try:
+        snoop.subscribe(f"{topics.root}/#")  # granted or not, the ACL lets nothing of alice's through to him
+        snoop.subscribe("#")
+        assert owner.subscribe(f"{topics.root}/#") < 0x80
+        forged = b"bob was here"
+        snoop.publish(topics.msg("impl"), forged)  # dropped: he may not write there
+        snoop.publish(topics.presence("impl"), forged, retain=True)
+        impl.ok("send", "--kind", "spec", "--subject", "POST /users", "for alice's eyes only")
+        got = messages(tests.ok("recv", "--json").lines)
+        assert [m["body"] for m in got] == ["for alice's eyes only"]
+        time.sleep(0.5)
+        assert [t for t, _ in snoop.seen if t.startswith("mqttalk/alice/")] == []
+        assert owner.seen and all(payload != forged for _, payload in owner.seen)
+    finally:
+        snoop.close()
+        owner.close()
+    # bob, with the whole join URL but his own credentials, cannot join alice's channel.
+    bob = Session("bob", tmp_path)
+    stolen = url.replace("alice:alice-pw@", "bob:bob-pw@")
+    res = bob.run("pair", stolen, "--as", "bob")
+    assert res.code == 5 and "Not authorized" in res.err, res.err
+    # ... while his own prefix is his.
+    bob_url = join_url(bob.ok("create", "--as", "bob", "--broker", fenced.broker("bob", "bob-pw"),
+                              "--prefix", "mqttalk/bob"))
+    assert "/mqttalk/bob/" in bob_url
+    # A wrong password is refused at the door.
+    wrong = bob.run("create", "--as", "bob", "--broker", fenced.broker("bob", "nope"), "--prefix", "mqttalk/bob")
+    assert wrong.code == 5 and "refused the connection" in wrong.err
+
+
+def test_the_embedded_brokers_reference_yaml_is_what_it_runs_and_keeps_offline_messages(
+        tmp_path: Path) -> None:
+    from mqttalk_broker import CONFIG_FILE, broker_config
+
+    reference = CONFIG / "mqttalk-broker.yaml"
+    assert yaml.safe_load(reference.read_text()) == yaml.safe_load(CONFIG_FILE.read_text())
+    config = broker_config(port=1, config_file=reference)
+    assert config["plugins"] == {"mqttalk_broker.auth.QueueingAuthPlugin": {}}
+    # Run an embedded broker from the reference file, and check what its settings are for: a peer that
+    # runs no process still gets what was sent meanwhile (QueueingAuthPlugin, session expiry).
+    port = free_port()
+    script = ("import sys; from pathlib import Path; from mqttalk_broker import run; "
+              "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))")
+    log = open(tmp_path / "broker.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(reference), str(tmp_path / "b.sqlite3")],
+                            stdout=log, stderr=log)
+    log.close()
+    try:
+        wait_port(port, proc)
+        impl, tests = Session("impl", tmp_path), Session("tests", tmp_path)
+        both_paired(impl, tests, f"mqtt://127.0.0.1:{port}")
+        for i in range(3):
+            impl.ok("send", f"while tests was away {i}")
+        assert [m["body"] for m in messages(tests.ok("recv", "--json").lines)] == [
+            f"while tests was away {i}" for i in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode is not None, tail(tmp_path / "broker.log")
+
+
+def test_rabbitmq_from_the_config_snippet_admits_only_its_users(tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    rabbit: Any = request.getfixturevalue("rabbitmq_broker")
+    impl = Session("impl", tmp_path)
+    anonymous = impl.run("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{rabbit.port}")
+    assert anonymous.code == 5 and "refused the connection" in anonymous.err  # mqtt.allow_anonymous = false
+    wrong = impl.run("create", "--as", "impl", "--broker", rabbit.url.replace(rabbit.password, "wrong"))
+    assert wrong.code == 5 and "refused the connection" in wrong.err
+    assert join_url(impl.ok("create", "--as", "impl", "--broker", rabbit.url)).startswith(rabbit.url + "/")
