@@ -8,6 +8,7 @@ reveal, and which pairings each local peer has been told about.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS gaps (
 );
 CREATE TABLE IF NOT EXISTS presence_seen (  -- the newest presence seen per peer: older ones are replays
     channel TEXT NOT NULL, peer TEXT NOT NULL, hb TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (channel, peer)
+);
+CREATE TABLE IF NOT EXISTS nonces (    -- pairing challenges: our own (new at each join) and the latest seen of others
+    channel TEXT NOT NULL, peer TEXT NOT NULL, nonce TEXT NOT NULL,
     PRIMARY KEY (channel, peer)
 );
 CREATE TABLE IF NOT EXISTS paired (
@@ -305,5 +310,36 @@ class Store:
         return cur.rowcount == 1
 
     def forget_paired(self, channel: str, peer: str, other: str) -> None:
-        """``other`` left: a later rejoin is a new pairing worth announcing."""
-        self.db.execute("DELETE FROM paired WHERE channel = ? AND peer = ? AND other = ?", (channel, peer, other))
+        """``other`` left: a later rejoin is a new pairing worth announcing (and its challenge is void)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM paired WHERE channel = ? AND peer = ? AND other = ?", (channel, peer, other))
+            db.execute("DELETE FROM nonces WHERE channel = ? AND peer = ?", (channel, other))
+
+    # -- pairing challenges ------------------------------------------------------------------------
+
+    def nonce(self, channel: str, peer: str, *, renew: bool = False) -> str:
+        """Local ``peer``'s pairing challenge; ``renew`` mints a new one (a join), voiding every answer
+        to the old one, so each pairing this peer announces is proved afresh."""
+        with self._tx() as db:
+            row = None if renew else db.execute("SELECT nonce FROM nonces WHERE channel = ? AND peer = ?",
+                                                (channel, peer)).fetchone()
+            if row:
+                return str(row[0])
+            fresh = os.urandom(16).hex()
+            db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+                       " DO UPDATE SET nonce = excluded.nonce", (channel, peer, fresh))
+            db.execute("DELETE FROM paired WHERE channel = ? AND peer = ?", (channel, peer))
+            return fresh
+
+    def see_nonce(self, channel: str, peer: str, nonce: str) -> bool:
+        """Record the challenge another peer's presence carries; True if it is new to us (answer it)."""
+        cur = self.db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+                              " DO UPDATE SET nonce = excluded.nonce WHERE nonce != excluded.nonce",
+                              (channel, peer, nonce))
+        return cur.rowcount == 1
+
+    def answers(self, channel: str, peer: str, limit: int = 64) -> dict[str, str]:
+        """The challenges of the other peers of ``channel`` that ``peer`` answers in its presence."""
+        rows = self.db.execute("SELECT peer, nonce FROM nonces WHERE channel = ? AND peer != ? ORDER BY rowid DESC"
+                               " LIMIT ?", (channel, peer, limit))
+        return {str(p): str(n) for p, n in rows}

@@ -103,9 +103,17 @@ class Presence(BaseModel):
     client: str | None = None
     seq: int | None = Field(None, description="highest message sequence number the peer has sent")
     every: float | None = Field(None, description="seconds between heartbeats while online")
+    nonce: str | None = Field(None, description="this peer's pairing challenge, new each time it joins")
+    answers: dict[str, str] | None = Field(
+        None, description="the challenges of the other peers this one has seen, by peer name: its proof of "
+        "holding the channel key now (it can only have seen them by opening their sealed presence)")
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    def answers_for(self, peer: str, nonce: str) -> bool:
+        """Whether this presence answers ``peer``'s current challenge."""
+        return bool(self.answers) and self.answers.get(peer) == nonce  # type: ignore[union-attr]
 
 
 def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | None = None,

@@ -168,8 +168,11 @@ def create(
     if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
         out.note("this broker listens on this machine only; for a session on another machine use "
                  "--broker mqtt://HOST:PORT (see README: Brokers)")
+    if wait <= 0:
+        out.note("to see PAIRED the moment the other side pairs, wait for it: `mqttalk recv --wait 600` "
+                 "(pairing is confirmed by a challenge only a running mqttalk answers)")
     # The URL is on screen (the user must share it) before we block.
-    if wait > 0 and not channel.join(wait, new_member=False):
+    if wait > 0 and not channel.join(wait, new_member=False, new_challenge=False):
         out.note(f"no peer paired within {wait:g}s; the channel stays open "
                  "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
         raise typer.Exit(EXIT_TIMEOUT)
@@ -195,6 +198,13 @@ def pair(
     if url == "-":
         url = sys.stdin.readline().strip()
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
+    if not others and channel.unanswered:
+        names = " and ".join(channel.unanswered)
+        are, it = ("are", "them") if len(channel.unanswered) > 1 else ("is", "it")
+        out.note(f"joined as {channel.me}; {names} {are} in the channel but did not answer the pairing challenge "
+                 f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
+                 f"SECONDS` prints PAIRED once an answer comes (their next mqttalk command gives it).")
+        raise typer.Exit(EXIT_TIMEOUT)
     if not others:
         check = (" If the other session created it already, check that the whole join URL, its #k= key"
                  " included, was copied." if channel.url.sealed else "")
@@ -336,7 +346,7 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
                       "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "sealed": st.sealed,
-                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me,
+                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me, "paired": p.paired,
                                  "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
                                  "liveness": p.liveness()} for p in st.peers]})
         return
@@ -346,7 +356,8 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
         lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
     for i, p in enumerate(others):
         role = f" [{p.role}]" if p.role else ""
-        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}")
+        proof = "" if p.paired else " (has not answered our pairing challenge yet)"
+        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}{proof}")
     lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
     if st.queued:
         lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")
