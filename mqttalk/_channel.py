@@ -333,8 +333,22 @@ class Channel:
 
     def _inbox(self) -> Inbox:
         channel = self.url.channel
-        return Inbox([Message(n, env) for n, env in self.store.unread(channel, self.me)],
+        return Inbox(_in_sender_order([Message(n, env) for n, env in self.store.unread(channel, self.me)]),
                      self.store.new_gaps(channel, self.me))
+
+
+def _in_sender_order(messages: list[Message]) -> list[Message]:
+    """Arrival order across senders, each sender's messages in its sequence order.
+
+    A broker may hand a resumed session its queue and newer messages at once (amqtt does, and
+    redelivers after a timeout), so arrival order can differ from the order a peer sent in. Each
+    sender keeps the places its messages arrived in, filled in sequence order.
+    """
+    by_sender: dict[str, list[Message]] = {}
+    for m in messages:
+        by_sender.setdefault(m.envelope.sender, []).append(m)
+    queues = {s: iter(sorted(ms, key=lambda m: (m.envelope.seq or 0, m.n))) for s, ms in by_sender.items()}
+    return [next(queues[m.envelope.sender]) for m in messages]
 
 
 class SessionBusy(BrokerRefused):
