@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS outbox (       -- what this machine's peers send; als
     created REAL NOT NULL, sent REAL,
     UNIQUE (channel, sender, seq)
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, sender, sent, seq);
+DROP INDEX IF EXISTS outbox_pending;  -- (channel, sender, sent, seq): every mark_sent moved an entry
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (channel, sender, seq) WHERE sent IS NULL;
 CREATE TABLE IF NOT EXISTS heads (
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (channel, sender)
@@ -257,13 +258,13 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?",
                              (channel, sender)).fetchone()
-            seq = int(row[0] or 0)
-            for env in envs:
-                seq += 1
+            first = int(row[0] or 0) + 1
+            for seq, env in enumerate(envs, first):
                 env.seq = seq
-                db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
+            db.executemany("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (channel, sender, seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at))
+                           [(channel, sender, env.seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at)
+                            for env in envs])
 
     def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
         """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""

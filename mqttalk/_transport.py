@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import ssl
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -113,7 +114,7 @@ class Link:
             client.disconnect()
             deadline = time.monotonic() + 1.0
             while self._closed is None and time.monotonic() < deadline:
-                if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                if _loop(client, 0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
         sock = client.socket()
         if sock is not None:
@@ -164,7 +165,7 @@ class Link:
         deadline = time.monotonic() + timeout
         acks = self._acks
         while True:
-            rc = client.loop(max(0.0, min(timeout, deadline - time.monotonic())))
+            rc = _loop(client, max(0.0, min(timeout, deadline - time.monotonic())))
             if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             handed = self._dispatch()
@@ -250,7 +251,7 @@ class Link:
                     raise _ProtocolRefused
                 raise BrokerUnreachable(f"{where} accepted the connection but sent no MQTT answer "
                                         f"within {self.timeout:g}s", "is it an MQTT port?")
-            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
+            if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
                 break
         code = self._connack
         if code is None or (code.is_failure and code.getName() == "Unsupported protocol version"):
@@ -291,7 +292,7 @@ class Link:
             if left <= 0:
                 raise TimedOut(f"broker at {self.broker.display()} did not confirm the {what} "
                                f"within {self.timeout:g}s")
-            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
+            if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             if self._dispatch():
                 deadline = time.monotonic() + self.timeout
@@ -361,3 +362,30 @@ class _ProtocolCache:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.path)
+
+
+def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
+    """paho's ``loop()`` through its external-loop API (``loop_read``/``loop_write``/``loop_misc``).
+
+    Same steps, minus the wake-up socket pair ``loop()`` creates for threaded use: with it, every
+    publish costs a second system call (a byte written to wake a select no other thread runs).
+    """
+    sock = client.socket()
+    if sock is None:
+        return mqtt.MQTT_ERR_NO_CONN
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending() > 0:  # TLS or websocket bytes already read and buffered
+        timeout = 0.0
+    try:
+        readable, writable, _ = select.select([sock], [sock] if client.want_write() else [], [], timeout)
+    except (OSError, ValueError):  # closed under us
+        return mqtt.MQTT_ERR_CONN_LOST
+    if readable or (pending is not None and pending() > 0):
+        rc = client.loop_read()
+        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    if writable:
+        rc = client.loop_write()
+        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    return client.loop_misc()
