@@ -120,6 +120,7 @@ class Channel:
         self.client_id = self.topics.client_id(me)
         self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
         self._store: Any = None
+        self._meta: tuple[Any, Any] | None = None
 
     # -- one-shot operations -----------------------------------------------------------------------
 
@@ -266,6 +267,20 @@ class Channel:
         return Live(self, online=online, reconnect=reconnect, new_member=new_member)
 
     @property
+    def meta(self) -> tuple[Any, Any]:
+        """MQTT 5 properties of (messages, presence): a content type (plain JSON, or sealed bytes), the
+        wire version as a user property, and on presence an expiry, so a broker drops the retained
+        presence of a channel nobody uses any more."""
+        if self._meta is None:
+            from ._transport import SESSION_EXPIRY, Meta
+            from ._wire import WIRE_VERSION
+
+            user = (("mqttalk", str(WIRE_VERSION)),)
+            content = ("application/octet-stream", False) if self.seal else ("application/json", True)
+            self._meta = (Meta(*content, user=user), Meta(*content, expiry=SESSION_EXPIRY + 24 * 3600, user=user))
+        return self._meta
+
+    @property
     def nonce(self) -> str:
         """This peer's current pairing challenge (see :meth:`join`)."""
         return str(self.store.nonce(self.url.channel, self.me))
@@ -310,7 +325,9 @@ class Channel:
     def _flush_once(self, link: Any) -> int:
         """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
         pending = self.store.pending(self.url.channel, self.me)
-        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False)) for row in pending]
+        meta = self.meta[0]
+        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False, meta=meta))
+                 for row in pending]
         for n, info in infos:
             link.wait_published(info)
             self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
@@ -328,7 +345,7 @@ class Channel:
     def _announce(self, link: Any, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
         pres = self._presence(state)
         topic = self.topics.presence(self.me)
-        link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack)
+        link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack, meta=self.meta[1])
         return pres
 
     def _inbox(self) -> Inbox:

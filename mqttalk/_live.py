@@ -407,8 +407,10 @@ class Live:
         ch = self.channel
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
+        meta = ch.meta[0]
         for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
-            self._inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False)))
+            info = self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False, meta=meta)
+            self._inflight.append((row.n, info))
             self._handed = row.n
 
     def _collect_acks(self) -> None:
