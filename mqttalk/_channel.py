@@ -119,7 +119,6 @@ class Channel:
         self.topics = Topics(url.prefix, url.channel, self.seal)
         self.client_id = self.topics.client_id(me)
         self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
-        self._store: Any = None
         self._meta: tuple[Any, Any] | None = None
 
     # -- one-shot operations -----------------------------------------------------------------------
@@ -287,11 +286,10 @@ class Channel:
 
     @property
     def store(self) -> Any:
-        if self._store is None:
-            from ._store import Store
+        """The local store (see :meth:`Store.shared`: one connection per thread, shared by channels)."""
+        from ._store import Store
 
-            self._store = Store(self.settings.state_dir / "store.sqlite3")
-        return self._store
+        return Store.shared(self.settings.state_dir / "store.sqlite3")
 
     # -- internals ---------------------------------------------------------------------------------
 

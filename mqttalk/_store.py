@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,7 +93,21 @@ class Pending(NamedTuple):
     payload: bytes
 
 
+_local = threading.local()
+
+
 class Store:
+    @classmethod
+    def shared(cls, path: Path) -> Store:
+        """This thread's connection to the store at ``path``. Channels share it: a process holding
+        hundreds of channels keeps one connection per thread, not hundreds, and a connection is never
+        used by two threads at once (their transactions would interleave)."""
+        stores: dict[Path, Store] = _local.__dict__.setdefault("stores", {})
+        store = stores.get(path)
+        if store is None:
+            store = stores[path] = cls(path)
+        return store
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)

@@ -114,7 +114,11 @@ class Link:
         key = f"{self.broker.host}:{self.broker.port}"
         known = cache.get(key)
         if known is not None:
-            self._connect(known)
+            try:
+                self._connect(known)
+            except _ProtocolRefused:  # it spoke MQTT 5 before: it is not the protocol, it is the broker
+                raise BrokerUnreachable(f"{self.broker.display()} closed the connection before accepting it",
+                                        "is the broker overloaded or restarting? try again") from None
             return self
         # First contact: find out whether the broker speaks MQTT 5. The probe is a bare CONNECT
         # (no properties): amqtt answers that with "unsupported protocol version", but hangs on a v5
@@ -413,10 +417,14 @@ def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
     pending = getattr(sock, "pending", None)
     if pending is not None and pending() > 0:  # TLS or websocket bytes already read and buffered
         timeout = 0.0
+    poller = select.poll()  # not select(): it fails on descriptors >= 1024 (a process holding many links)
     try:
-        readable, writable, _ = select.select([sock], [sock] if client.want_write() else [], [], timeout)
+        poller.register(sock, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
+        events = poller.poll(timeout * 1000)
     except (OSError, ValueError):  # closed under us
         return mqtt.MQTT_ERR_CONN_LOST
+    ready = events[0][1] if events else 0
+    readable, writable = ready & ~select.POLLOUT, ready & select.POLLOUT
     if readable or (pending is not None and pending() > 0):
         rc = client.loop_read()
         if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
