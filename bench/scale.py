@@ -123,7 +123,16 @@ def exchange_mqttalk(pairs: list[tuple[Any, Any]], rounds: int) -> tuple[list[fl
 
 
 def exchange_paho(host: str, port: int, count: int, rounds: int) -> tuple[list[float], list[float], int]:
-    """The same exchange with raw paho clients (MQTT 5, QoS 1), driven by the same kind of sweep."""
+    """The same exchange with raw paho clients (MQTT 5, QoS 1), driven by the same kind of sweep.
+
+    Each client is run by the poll()-based loop mqttalk's links use (paho's external-loop API):
+    paho's own ``loop()`` uses select(), which cannot watch the descriptors past 1024 that a
+    thousand clients in one process get."""
+    from mqttalk._transport import _loop
+
+    def loop(c: mqtt.Client, timeout: float = 0.0) -> None:
+        _loop(c, timeout)
+
     arrived: dict[int, float] = {}
     pubs, subs = [], []
     for i in range(count):
@@ -134,12 +143,12 @@ def exchange_paho(host: str, port: int, count: int, rounds: int) -> tuple[list[f
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         pub.connect(host, port)
         for c in (sub, pub):
-            c.loop(0.01)
+            loop(c, 0.01)
         pubs.append(pub)
         subs.append(sub)
     for _ in range(20):
         for c in subs + pubs:
-            c.loop(0)
+            loop(c)
     latencies = []
     try:
         for r in range(rounds):
@@ -153,7 +162,7 @@ def exchange_paho(host: str, port: int, count: int, rounds: int) -> tuple[list[f
                 if time.monotonic() > deadline:
                     raise SystemExit(f"bench: raw paho got only {len(arrived)} of {count}")
                 for c in subs + pubs:
-                    c.loop(0)
+                    loop(c)
             latencies += [arrived[i] - sent[i] for i in sent]
         singles = []
         for k in range(PROBES):
@@ -162,9 +171,9 @@ def exchange_paho(host: str, port: int, count: int, rounds: int) -> tuple[list[f
             t = time.perf_counter()
             pubs[i].publish(f"bench/scale/{os.getpid()}/{i}", f"{BODY} probe {k}", qos=1)
             while i not in arrived:
-                subs[i].loop(0.01)
+                loop(subs[i], 0.01)
             singles.append(arrived[i] - t)
-            pubs[i].loop(0.01)
+            loop(pubs[i], 0.01)
     finally:
         for c in subs + pubs:
             c.disconnect()
