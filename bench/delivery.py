@@ -136,8 +136,7 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
     # 1. backlog drain
     env = Env()
     try:
-        join = env.create(url)
-        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        env.paired(url)
         library_send(channel_of(env, env.a), backlog)
         t = time.perf_counter()
         out = subprocess.run([MQTTALK, "recv", "--json"], cwd=env.b, env=env.env, capture_output=True, text=True,
@@ -155,8 +154,7 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
     ours_s, ref_s = [], []
     env = Env()
     try:
-        join = env.create(url)
-        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        env.paired(url)
         channel = channel_of(env, env.a)
         for _ in range(rounds):
             ours_s.append(library_send(channel, stream))
@@ -177,8 +175,7 @@ def bench_sealing(url: str, stream: int, rounds: int) -> list[str]:
     for label, flags in (("sealed", ()), ("plain", ("--plain",))):
         env = Env()
         envs.append(env)
-        join = env.create(url, *flags)
-        env.mqttalk(env.b, "pair", join, "--as", "tests")
+        env.paired(url, *flags)
         chans[label] = (channel_of(env, env.a), channel_of(env, env.b))
     took: dict[str, list[float]] = {"sealed": [], "plain": []}
     rtt: dict[str, list[float]] = {"sealed": [], "plain": []}

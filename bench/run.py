@@ -94,6 +94,24 @@ class Env:
         out = self.mqttalk(self.a, "create", "--as", "impl", "--broker", broker, *flags)
         return re.search(r"join URL: (\S+)", out).group(1)  # type: ignore[union-attr]
 
+    def paired(self, broker: str, *flags: str) -> str:
+        """Create as impl, waiting (so it answers the pairing challenge), and pair as tests; the join URL."""
+        a = subprocess.Popen([MQTTALK, "create", "--as", "impl", "--broker", broker, "--wait", "30", *flags],
+                             cwd=self.a, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert a.stdout is not None
+        url = ""
+        for line in a.stdout:
+            if line.startswith("join URL: "):
+                url = line.split(": ", 1)[1].strip()
+                break
+        if not url:
+            raise SystemExit(f"bench: create printed no join URL: {a.communicate(timeout=30)[1]}")
+        self.mqttalk(self.b, "pair", url, "--as", "tests")
+        a.communicate(timeout=30)
+        if a.returncode != 0:
+            raise SystemExit(f"bench: create --wait exited {a.returncode}")
+        return url
+
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -164,8 +182,7 @@ def bench_send(broker: str, runs: int, wheel_exe: str | None) -> list[str]:
     """One-shot `mqttalk send` vs `mosquitto_pub -q 1` and a minimal raw paho publish, same payload."""
     e = Env()
     try:
-        url = e.create(broker)
-        e.mqttalk(e.b, "pair", url, "--as", "tests")
+        e.paired(broker)
         host, port = broker.split("//")[1].split(":")
         raw_paho = ROOT / "bench" / "paho_pub.py"
         cases: dict[str, Callable[[], float]] = {

@@ -1,6 +1,6 @@
 """Fixes for two amqtt 0.12 bugs that break mqttalk's promises. Applied by :func:`install`.
 
-1. Lost QoS 1 messages: deliver again instead of dropping on a PUBACK timeout.
+1. Lost QoS 1 messages: deliver again instead of dropping on a PUBACK timeout or a dead connection.
 
 amqtt sends each outgoing QoS 1 message and waits 5 s for its PUBACK; on timeout it discards the
 message. A subscriber that is slow to read (an agent's background `mqttalk listen` whose output
@@ -8,8 +8,11 @@ pipe is full, a stopped process) or killed mid-stream loses every message amqtt 
 meanwhile (195 of 1,000 in one run of tests/test_delivery.py). MQTT requires such messages to be
 delivered again; Mosquitto does.
 
-This wraps ``ProtocolHandler._handle_qos1_message_flow``: on a PUBACK timeout for an outgoing
-message, the message goes back into the session's queue (persisted by
+The same happens to the messages in flight when a subscriber's connection dies (amqtt cancels their
+PUBACK waiters and forgets them: 114 of 1,000 once when a reader was killed with SIGKILL).
+
+This wraps ``ProtocolHandler._handle_qos1_message_flow``: when an outgoing message ends without its
+PUBACK (timeout, cancelled waiter, failed write), the message goes back into the session's queue (persisted by
 :mod:`mqttalk_broker.persistence`), and the queue is delivered again through whatever connection
 the session has then — at once if it is connected, else when the client comes back. A client that
 did get the message sees a duplicate, which mqttalk drops by message id.
@@ -56,6 +59,7 @@ def _install_retained_filter() -> None:
 
 def _install_redelivery() -> None:
     from amqtt.broker import RetainedApplicationMessage
+    from amqtt.errors import ProtocolHandlerError
     from amqtt.events import BrokerEvents
     from amqtt.mqtt.protocol.handler import ProtocolHandler
     from amqtt.session import OUTGOING
@@ -67,20 +71,27 @@ def _install_redelivery() -> None:
     async def handle_qos1(self: Any, app_message: Any) -> None:
         try:
             await original(self, app_message)
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError, ProtocolHandlerError, OSError) as exc:
+            # A PUBACK timeout, or the connection died with the message in flight (amqtt then cancels
+            # the PUBACK waiter, or the write fails): either way the message was not acknowledged.
             session = self.session
-            if app_message.direction != OUTGOING or session is None:
+            if app_message.direction != OUTGOING or session is None or app_message.puback_packet is not None:
                 raise
-            queued = RetainedApplicationMessage(None, app_message.topic, app_message.data, app_message.qos)
-            await session.retained_messages.put(queued)
-            await self.plugins_manager.fire_event(BrokerEvents.RETAINED_MESSAGE, client_id=session.client_id,
-                                                  retained_message=queued)
-            broker = getattr(self.plugins_manager.context, "_broker_instance", None)
-            if broker is not None and session.client_id not in _draining:
-                _draining.add(session.client_id)
-                task = asyncio.create_task(_drain_later(broker, session))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+            await _put_back(self, session, app_message)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _put_back(self: Any, session: Any, app_message: Any) -> None:
+        queued = RetainedApplicationMessage(None, app_message.topic, app_message.data, app_message.qos)
+        await session.retained_messages.put(queued)
+        await self.plugins_manager.fire_event(BrokerEvents.RETAINED_MESSAGE, client_id=session.client_id,
+                                              retained_message=queued)
+        broker = getattr(self.plugins_manager.context, "_broker_instance", None)
+        if broker is not None and session.client_id not in _draining:
+            _draining.add(session.client_id)
+            task = asyncio.create_task(_drain_later(broker, session))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     setattr(handle_qos1, _PATCHED, True)
     ProtocolHandler._handle_qos1_message_flow = handle_qos1  # type: ignore[method-assign]

@@ -32,6 +32,7 @@ from ._topics import Topics, check_peer
 from ._url import JoinURL
 from ._wire import Envelope, Presence, new_envelope, now
 
+ANSWER_GRACE = 1.0  # s a join waits for an answer from peers that are present but show no live process
 STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
@@ -75,6 +76,7 @@ class PeerInfo:
     last_seen: datetime
     since: datetime
     me: bool = False
+    paired: bool = False  # its presence answers our current pairing challenge (see Channel.join)
 
     def liveness(self, at: datetime | None = None) -> str:
         ago = _ago(((at or now()) - self.last_seen).total_seconds())
@@ -116,27 +118,44 @@ class Channel:
             self.seal = Seal.from_token(url.key)
         self.topics = Topics(url.prefix, url.channel, self.seal)
         self.client_id = self.topics.client_id(me)
-        self._store: Any = None
+        self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
+        self._meta: tuple[Any, Any] | None = None
 
     # -- one-shot operations -----------------------------------------------------------------------
 
-    def join(self, wait: float = 0.0, *, new_member: bool = True) -> list[str]:
-        """Join the channel (creates this peer's broker session); wait up to ``wait`` s for another peer.
+    def join(self, wait: float = 0.0, *, new_member: bool = True, new_challenge: bool = True) -> list[str]:
+        """Join the channel (creates this peer's broker session); wait up to ``wait`` s for another peer
+        to pair.
 
-        Returns the other peers present. Raises :class:`NameTaken` if a live namesake is there.
+        Each join mints a new pairing challenge, carried in this peer's presence. Another peer is
+        *paired* once its presence answers that challenge: proof that it holds the channel key now,
+        which no stale, replayed or forged presence can give. Returns the peers paired;
+        :attr:`unanswered` lists those present that have not answered (yet: they answer when they
+        next run). Raises :class:`NameTaken` if a live namesake is there.
         """
+        if new_challenge:
+            self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
             taken = live.presences.get(self.me)
             if taken and taken.member != self.member and taken.state != "left":
                 raise NameTaken(f"peer name {self.me!r} is already used in this channel",
                                 "pick another with --as NAME")
             live.announce("online" if wait > 0 else "joined")
-            if wait > 0 and not live.others():
-                self.on_event(Event("waiting", "", f"up to {wait:g}s for another peer"))
-            deadline = time.monotonic() + wait
-            while not live.others() and time.monotonic() < deadline:
-                live.poll(deadline - time.monotonic())
-            return live.others()
+            started = time.monotonic()
+            deadline, told = started + wait, False
+            while not live.paired_peers() and (left := deadline - time.monotonic()) > 0:
+                seen = [live.presences[p] for p in live.others()]
+                waited = time.monotonic() - started
+                if not told and (not seen or waited > ANSWER_GRACE / 2):  # an answer usually takes ms
+                    told = True
+                    names = " and ".join(p.peer for p in seen)
+                    self.on_event(Event("waiting", "", f"up to {wait:g}s for {names} to answer" if seen
+                                        else f"up to {wait:g}s for another peer"))
+                if seen and waited > ANSWER_GRACE and all(_judge(p, me=False).state != "online" for p in seen):
+                    break  # those present run no mqttalk process now: nobody can answer before their next one
+                live.poll(min(left, 0.1))
+            self.unanswered = [p for p in live.others() if p not in live.paired]
+            return live.paired_peers()
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
              to: str | None = None, re: str | None = None) -> Envelope:
@@ -217,7 +236,8 @@ class Channel:
                 live.announce("joined")
             proto = "MQTT 5" if live.protocol == 5 else "MQTT 3.1.1"
             presences = dict(live.presences)
-        peers = [_judge(p, me=p.peer == self.me) for p in presences.values()]
+        nonce = self.nonce
+        peers = [_judge(p, me=p.peer == self.me, paired=p.answers_for(self.me, nonce)) for p in presences.values()]
         peers.sort(key=lambda p: (not p.me, p.name))
         channel = self.url.channel
         return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(channel, self.me),
@@ -246,12 +266,30 @@ class Channel:
         return Live(self, online=online, reconnect=reconnect, new_member=new_member)
 
     @property
-    def store(self) -> Any:
-        if self._store is None:
-            from ._store import Store
+    def meta(self) -> tuple[Any, Any]:
+        """MQTT 5 properties of (messages, presence): a content type (plain JSON, or sealed bytes), the
+        wire version as a user property, and on presence an expiry, so a broker drops the retained
+        presence of a channel nobody uses any more."""
+        if self._meta is None:
+            from ._transport import SESSION_EXPIRY, Meta
+            from ._wire import WIRE_VERSION
 
-            self._store = Store(self.settings.state_dir / "store.sqlite3")
-        return self._store
+            user = (("mqttalk", str(WIRE_VERSION)),)
+            content = ("application/octet-stream", False) if self.seal else ("application/json", True)
+            self._meta = (Meta(*content, user=user), Meta(*content, expiry=SESSION_EXPIRY + 24 * 3600, user=user))
+        return self._meta
+
+    @property
+    def nonce(self) -> str:
+        """This peer's current pairing challenge (see :meth:`join`)."""
+        return str(self.store.nonce(self.url.channel, self.me))
+
+    @property
+    def store(self) -> Any:
+        """The local store (see :meth:`Store.shared`: one connection per thread, shared by channels)."""
+        from ._store import Store
+
+        return Store.shared(self.settings.state_dir / "store.sqlite3")
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -285,7 +323,9 @@ class Channel:
     def _flush_once(self, link: Any) -> int:
         """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
         pending = self.store.pending(self.url.channel, self.me)
-        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False)) for row in pending]
+        meta = self.meta[0]
+        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False, meta=meta))
+                 for row in pending]
         for n, info in infos:
             link.wait_published(info)
             self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
@@ -297,18 +337,33 @@ class Channel:
                         since=self.joined if state == "joined" else at, hb=at,
                         client=f"mqttalk/{__version__} {socket.gethostname()} pid {os.getpid()}",
                         every=self.settings.heartbeat if state == "online" else None,
-                        seq=self.store.last_sent_seq(self.url.channel, self.me) or None)
+                        seq=self.store.last_sent_seq(self.url.channel, self.me) or None,
+                        nonce=self.nonce, answers=self.store.answers(self.url.channel, self.me) or None)
 
     def _announce(self, link: Any, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
         pres = self._presence(state)
         topic = self.topics.presence(self.me)
-        link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack)
+        link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack, meta=self.meta[1])
         return pres
 
     def _inbox(self) -> Inbox:
         channel = self.url.channel
-        return Inbox([Message(n, env) for n, env in self.store.unread(channel, self.me)],
+        return Inbox(_in_sender_order([Message(n, env) for n, env in self.store.unread(channel, self.me)]),
                      self.store.new_gaps(channel, self.me))
+
+
+def _in_sender_order(messages: list[Message]) -> list[Message]:
+    """Arrival order across senders, each sender's messages in its sequence order.
+
+    A broker may hand a resumed session its queue and newer messages at once (amqtt does, and
+    redelivers after a timeout), so arrival order can differ from the order a peer sent in. Each
+    sender keeps the places its messages arrived in, filled in sequence order.
+    """
+    by_sender: dict[str, list[Message]] = {}
+    for m in messages:
+        by_sender.setdefault(m.envelope.sender, []).append(m)
+    queues = {s: iter(sorted(ms, key=lambda m: (m.envelope.seq or 0, m.n))) for s, ms in by_sender.items()}
+    return [next(queues[m.envelope.sender]) for m in messages]
 
 
 class SessionBusy(BrokerRefused):
@@ -369,11 +424,11 @@ def _stale_after(p: Presence) -> float:
     return STALE_BEATS * (p.every or 10.0)
 
 
-def _judge(p: Presence, *, me: bool) -> PeerInfo:
+def _judge(p: Presence, *, me: bool, paired: bool = False) -> PeerInfo:
     state = p.state
     if state == "online" and (now() - p.hb).total_seconds() > _stale_after(p):
         state = "away"  # its will never fired (e.g. amqtt does not enforce keepalive)
-    return PeerInfo(p.peer, p.role, state, p.hb, p.since, me)
+    return PeerInfo(p.peer, p.role, state, p.hb, p.since, me, paired)
 
 
 def _ago(seconds: float) -> str:

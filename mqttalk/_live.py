@@ -71,6 +71,9 @@ class Live:
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
+        self.paired: set[str] = set()  # peers whose presence answers our current challenge
+        self._nonce = ""
+        self._answer_due = False  # a peer's challenge we have not answered in our presence yet
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -83,6 +86,7 @@ class Live:
             raise SessionBusy("another mqttalk process of this peer holds its broker session",
                               "stop it, or let it receive: `mqttalk recv` reads what it stores")
         self._gap_mark = max((g.n for g in ch.store.new_gaps(ch.url.channel, ch.me)), default=0)
+        self._nonce = ch.nonce
         try:
             self._connect()
         except BaseException:
@@ -122,7 +126,12 @@ class Live:
         return self._link is not None
 
     def others(self) -> list[str]:
+        """Peers present in the channel (by their presence, which may be stale: see :meth:`paired_peers`)."""
         return sorted(p for p, pres in self.presences.items() if p != self.channel.me and pres.state != "left")
+
+    def paired_peers(self) -> list[str]:
+        """Peers that answered this peer's current pairing challenge (and have not left since)."""
+        return sorted(p for p in self.paired if p in self.presences and self.presences[p].state != "left")
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -132,6 +141,7 @@ class Live:
         self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
         self._announced = state
         self._sent_more = False
+        self._answer_due = False
         self._next_beat = time.monotonic() + self.channel.settings.heartbeat
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
@@ -346,13 +356,20 @@ class Live:
         if pres.state in ("left", "away"):
             if pres.state == "left":
                 ch.store.forget_paired(ch.url.channel, ch.me, peer)
+                self.paired.discard(peer)
             if peer not in self._offline and self._synced:
                 self._offline.add(peer)
                 ch.on_event(Event("offline", peer, pres.state))
             return
         self._offline.discard(peer)
-        if ch.store.mark_paired(ch.url.channel, ch.me, peer):
-            ch.on_event(Event("paired", peer, pres.role or ""))
+        if pres.nonce and ch.store.see_nonce(ch.url.channel, peer, pres.nonce):
+            self._answer_due = True  # our presence answers it at the next chance (see _routine)
+        # Present is not paired: only a presence answering our current challenge proves the peer holds
+        # the key now. A stale, replayed or forged presence never yields PAIRED.
+        if pres.answers_for(ch.me, self._nonce):
+            self.paired.add(peer)
+            if ch.store.mark_paired(ch.url.channel, ch.me, peer):
+                ch.on_event(Event("paired", peer, pres.role or ""))
         if self._synced and self.exclusive and pres.seq:
             ch.store.expect(ch.url.channel, peer, pres.seq)
 
@@ -368,6 +385,8 @@ class Live:
     def _routine(self) -> None:
         """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
         mono = time.monotonic()
+        if self._answer_due and self._announced is not None and self.exclusive:
+            self.announce(self._announced)  # answer new challenges at once: the peer may be waiting on it
         if mono >= self._next_beat:
             if self._announced == "online" or (self._sent_more and not self._inflight):
                 self.announce(self._announced or "joined")
@@ -388,8 +407,10 @@ class Live:
         ch = self.channel
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
+        meta = ch.meta[0]
         for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
-            self._inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False)))
+            info = self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False, meta=meta)
+            self._inflight.append((row.n, info))
             self._handed = row.n
 
     def _collect_acks(self) -> None:

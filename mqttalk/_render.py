@@ -79,7 +79,8 @@ def status_text(st: Any) -> str:
         lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
     for i, p in enumerate(others):
         role = f" [{p.role}]" if p.role else ""
-        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}")
+        proof = "" if p.paired else " (has not answered our pairing challenge yet)"
+        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}{proof}")
     lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
     if st.queued:
         lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")

@@ -8,7 +8,9 @@ reveal, and which pairings each local peer has been told about.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS outbox (       -- what this machine's peers send; als
     created REAL NOT NULL, sent REAL,
     UNIQUE (channel, sender, seq)
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, sender, sent, seq);
+DROP INDEX IF EXISTS outbox_pending;  -- (channel, sender, sent, seq): every mark_sent moved an entry
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (channel, sender, seq) WHERE sent IS NULL;
 CREATE TABLE IF NOT EXISTS heads (
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (channel, sender)
@@ -57,6 +60,10 @@ CREATE TABLE IF NOT EXISTS gaps (
 );
 CREATE TABLE IF NOT EXISTS presence_seen (  -- the newest presence seen per peer: older ones are replays
     channel TEXT NOT NULL, peer TEXT NOT NULL, hb TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (channel, peer)
+);
+CREATE TABLE IF NOT EXISTS nonces (    -- pairing challenges: our own (new at each join) and the latest seen of others
+    channel TEXT NOT NULL, peer TEXT NOT NULL, nonce TEXT NOT NULL,
     PRIMARY KEY (channel, peer)
 );
 CREATE TABLE IF NOT EXISTS paired (
@@ -86,7 +93,21 @@ class Pending(NamedTuple):
     payload: bytes
 
 
+_local = threading.local()
+
+
 class Store:
+    @classmethod
+    def shared(cls, path: Path) -> Store:
+        """This thread's connection to the store at ``path``. Channels share it: a process holding
+        hundreds of channels keeps one connection per thread, not hundreds, and a connection is never
+        used by two threads at once (their transactions would interleave)."""
+        stores: dict[Path, Store] = _local.__dict__.setdefault("stores", {})
+        store = stores.get(path)
+        if store is None:
+            store = stores[path] = cls(path)
+        return store
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -252,13 +273,13 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?",
                              (channel, sender)).fetchone()
-            seq = int(row[0] or 0)
-            for env in envs:
-                seq += 1
+            first = int(row[0] or 0) + 1
+            for seq, env in enumerate(envs, first):
                 env.seq = seq
-                db.execute("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
+            db.executemany("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (channel, sender, seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at))
+                           [(channel, sender, env.seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at)
+                            for env in envs])
 
     def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
         """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""
@@ -305,5 +326,36 @@ class Store:
         return cur.rowcount == 1
 
     def forget_paired(self, channel: str, peer: str, other: str) -> None:
-        """``other`` left: a later rejoin is a new pairing worth announcing."""
-        self.db.execute("DELETE FROM paired WHERE channel = ? AND peer = ? AND other = ?", (channel, peer, other))
+        """``other`` left: a later rejoin is a new pairing worth announcing (and its challenge is void)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM paired WHERE channel = ? AND peer = ? AND other = ?", (channel, peer, other))
+            db.execute("DELETE FROM nonces WHERE channel = ? AND peer = ?", (channel, other))
+
+    # -- pairing challenges ------------------------------------------------------------------------
+
+    def nonce(self, channel: str, peer: str, *, renew: bool = False) -> str:
+        """Local ``peer``'s pairing challenge; ``renew`` mints a new one (a join), voiding every answer
+        to the old one, so each pairing this peer announces is proved afresh."""
+        with self._tx() as db:
+            row = None if renew else db.execute("SELECT nonce FROM nonces WHERE channel = ? AND peer = ?",
+                                                (channel, peer)).fetchone()
+            if row:
+                return str(row[0])
+            fresh = os.urandom(16).hex()
+            db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+                       " DO UPDATE SET nonce = excluded.nonce", (channel, peer, fresh))
+            db.execute("DELETE FROM paired WHERE channel = ? AND peer = ?", (channel, peer))
+            return fresh
+
+    def see_nonce(self, channel: str, peer: str, nonce: str) -> bool:
+        """Record the challenge another peer's presence carries; True if it is new to us (answer it)."""
+        cur = self.db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+                              " DO UPDATE SET nonce = excluded.nonce WHERE nonce != excluded.nonce",
+                              (channel, peer, nonce))
+        return cur.rowcount == 1
+
+    def answers(self, channel: str, peer: str, limit: int = 64) -> dict[str, str]:
+        """The challenges of the other peers of ``channel`` that ``peer`` answers in its presence."""
+        rows = self.db.execute("SELECT peer, nonce FROM nonces WHERE channel = ? AND peer != ? ORDER BY rowid DESC"
+                               " LIMIT ?", (channel, peer, limit))
+        return {str(p): str(n) for p, n in rows}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import ssl
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -45,6 +46,36 @@ class Will:
     topic: str
     payload: bytes
     retain: bool = True
+
+
+@dataclass(frozen=True)
+class Meta:
+    """MQTT 5 properties of a publish, for brokers' rules engines and dashboards (ignored on 3.1.1)."""
+
+    content_type: str
+    utf8: bool = False  # Payload Format Indicator: the payload is UTF-8 text
+    expiry: int | None = None  # Message Expiry Interval, seconds
+    user: tuple[tuple[str, str], ...] = ()
+
+
+class _Packed(Properties):
+    """PUBLISH properties packed once: paho packs them again on every publish (~16 us each)."""
+
+    _packed: bytes
+
+    def __init__(self, meta: Meta) -> None:
+        super().__init__(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        self.ContentType = meta.content_type
+        if meta.utf8:
+            self.PayloadFormatIndicator = 1
+        if meta.expiry is not None:
+            self.MessageExpiryInterval = meta.expiry
+        if meta.user:
+            self.UserProperty = list(meta.user)
+        object.__setattr__(self, "_packed", bytes(super().pack()))  # type: ignore[no-untyped-call]
+
+    def pack(self) -> bytes:
+        return self._packed
 
 
 class Link:
@@ -76,6 +107,7 @@ class Link:
         self._acks = 0  # PUBACKs received: pump() returns early on one
         self._publishing: dict[int, str] = {}  # mid -> topic of a QoS 1 publish not acknowledged yet
         self._refused: list[tuple[str, ReasonCode]] = []  # publishes an MQTT 5 broker refused (PUBACK >= 0x80)
+        self._packed: dict[Meta, _Packed] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -84,7 +116,11 @@ class Link:
         key = f"{self.broker.host}:{self.broker.port}"
         known = cache.get(key)
         if known is not None:
-            self._connect(known)
+            try:
+                self._connect(known)
+            except _ProtocolRefused:  # it spoke MQTT 5 before: it is not the protocol, it is the broker
+                raise BrokerUnreachable(f"{self.broker.display()} closed the connection before accepting it",
+                                        "is the broker overloaded or restarting? try again") from None
             return self
         # First contact: find out whether the broker speaks MQTT 5. The probe is a bare CONNECT
         # (no properties): amqtt answers that with "unsupported protocol version", but hangs on a v5
@@ -115,7 +151,7 @@ class Link:
             client.disconnect()
             deadline = time.monotonic() + 1.0
             while self._closed is None and time.monotonic() < deadline:
-                if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                if _loop(client, 0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
         sock = client.socket()
         if sock is not None:
@@ -149,10 +185,16 @@ class Link:
                 raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}", hint)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                wait: bool = True) -> mqtt.MQTTMessageInfo:
-        """Publish; with ``wait`` return only once the broker acknowledged it (PUBACK)."""
+                wait: bool = True, meta: Meta | None = None) -> mqtt.MQTTMessageInfo:
+        """Publish; with ``wait`` return only once the broker acknowledged it (PUBACK). ``meta`` goes
+        along as MQTT 5 properties when the broker speaks MQTT 5."""
         client = self._live()
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if meta is not None and self.protocol == mqtt.MQTTv5:
+            props = self._packed.get(meta)
+            if props is None:
+                props = self._packed[meta] = _Packed(meta)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         self._check(info.rc)
         if qos > 0:
             self._publishing[info.mid] = topic
@@ -181,7 +223,7 @@ class Link:
         deadline = time.monotonic() + timeout
         acks = self._acks
         while True:
-            rc = client.loop(max(0.0, min(timeout, deadline - time.monotonic())))
+            rc = _loop(client, max(0.0, min(timeout, deadline - time.monotonic())))
             if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             handed = self._dispatch()
@@ -270,7 +312,7 @@ class Link:
                     raise _ProtocolRefused
                 raise BrokerUnreachable(f"{where} accepted the connection but sent no MQTT answer "
                                         f"within {self.timeout:g}s", "is it an MQTT port?")
-            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
+            if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
                 break
         code = self._connack
         if code is None or (code.is_failure and code.getName() == "Unsupported protocol version"):
@@ -311,7 +353,7 @@ class Link:
             if left <= 0:
                 raise TimedOut(f"broker at {self.broker.display()} did not confirm the {what} "
                                f"within {self.timeout:g}s")
-            if client.loop(min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
+            if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             if self._dispatch():
                 deadline = time.monotonic() + self.timeout
@@ -384,3 +426,34 @@ class _ProtocolCache:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.path)
+
+
+def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
+    """paho's ``loop()`` through its external-loop API (``loop_read``/``loop_write``/``loop_misc``).
+
+    Same steps, minus the wake-up socket pair ``loop()`` creates for threaded use: with it, every
+    publish costs a second system call (a byte written to wake a select no other thread runs).
+    """
+    sock = client.socket()
+    if sock is None:
+        return mqtt.MQTT_ERR_NO_CONN
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending() > 0:  # TLS or websocket bytes already read and buffered
+        timeout = 0.0
+    poller = select.poll()  # not select(): it fails on descriptors >= 1024 (a process holding many links)
+    try:
+        poller.register(sock, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
+        events = poller.poll(timeout * 1000)
+    except (OSError, ValueError):  # closed under us
+        return mqtt.MQTT_ERR_CONN_LOST
+    ready = events[0][1] if events else 0
+    readable, writable = ready & ~select.POLLOUT, ready & select.POLLOUT
+    if readable or (pending is not None and pending() > 0):
+        rc = client.loop_read()
+        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    if writable:
+        rc = client.loop_write()
+        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+            return rc
+    return client.loop_misc()

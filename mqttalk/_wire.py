@@ -103,9 +103,17 @@ class Presence(BaseModel):
     client: str | None = None
     seq: int | None = Field(None, description="highest message sequence number the peer has sent")
     every: float | None = Field(None, description="seconds between heartbeats while online")
+    nonce: str | None = Field(None, description="this peer's pairing challenge, new each time it joins")
+    answers: dict[str, str] | None = Field(
+        None, description="the challenges of the other peers this one has seen, by peer name: its proof of "
+        "holding the channel key now (it can only have seen them by opening their sealed presence)")
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    def answers_for(self, peer: str, nonce: str) -> bool:
+        """Whether this presence answers ``peer``'s current challenge."""
+        return bool(self.answers) and self.answers.get(peer) == nonce  # type: ignore[union-attr]
 
 
 def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | None = None,
@@ -127,8 +135,8 @@ def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | No
     elif data:
         raise BadMessage(f"a {kind} takes no typed fields (got {', '.join(sorted(data))})")
     env = Envelope(id=uuid7(), ts=now(), sender=sender, to=to, kind=kind, re=re, seq=seq, body=body, data=data)
-    size = len(env.encode())
-    if size > MAX_PAYLOAD:
+    # JSON escapes a character into at most 6 bytes: only a large message needs encoding to be measured.
+    if (len(body) + len(str(data))) * 6 + 1024 > MAX_PAYLOAD and (size := len(env.encode())) > MAX_PAYLOAD:
         raise BadMessage(
             f"message is {size} bytes, over the {MAX_PAYLOAD} byte limit",
             "send a path or a summary instead of the whole file",

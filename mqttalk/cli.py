@@ -177,8 +177,11 @@ def create(
     if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
         out.note("this broker listens on this machine only; for a session on another machine use "
                  "--broker mqtt://HOST:PORT (see README: Brokers)")
+    if wait <= 0:
+        out.note("to see PAIRED the moment the other side pairs, wait for it: `mqttalk recv --wait 600` "
+                 "(pairing is confirmed by a challenge only a running mqttalk answers)")
     # The URL is on screen (the user must share it) before we block.
-    if wait > 0 and not channel.join(wait, new_member=False):
+    if wait > 0 and not channel.join(wait, new_member=False, new_challenge=False):
         out.note(f"no peer paired within {wait:g}s; the channel stays open "
                  "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
         raise typer.Exit(EXIT_TIMEOUT)
@@ -204,6 +207,13 @@ def pair(
     if url == "-":
         url = sys.stdin.readline().strip()
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
+    if not others and channel.unanswered:
+        names = " and ".join(channel.unanswered)
+        are, it = ("are", "them") if len(channel.unanswered) > 1 else ("is", "it")
+        out.note(f"joined as {channel.me}; {names} {are} in the channel but did not answer the pairing challenge "
+                 f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
+                 f"SECONDS` prints PAIRED once an answer comes (their next mqttalk command gives it).")
+        raise typer.Exit(EXIT_TIMEOUT)
     if not others:
         check = (" If the other session created it already, check that the whole join URL, its #k= key"
                  " included, was copied." if channel.url.sealed else "")
@@ -350,7 +360,7 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
                       "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "sealed": st.sealed,
-                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me,
+                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me, "paired": p.paired,
                                  "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
                                  "liveness": p.liveness()} for p in st.peers]})
         return

@@ -289,9 +289,25 @@ def join_url(result: Result) -> str:
     raise AssertionError(f"no join URL in:\n{result.out}")
 
 
-def paired(impl: Session, tests: Session, broker: str, *create_flags: str) -> str:
-    """Create as impl and pair as tests; return the join URL."""
-    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker, *create_flags))
-    res = tests.ok("pair", url, "--as", "tests")
+def paired(impl: Session, tests: Session, broker: str | None, *create_flags: str,
+           pair_flags: tuple[str, ...] = (), url_on_stdin: bool = False, env: dict[str, str] | None = None) -> str:
+    """Create as impl (waiting, so it answers the pairing challenge at once) and pair as tests; both
+    print PAIRED. ``broker`` None: the embedded one. Returns the join URL."""
+    where = ("--broker", broker) if broker else ()
+    proc = impl.start("create", "--as", "impl", *where, "--wait", "30", *create_flags, env=env)
+    assert proc.stdout is not None
+    url = ""
+    while not url:
+        line = proc.stdout.readline()
+        if not line:
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"create exited {proc.returncode} before printing the join URL: {err}")
+        url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+    if url_on_stdin:
+        res = tests.ok("pair", "-", "--as", "tests", *pair_flags, input=url + "\n", env=env)
+    else:
+        res = tests.ok("pair", url, "--as", "tests", *pair_flags, env=env)
     assert "mqttalk: PAIRED with impl" in res.out
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out, f"create --wait: {out}\n{err}"
     return url

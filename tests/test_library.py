@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,13 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
     b_dir.mkdir()
     events: list[mqttalk.Event] = []
     impl = mqttalk.create("impl", role="api", settings=settings, cwd=a_dir)
+    waited: list[list[str]] = []  # impl waits for its peer (as `create --wait` does), so it answers at once
+    waiting = threading.Thread(target=lambda: waited.append(impl.join(20, new_challenge=False)))
+    waiting.start()
+    time.sleep(0.5)
     tests, others = mqttalk.pair(impl.url.render(), "tests", settings=settings, cwd=b_dir, on_event=events.append)
-    assert others == ["impl"]
+    waiting.join(30)
+    assert others == ["impl"] and waited == [["tests"]]
     assert [(e.kind, e.peer, e.detail) for e in events] == [("paired", "impl", "api")]
 
     sent = impl.send("tests written?", kind="question")

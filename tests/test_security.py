@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from typing import Any
@@ -44,9 +45,8 @@ class Snooper:
 def test_a_snooper_on_hash_sees_no_plaintext(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     snoop = Snooper(broker_url + "/x/abcdefgh12345678")
-    url = join_url(impl.ok("create", "--as", "impl", "--role", "owns-src-api-users", "--broker", broker_url))
+    url = paired(impl, tests, broker_url, "--role", "owns-src-api-users")
     channel_id = JoinURL.parse(url).channel
-    tests.ok("pair", url, "--as", "tests")
     impl.ok("send", "--kind", "spec", "--subject", "POST /users", "POST /users takes {email,name} CANARY-SPEC")
     tests.ok("send", "--kind", "status", "--state", "red", "tests written, all red CANARY-STATUS")
     tests.ok("recv")
@@ -184,5 +184,45 @@ def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Sess
 
 def test_pair_reads_the_url_from_stdin(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
+    paired(impl, tests, broker_url, url_on_stdin=True)
+
+
+def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Session, Session],
+                                                          broker_url: str) -> None:
+    """PAIRED needs a presence that answers this join's fresh challenge. impl's genuine "online"
+    presence, recorded while it listened and replayed after it is gone, shows impl as online to a
+    newcomer, but cannot answer: no PAIRED, however long one waits."""
+    impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
-    assert "PAIRED with impl" in tests.ok("pair", "-", "--as", "tests", input=url + "\n").out
+    topics: Any = channel_topics(url)
+    listener = impl.start("listen", "--timeout", "60")
+    time.sleep(1.5)
+    assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out  # impl is live: it answers
+    snoop = Snooper(url)  # the attacker records impl's live presence (it answers tests' challenge)
+    snoop.client.subscribe(topics.presence("impl"), qos=1)
+    snoop.stop()
+    recorded = [decode_presence(Seal.from_token(JoinURL.parse(url).key or "").open(topics.presence("impl"), p) or b"")
+                for t, p in snoop.seen if t == topics.presence("impl")]
+    assert any(p is not None and p.state == "online" and p.answers for p in recorded)
+    online = next(p for t, p in snoop.seen if t == topics.presence("impl"))
+    listener.send_signal(signal.SIGINT)
+    listener.communicate(timeout=20)
+    # impl's machine is gone for good; the attacker puts its old "online" presence back.
+    join = JoinURL.parse(url)
+    attacker = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    attacker.connect(join.broker.host, join.broker.port)
+    attacker.loop_start()
+    attacker.publish(topics.presence("impl"), online, qos=1, retain=True).wait_for_publish(5)
+    attacker.loop_stop()
+    attacker.disconnect()
+
+    newcomer = Session("docs", impl.cwd.parent)  # never saw impl: the replay looks fresh and online to it
+    res = newcomer.run("pair", url, "--as", "docs", "--wait", "3")
+    assert res.code == 3 and "PAIRED" not in res.out
+    assert "impl and tests are in the channel but did not answer the pairing challenge within 3s" in res.err
+    st = newcomer.ok("status").out
+    assert "impl: online (has not answered our pairing challenge yet)" in st
+    again = tests.run("pair", url, "--as", "tests", "--wait", "3")  # tests pairs again: a new challenge
+    assert again.code == 3 and "PAIRED with impl" not in again.out
+    # (tests and docs, both genuine and each running while the other waited, may pair with each other)
+    assert "PAIRED with impl" not in tests.ok("recv").out + newcomer.ok("recv").out

@@ -38,13 +38,20 @@ def test_pair_prints_paired_on_both_sides(sessions: tuple[Session, Session], bro
     assert waiting.returncode == 0 and "from=tests" in out
 
 
-def test_a_not_waiting_sees_paired_when_it_next_reads(sessions: tuple[Session, Session], broker_url: str) -> None:
+def test_a_not_running_pairs_when_it_next_runs(sessions: tuple[Session, Session], broker_url: str) -> None:
+    """B pairs while A runs nothing: A's retained presence is no proof (it could be stale), so B says A
+    has not answered yet; A's next command answers B's challenge and prints PAIRED, then so does B's."""
     impl, tests = sessions
-    paired(impl, tests, broker_url)
-    first = impl.ok("recv")
-    assert "mqttalk: PAIRED with tests" in first.out
-    again = impl.ok("recv")
-    assert "PAIRED" not in again.out  # announced once
+    url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
+    res = tests.run("pair", url, "--as", "tests", "--wait", "2")
+    assert res.code == 3 and "PAIRED" not in res.out
+    assert "impl is in the channel but did not answer the pairing challenge" in res.err
+    assert "impl: " in (st := tests.ok("status").out) and "has not answered our pairing challenge" in st
+    assert "mqttalk: PAIRED with tests" in impl.ok("recv").out
+    assert "PAIRED" not in impl.ok("recv").out  # announced once
+    assert "mqttalk: PAIRED with impl" in tests.ok("recv").out
+    peers = {p["name"]: p for p in status_of(tests)["peers"]}  # type: ignore[attr-defined]
+    assert peers["impl"]["paired"] is True and peers["tests"]["me"] is True
 
 
 def test_create_can_wait_for_the_peer(sessions: tuple[Session, Session], broker_url: str) -> None:
@@ -198,7 +205,7 @@ def test_directed_message_reaches_only_its_peer(tmp_path_factory: object, broker
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     docs = Session("docs", impl.cwd.parent)
-    docs.ok("pair", url, "--as", "docs")
+    assert docs.run("pair", url, "--as", "docs").code == 3  # impl and tests run nothing now: no answer
     impl.ok("send", "--to", "docs", "please document POST /users")
     impl.ok("send", "to everyone")
     assert "please document" in docs.ok("recv").out
@@ -240,4 +247,5 @@ def test_pair_refuses_a_name_a_live_peer_uses(sessions: tuple[Session, Session],
     intruder = Session("intruder", impl.cwd.parent)
     res = intruder.run("pair", url, "--as", "impl")
     assert res.code == 2 and "already used" in res.err
-    assert tests.ok("pair", url, "--as", "tests").code == 0  # pairing again from the same place is fine
+    again = tests.run("pair", url, "--as", "tests")  # pairing again from the same place is fine...
+    assert again.code == 3 and "impl is in the channel but did not answer" in again.err  # (impl runs nothing)

@@ -7,7 +7,7 @@ import datetime as dt
 import ipaddress
 from pathlib import Path
 
-from conftest import EmbeddedBroker, PrivateMosquitto, Session, join_url
+from conftest import EmbeddedBroker, PrivateMosquitto, Session, paired
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -52,10 +52,10 @@ def test_mqtts_pairs_with_the_ca_and_is_refused_without(sessions: tuple[Session,
         refused = impl.run("create", "--as", "impl", "--broker", url)  # the system's CAs do not know it
         assert refused.code == 5 and "not trusted" in refused.err and "--ca" in refused.err
         assert "Traceback" not in refused.err
-        join = join_url(impl.ok("create", "--as", "impl", "--broker", url, "--ca", str(pem["ca"])))
+        join = paired(impl, tests, url, "--ca", str(pem["ca"]), pair_flags=("--ca", str(pem["ca"])))
         assert join.startswith("mqtts://127.0.0.1:")
-        assert tests.run("pair", join, "--as", "tests").code == 5  # tests has no CA yet
-        assert "PAIRED with impl" in tests.ok("pair", join, "--as", "tests", "--ca", str(pem["ca"])).out
+        outsider = Session("outsider", impl.cwd.parent)
+        assert outsider.run("pair", join, "--as", "outsider").code == 5  # it has no CA
         impl.ok("send", "over TLS")  # the directory remembers its CA
         assert "over TLS" in tests.ok("recv").out
     finally:
@@ -68,9 +68,8 @@ def test_ws_pairs_through_the_embedded_brokers_websocket_listener(sessions: tupl
     broker.start()
     try:
         impl, tests = sessions
-        url = join_url(impl.ok("create", "--as", "impl", "--broker", f"ws://127.0.0.1:{broker.ws_port}"))
+        url = paired(impl, tests, f"ws://127.0.0.1:{broker.ws_port}")
         assert url.startswith("ws://")
-        assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out
         tests.ok("send", "--kind", "status", "--state", "green", "over websockets")
         assert "over websockets" in impl.ok("recv").out
     finally:
