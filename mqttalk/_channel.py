@@ -63,9 +63,10 @@ class Inbox:
 
     messages: list[Message] = field(default_factory=list)
     gaps: list[Any] = field(default_factory=list)  # _store.Gap
+    paired: list[str] = field(default_factory=list)  # peers this fetch saw pair with us (PAIRED was emitted)
 
     def __bool__(self) -> bool:
-        return bool(self.messages or self.gaps)
+        return bool(self.messages or self.gaps or self.paired)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ class Channel:
             time.sleep(0.02)
 
     def fetch(self, wait: float = 0.0) -> Inbox:
-        """Unread messages (and new gaps) for this peer; with ``wait``, block up to that long for one.
+        """Unread messages (and new gaps) for this peer; with ``wait``, block up to that long for one,
+        or for another peer to pair (:attr:`Inbox.paired`).
 
         Nothing is marked read: call :meth:`mark_read` once the messages were shown.
         """
@@ -206,15 +208,28 @@ class Channel:
                 time.sleep(0.1)
                 got = self._inbox()
             return got
-        with live:
-            live.announce("online" if wait > 0 else "joined")
-            got = self._inbox()
-            if wait > 0 and not got:
-                self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
-            while not got and time.monotonic() < deadline:
-                if live.poll(deadline - time.monotonic()):
-                    got = self._inbox()
-            return got
+        paired: list[str] = []  # a new pairing is news too: a wait ends on it
+        emit = self.on_event
+
+        def on_event(event: Event) -> None:
+            if event.kind == "paired":
+                paired.append(event.peer)
+            emit(event)
+
+        self.on_event = on_event
+        try:
+            with live:
+                live.announce("online" if wait > 0 else "joined")
+                got = self._inbox()
+                if wait > 0 and not got and not paired:
+                    self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
+                while not got and not paired and time.monotonic() < deadline:
+                    if live.poll(deadline - time.monotonic()):
+                        got = self._inbox()
+        finally:
+            self.on_event = emit
+        got.paired = paired
+        return got
 
     def mark_read(self, inbox: Inbox) -> None:
         n = max((m.n for m in inbox.messages), default=0)

@@ -50,20 +50,22 @@ def run(keep: bool = False) -> int:
         url = re.search(r"join URL: (\S+)", created)
         if not url:
             raise _Step("create printed no join URL")
-        print("\n[impl] $ mqttalk recv --wait 20     (in the background: impl waits for its peer)", flush=True)
+        print("\n[impl] $ mqttalk recv --wait 20     (in the background: returns once its peer pairs)", flush=True)
         waiting = subprocess.Popen([sys.executable, "-m", "mqttalk", "recv", "--wait", "20"], cwd=dirs["impl"],
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.0)  # let it connect
         paired = cmd("tests", "pair", url.group(1), "--as", "tests", "--role", "writes the API tests")
         if "PAIRED with impl" not in paired:
             raise _Step("tests did not print PAIRED")
+        out, _ = waiting.communicate(timeout=30)
+        print("    [impl's background recv printed, and returned:]")
+        print("\n".join("    " + line for line in out.rstrip().splitlines()), flush=True)
+        if "PAIRED with tests" not in out:
+            raise _Step("impl's waiting recv did not print PAIRED")
         question = cmd("tests", "send", "--kind", "question", "What does POST /users return on success?")
         qid = re.search(r"id=(\S+)", question)
-        out, _ = waiting.communicate(timeout=30)
-        print("    [impl's background recv printed:]")
-        print("\n".join("    " + line for line in out.rstrip().splitlines()), flush=True)
-        if "PAIRED with tests" not in out or "kind=question" not in out:
-            raise _Step("impl's waiting recv did not print PAIRED and the question")
+        if "kind=question" not in cmd("impl", "recv"):
+            raise _Step("impl did not receive the question")
         cmd("impl", "send", "--kind", "answer", "--re", qid.group(1) if qid else "?", "201 with {id, created_at}")
         spec = cmd("impl", "send", "--kind", "spec", "--subject", "POST /users", SPEC)
         sid = re.search(r"id=(\S+)", spec)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._channel import _NETWORK_ERRORS, Event, SessionBusy, _FileLock, _judge, _stale_after
 from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
 from ._topics import check_peer
-from ._wire import Envelope, Presence, decode_envelope, decode_presence, new_envelope, now
+from ._wire import Envelope, Presence, decode_envelope, decode_presence, decode_roster, encode_roster, new_envelope, now
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -74,6 +74,7 @@ class Live:
         self.paired: set[str] = set()  # peers whose presence answers our current challenge
         self._nonce = ""
         self._answer_due = False  # a peer's challenge we have not answered in our presence yet
+        self._roster: set[str] | None = None  # member names from the channel's retained roster
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -181,21 +182,22 @@ class Live:
         ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), batch)
 
     def drain(self, timeout: float | None = None) -> None:
-        """Wait until everything handed to the network was acknowledged."""
+        """Wait until everything handed to the network was acknowledged (``timeout`` 0: send what is
+        pending and take in the acknowledgements already there, without waiting)."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.channel.settings.connect_timeout)
         if self._batch:
             self._record_batch()
             self._publish_pending()
         while self._inflight and self._link is not None:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return
             try:
-                self._link.pump(min(left, 0.05))
+                self._link.pump(max(0.0, min(left, 0.05)))
             except _NETWORK_ERRORS as exc:
                 self._lost(exc)
                 return
             self._collect_acks()
+            if left <= 0:
+                return
 
     def poll(self, timeout: float) -> int:
         """Run for up to ``timeout`` s: receive, heartbeat, send queued messages, reconnect.
@@ -239,20 +241,26 @@ class Live:
         link.open()
         try:
             self._synced = False
-            topics = [ch.topics.all_presence, ch.topics.sync(link.client_id)]
+            topics = [ch.topics.all_presence, ch.topics.roster, ch.topics.sync(link.client_id)]
             if self.exclusive:
                 topics.append(ch.topics.all_msg)
             link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
-            token = os.urandom(16).hex().encode()
-            link.publish(ch.topics.sync(link.client_id), ch._wrap(ch.topics.sync(link.client_id), token))
-            # The backlog may be long: the wait runs out only after a quiet connect_timeout.
-            deadline = time.monotonic() + ch.settings.connect_timeout
-            while token not in self._tokens:
-                if time.monotonic() >= deadline:
-                    raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
-                                   f"within {ch.settings.connect_timeout:g}s")
-                if link.pump(deadline - time.monotonic()):
-                    deadline = time.monotonic() + ch.settings.connect_timeout
+            self._sync(link)
+            # A broker that sends no retained message to a wildcard subscription (RabbitMQ) left out the
+            # presence of members we know by name (from the roster, or seen before on this machine):
+            # subscribe to those exactly, which every broker answers with the retained presence.
+            known = ch.store.known_presences(ch.url.channel)
+            missing = sorted((set(known) | (self._roster or set())) - set(self.presences) - {ch.me})
+            if missing:
+                link.subscribe([ch.topics.presence(peer) for peer in missing])
+                self._sync(link)
+            for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
+                pres = decode_presence(raw)
+                if pres is not None and peer not in self.presences:
+                    self.presences[peer] = pres
+            if self.exclusive and ch.me not in (self._roster or set()):  # make sure later joiners find us
+                self._roster = (self._roster or set()) | {ch.me}
+                link.publish(ch.topics.roster, ch._wrap(ch.topics.roster, encode_roster(self._roster)), retain=True)
         except BaseException:
             link.close()
             raise
@@ -263,6 +271,20 @@ class Live:
             self.announce("online" if self._announced == "online" else "joined")
         if self.exclusive:
             self._publish_pending()
+
+    def _sync(self, link: Any) -> None:
+        """Send ourselves a marker and wait for it: then everything the broker had for us is in."""
+        ch = self.channel
+        token = os.urandom(16).hex().encode()
+        link.publish(ch.topics.sync(link.client_id), ch._wrap(ch.topics.sync(link.client_id), token))
+        # The backlog may be long: the wait runs out only after a quiet connect_timeout.
+        deadline = time.monotonic() + ch.settings.connect_timeout
+        while token not in self._tokens:
+            if time.monotonic() >= deadline:
+                raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
+                               f"within {ch.settings.connect_timeout:g}s")
+            if link.pump(deadline - time.monotonic()):
+                deadline = time.monotonic() + ch.settings.connect_timeout
 
     def _after_sync(self) -> None:
         """The backlog is in: compare what each peer says it sent with what arrived."""
@@ -296,6 +318,11 @@ class Live:
         messages: list[tuple[Envelope, bytes]] = []
         mine = ch.topics.level(ch.me)
         for item in incoming:
+            if item.topic == ch.topics.roster:
+                opened = ch._unwrap(item.topic, item.payload)
+                if opened:
+                    self._roster = (self._roster or set()) | decode_roster(opened)
+                continue
             where = ch.topics.split(item.topic)
             section, level = where if where else ("", "")
             if section == "msg" and level == mine:

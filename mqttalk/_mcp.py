@@ -203,6 +203,10 @@ class Session:
                               wait=max(0.0, min(wait, RECEIVE_MAX_WAIT)), on_event=note)
             self._channel = ch
             self._start_live()
+        if not others and ch.unanswered:
+            return (f"mqttalk: joined as {ch.me}; {' and '.join(ch.unanswered)} in the channel but not answering the "
+                    "pairing challenge yet (not running now?); `receive` will say PAIRED once an answer comes, and "
+                    "messages sent meanwhile wait for it")
         if not others:
             return (f"mqttalk: joined as {ch.me}, but no other peer is in the channel yet; "
                     "`receive` will say PAIRED when one comes")

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS outbox (       -- what this machine's peers send; als
 );
 DROP INDEX IF EXISTS outbox_pending;  -- (channel, sender, sent, seq): every mark_sent moved an entry
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (channel, sender, seq) WHERE sent IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_by_id ON outbox (channel, id);  -- is_sent: was a scan (8 ms at 30k rows)
 CREATE TABLE IF NOT EXISTS heads (
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (channel, sender)
@@ -316,6 +317,11 @@ class Store:
                        " ON CONFLICT (channel, peer) DO UPDATE SET hb = excluded.hb, raw = excluded.raw",
                        (channel, peer, hb, raw))
             return None
+
+    def known_presences(self, channel: str) -> dict[str, bytes]:
+        """The newest presence seen of every peer of ``channel`` (its raw plaintext), by peer name."""
+        rows = self.db.execute("SELECT peer, raw FROM presence_seen WHERE channel = ?", (channel,)).fetchall()
+        return {str(peer): bytes(raw) for peer, raw in rows}
 
     # -- pairing announcements ---------------------------------------------------------------------
 

@@ -56,6 +56,12 @@ class Topics:
     def all_presence(self) -> str:
         return f"{self.root}/presence/+"
 
+    @property
+    def roster(self) -> str:
+        """Retained: the names of the channel's members, at a topic every broker answers an exact
+        subscription to with its retained message (RabbitMQ gives none to a wildcard one)."""
+        return f"{self.root}/roster"
+
     def msg(self, peer: str) -> str:
         """QoS 1: the messages PEER sends."""
         return f"{self.root}/msg/{self.level(peer)}"

@@ -6,6 +6,7 @@ encoding writes only what this version knows, after validating a kind's typed ``
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import UTC, datetime
@@ -180,3 +181,18 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "value"
     return f"{where}: {err['msg']}"
+
+
+def encode_roster(peers: set[str]) -> bytes:
+    return json.dumps({"peers": sorted(peers)}, separators=(",", ":")).encode()
+
+
+def decode_roster(payload: bytes) -> set[str]:
+    """The member names of a roster payload; anything malformed reads as no names."""
+    from ._topics import _PEER_RE
+
+    try:
+        peers = json.loads(payload)["peers"] if len(payload) <= 64 * 1024 else []
+    except (ValueError, TypeError, KeyError):
+        return set()
+    return {p for p in peers if isinstance(p, str) and _PEER_RE.match(p)} if isinstance(peers, list) else set()

@@ -273,7 +273,7 @@ def send(
 def recv(
     wait: Annotated[float, typer.Option(
         "--wait", "-w", metavar="SECONDS",
-        help="Block up to this long for a message; exit 3 if none came.")] = 0.0,
+        help="Block up to this long for a message (or for a peer to pair); exit 3 if nothing came.")] = 0.0,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,

@@ -52,8 +52,7 @@ def test_guide_without_a_channel_says_how_to_create_or_join(sessions: tuple[Sess
 def test_guide_names_me_my_peers_and_the_commands_for_my_role(sessions: tuple[Session, Session],
                                                                broker_url: str) -> None:
     impl, tests = sessions
-    url = join_url(impl.ok("create", "--as", "impl", "--role", "owns src/api/users.ts", "--broker", broker_url))
-    tests.ok("pair", url, "--as", "tests")
+    paired(impl, tests, broker_url, "--role", "owns src/api/users.ts")
     impl.ok("send", "hello")
     text = tests.ok("guide").out
     assert 'You are peer "tests"' in text
@@ -209,10 +208,12 @@ def test_mcp_server_can_pair_a_directory_it_started_in(sessions: tuple[Session, 
                                                        tmp_path: Path) -> None:
     impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
+    waiting = impl.start("recv", "--wait", "60")  # impl waits for its peer, so it answers the challenge
 
     async def scenario() -> None:
         async with mcp_client(tests, tmp_path / "tests.err") as b:
             assert "PAIRED with impl" in await call(b, "pair", url=url, name="tests")
+            assert "PAIRED with tests" in waiting.communicate(timeout=60)[0]
             impl.ok("send", "welcome")
             assert "welcome" in await call(b, "receive", wait=20)
             assert "LEFT channel" in await call(b, "leave")
@@ -419,7 +420,13 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(sessions
     share = created.out.split("Paste this into the other session:", 1)[1].strip()
     pair_command = re.search(r"(mqttalk pair '[^']+' --as tests)", share)
     assert pair_command is not None
+    wait = next(c for c in re.findall(r"`(mqttalk [^`]+)`", start) if c.startswith("mqttalk recv --wait"))
+    waiting = impl.start(*fill(wait))  # what the guide says to do next: wait for the other side
+    time.sleep(1.0)
     assert "PAIRED with impl" in run(tests, shlex.split(pair_command.group(1))[1:]).out
+    out, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, out
+    transcripts["impl"].append(f"$ {wait}\n{out}")
 
     impl_says, tests_says = guide_commands(run(impl, ["guide"]).out), guide_commands(run(tests, ["guide"]).out)
     spec = "takes {email, name}; returns 201 {id, created_at}; 409 if the email exists"

@@ -25,15 +25,9 @@ from conftest import EmbeddedBroker, PrivateMosquitto, Session, channel_topics, 
 from conftest import wait_listening as wait_port
 from paho.mqtt.enums import CallbackAPIVersion
 
-# RabbitMQ's MQTT plugin sends retained messages only to subscriptions that name the topic exactly, never
-# to a wildcard one; mqttalk subscribes to PREFIX/CHANNEL/presence/+ and so sees no retained presence.
-# TEMPORARY marks (known_gap): the fix proposed to the lead subscribes exactly to the presence of peers known
-# by name (a retained roster of member names, and presences seen before on this machine).
-RABBITMQ_NO_RETAINED_ON_WILDCARD = ("RabbitMQ delivers no retained message to a wildcard subscription: "
-                                    "mqttalk does not see retained presence there yet")
-RABBITMQ_CHALLENGE_UNSEEN = ("with challenge/response pairing, a joiner that never sees the creator's retained "
-                             "presence (RabbitMQ) does not answer its challenge: the creator's next command "
-                             "prints no PAIRED")
+# RabbitMQ's MQTT plugin sends retained messages only to subscriptions that name the topic exactly, never to
+# a wildcard one (mqttalk reads presence with PREFIX/CHANNEL/presence/+): mqttalk also keeps a retained roster
+# of member names, subscribed to by its exact name, and subscribes to known members' presence topics exactly.
 
 
 def _mosquitto_version() -> str:
@@ -56,13 +50,6 @@ def broker(request: pytest.FixtureRequest) -> MatrixBroker:
         return MatrixBroker(name, nats.url, nats.version, "MQTT 3.1.1")
     rabbit: Any = request.getfixturevalue("rabbitmq_broker")
     return MatrixBroker(name, rabbit.url, rabbit.version, "MQTT 3.1.1")
-
-
-def known_gap(request: pytest.FixtureRequest, broker: MatrixBroker, *, rabbitmq: str | None = None,
-              strict: bool = True) -> None:
-    """TEMPORARY: mark a broker's known failure. Strict: once fixed, the pass fails the test, so the mark goes."""
-    if broker.name == "rabbitmq" and rabbitmq:
-        request.applymarker(pytest.mark.xfail(reason=rabbitmq, strict=strict))
 
 
 def both_paired(impl: Session, tests: Session, broker_url: str, *create_flags: str) -> str:
@@ -118,12 +105,11 @@ def test_a_waiting_creator_and_the_joiner_both_print_paired_at_once(sessions: tu
 
 
 def test_a_creator_that_runs_nothing_pairs_when_each_side_next_runs(
-        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
-    known_gap(request, broker, rabbitmq=RABBITMQ_CHALLENGE_UNSEEN, strict=False)  # passes before that change
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--role", "owns src/api/users.ts", "--broker", broker.url))
     joined = tests.run("pair", url, "--as", "tests", "--wait", "2")
-    assert joined.code in (0, 3), joined.err  # 3: impl, running nothing, has not been seen to answer yet
+    assert joined.code == 3, joined.err  # impl runs nothing: it cannot answer tests' pairing challenge yet
     assert impl.ok("recv").out.count("mqttalk: PAIRED with tests") == 1
     told = joined.out + tests.ok("recv").out  # by now impl has run a command: tests is told, once
     assert told.count("mqttalk: PAIRED with impl (owns src/api/users.ts)") == 1, told
@@ -131,8 +117,7 @@ def test_a_creator_that_runs_nothing_pairs_when_each_side_next_runs(
 
 
 def test_status_lists_both_peers_over_the_right_mqtt_version(
-        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
-    known_gap(request, broker, rabbitmq=RABBITMQ_NO_RETAINED_ON_WILDCARD)
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     for me in (impl, impl, tests, tests):  # and again: status reads presence, it does not use it up
@@ -177,8 +162,7 @@ def test_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
 
 
 def test_a_listening_peer_shows_online_and_sees_the_other_leave(
-        request: pytest.FixtureRequest, sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
-    known_gap(request, broker, rabbitmq=RABBITMQ_NO_RETAINED_ON_WILDCARD)
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     listener = tests.start("listen", "--timeout", "60")
