@@ -289,20 +289,23 @@ def join_url(result: Result) -> str:
     raise AssertionError(f"no join URL in:\n{result.out}")
 
 
+def read_join_url(proc: subprocess.Popen[str]) -> str:
+    """The join URL a running `mqttalk create --wait` prints (before it waits)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("join URL: "):
+            return line.split(": ", 1)[1].strip()
+    _, err = proc.communicate(timeout=30)
+    raise AssertionError(f"create exited {proc.returncode} before printing the join URL: {err}")
+
+
 def paired(impl: Session, tests: Session, broker: str | None, *create_flags: str,
            pair_flags: tuple[str, ...] = (), url_on_stdin: bool = False, env: dict[str, str] | None = None) -> str:
     """Create as impl (waiting, so it answers the pairing challenge at once) and pair as tests; both
     print PAIRED. ``broker`` None: the embedded one. Returns the join URL."""
     where = ("--broker", broker) if broker else ()
     proc = impl.start("create", "--as", "impl", *where, "--wait", "30", *create_flags, env=env)
-    assert proc.stdout is not None
-    url = ""
-    while not url:
-        line = proc.stdout.readline()
-        if not line:
-            _, err = proc.communicate(timeout=30)
-            raise AssertionError(f"create exited {proc.returncode} before printing the join URL: {err}")
-        url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+    url = read_join_url(proc)
     if url_on_stdin:
         res = tests.ok("pair", "-", "--as", "tests", *pair_flags, input=url + "\n", env=env)
     else:

@@ -21,7 +21,16 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from _brokers import CONFIG, MatrixBroker, substitute, tail
-from conftest import EmbeddedBroker, PrivateMosquitto, Session, channel_topics, free_port, join_url, status_of
+from conftest import (
+    EmbeddedBroker,
+    PrivateMosquitto,
+    Session,
+    channel_topics,
+    free_port,
+    join_url,
+    read_join_url,
+    status_of,
+)
 from conftest import wait_listening as wait_port
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -57,12 +66,7 @@ def both_paired(impl: Session, tests: Session, broker_url: str, *create_flags: s
     print PAIRED at once. Returns the join URL."""
     proc = impl.start("create", "--as", "impl", "--broker", broker_url, "--wait", "30", *create_flags)
     try:
-        assert proc.stdout is not None
-        url = ""
-        while not url:
-            line = proc.stdout.readline()
-            assert line, "create exited before printing the join URL"
-            url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+        url = read_join_url(proc)
         res = tests.run("pair", url, "--as", "tests")
         paired_at = time.monotonic()
         out, err = proc.communicate(timeout=30)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import Session, join_url, paired, status_of
+from conftest import Session, join_url, paired, read_join_url, status_of
 
 
 def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
@@ -58,12 +58,7 @@ def test_a_not_running_pairs_when_it_next_runs(sessions: tuple[Session, Session]
 def test_create_can_wait_for_the_peer(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     proc = impl.start("create", "--as", "impl", "--broker", broker_url, "--wait", "20")
-    assert proc.stdout is not None
-    url = ""
-    while not url:
-        line = proc.stdout.readline()
-        assert line, "create exited before printing the join URL"
-        url = line.split(": ", 1)[1].strip() if line.startswith("join URL: ") else ""
+    url = read_join_url(proc)
     tests.ok("pair", url, "--as", "tests")
     paired_at = time.monotonic()
     out, _ = proc.communicate(timeout=20)
