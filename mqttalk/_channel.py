@@ -33,6 +33,7 @@ from ._url import JoinURL
 from ._wire import Envelope, Presence, new_envelope, now
 
 ANSWER_GRACE = 1.0  # s a join waits for an answer from peers that are present but show no live process
+WINDOW = 100  # QoS 1 publishes a connection keeps unacknowledged at once (paho itself is told: no limit)
 STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
@@ -339,11 +340,12 @@ class Channel:
         """Publish every pending outbox message, in order, and mark each sent on its PUBACK."""
         pending = self.store.pending(self.url.channel, self.me)
         meta = self.meta[0]
-        infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False, meta=meta))
-                 for row in pending]
-        for n, info in infos:
-            link.wait_published(info)
-            self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
+        for start in range(0, len(pending), WINDOW):
+            infos = [(row.n, link.publish(row.topic, self._wrap(row.topic, row.payload), wait=False, meta=meta))
+                     for row in pending[start:start + WINDOW]]
+            for n, info in infos:
+                link.wait_published(info)
+                self.store.mark_sent(n)  # one by one: a crash mid-flush leaves only the unacknowledged
         return len(pending)
 
     def _presence(self, state: Literal["joined", "online", "away", "left"]) -> Presence:

@@ -15,7 +15,7 @@ from collections import deque
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._channel import _NETWORK_ERRORS, Event, SessionBusy, _FileLock, _judge, _stale_after
+from ._channel import _NETWORK_ERRORS, WINDOW, Event, SessionBusy, _FileLock, _judge, _stale_after
 from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
 from ._topics import check_peer
 from ._wire import Envelope, Presence, decode_envelope, decode_presence, decode_roster, encode_roster, new_envelope, now
@@ -66,7 +66,8 @@ class Live:
         self._backoff = 0.5
         self._retry_at = 0.0
         self._inflight: deque[tuple[int, Any]] = deque()  # (outbox row, paho message info), in order
-        self._handed = 0  # highest outbox row handed to the current connection
+        self._handed = 0  # highest outbox row taken from the store for the current connection
+        self._queued: deque[Any] = deque()  # taken from the store, waiting for room in the window
         self._batch: list[Envelope] = []  # sent with wait=False, not yet recorded in the outbox
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
@@ -188,7 +189,7 @@ class Live:
         if self._batch:
             self._record_batch()
             self._publish_pending()
-        while self._inflight and self._link is not None:
+        while (self._inflight or self._queued) and self._link is not None:
             left = deadline - time.monotonic()
             try:
                 self._link.pump(max(0.0, min(left, 0.05)))
@@ -434,11 +435,22 @@ class Live:
         ch = self.channel
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
+        self._queued.extend(ch.store.pending(ch.url.channel, ch.me, after=self._handed))
+        if self._queued:
+            self._handed = self._queued[-1].n
+        self._hand()
+
+    def _hand(self) -> None:
+        """Publish queued rows while the window has room (mqttalk keeps its own window: paho's walks
+        every message it holds on each PUBACK)."""
+        if self._link is None:
+            return
+        ch, queued, inflight = self.channel, self._queued, self._inflight
         meta = ch.meta[0]
-        for row in ch.store.pending(ch.url.channel, ch.me, after=self._handed):
-            info = self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False, meta=meta)
-            self._inflight.append((row.n, info))
-            self._handed = row.n
+        while queued and len(inflight) < WINDOW:
+            row = queued.popleft()
+            inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False,
+                                                       meta=meta)))
 
     def _collect_acks(self) -> None:
         done = []
@@ -447,6 +459,8 @@ class Live:
         if done:
             self.channel.store.mark_sent(*done)
             self._sent_more = True
+            if self._queued:
+                self._hand()
 
     def _live_link(self) -> Any:
         if self._link is None:
@@ -458,6 +472,7 @@ class Live:
             self._link.close()
         self._link = None
         self._inflight.clear()  # unacknowledged: still pending in the outbox, sent again on reconnect
+        self._queued.clear()
         self._handed = 0
         self._backoff = 0.5
         self._retry_at = time.monotonic() + self._backoff
