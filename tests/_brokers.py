@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port, listening, wait_listening
+from conftest import end_process, free_port, listening, wait_listening
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 
@@ -87,13 +87,7 @@ class NatsBroker:
             raise RuntimeError(f"nats-server did not start: {exc}\n{tail(log)}") from None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self.proc = None
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,26 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None, timeo
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
         time.sleep(0.05)
+
+
+def end_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a broker process started by a test: SIGTERM (brokers save their state), SIGKILL if it hangs."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def running(broker: Any) -> Iterator[Any]:
+    """A fixture's body for a broker: started, handed over, stopped even if the start or a test failed."""
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +104,7 @@ class EmbeddedBroker:
             wait_listening(self.ws_port, self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self.proc = None
 
 
@@ -119,9 +134,7 @@ class PrivateMosquitto:
         wait_listening(self.port, self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: mosquitto writes its persistence file, then exits
-            self.proc.wait(10)
+        end_process(self.proc)  # SIGTERM: mosquitto writes its persistence file, then exits
         self.proc = None
 
 
@@ -134,26 +147,18 @@ def durable_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[P
         broker = PrivateMosquitto(tmp_path / "mosquitto")
     else:
         broker = EmbeddedBroker(tmp_path / "amqtt-state")
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from running(broker)
 
 
 @pytest.fixture(scope="session")
 def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    broker = EmbeddedBroker(tmp_path_factory.mktemp("amqtt-state"))
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from running(EmbeddedBroker(tmp_path_factory.mktemp("amqtt-state")))
 
 
 @pytest.fixture(scope="session")
 def private_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMosquitto]:
     """A Mosquitto of the test session's own (the machine's one on 1883 may be configured otherwise)."""
-    broker = PrivateMosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from running(PrivateMosquitto(tmp_path_factory.mktemp("mosquitto")))
 
 
 @pytest.fixture(scope="session")
@@ -161,12 +166,7 @@ def nats_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """nats-server with JetStream and its MQTT listener, from config/nats-server.conf (see _brokers.py)."""
     from _brokers import NatsBroker
 
-    broker = NatsBroker(tmp_path_factory.mktemp("nats"))
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
+    yield from running(NatsBroker(tmp_path_factory.mktemp("nats")))
 
 
 @pytest.fixture(scope="session")
@@ -174,12 +174,7 @@ def rabbitmq_broker() -> Iterator[object]:
     """A RabbitMQ node with rabbitmq_mqtt, from config/rabbitmq.conf; booted once per test session."""
     from _brokers import RabbitBroker
 
-    broker = RabbitBroker()
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
+    yield from running(RabbitBroker())
 
 
 @pytest.fixture(scope="session")
