@@ -202,12 +202,12 @@ class Channel:
             live.open()
         except SessionBusy:
             # A live process of this peer holds the broker session and stores what arrives.
-            got = self._inbox()
+            got = self.unread()
             if wait > 0 and not got:
                 self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
             while not got and time.monotonic() < deadline:
                 time.sleep(0.1)
-                got = self._inbox()
+                got = self.unread()
             return got
         paired: list[str] = []  # a new pairing is news too: a wait ends on it
         emit = self.on_event
@@ -221,12 +221,12 @@ class Channel:
         try:
             with live:
                 live.announce("online" if wait > 0 else "joined")
-                got = self._inbox()
+                got = self.unread()
                 if wait > 0 and not got and not paired:
                     self.on_event(Event("waiting", "", f"up to {wait:g}s for a message"))
                 while not got and not paired and time.monotonic() < deadline:
                     if live.poll(deadline - time.monotonic()):
-                        got = self._inbox()
+                        got = self.unread()
         finally:
             self.on_event = emit
         got.paired = paired
@@ -363,7 +363,9 @@ class Channel:
         link.publish(topic, self._wrap(topic, pres.encode()), retain=True, wait=wait_ack, meta=self.meta[1])
         return pres
 
-    def _inbox(self) -> Inbox:
+    def unread(self) -> Inbox:
+        """What the local store holds unread for this peer (no network): each sender's messages in its
+        sequence order, and new gaps. Nothing is marked read (see :meth:`mark_read`)."""
         channel = self.url.channel
         return Inbox(_in_sender_order([Message(n, env) for n, env in self.store.unread(channel, self.me)]),
                      self.store.new_gaps(channel, self.me))

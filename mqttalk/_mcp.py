@@ -121,7 +121,6 @@ class Session:
     # -- tools ---------------------------------------------------------------------------------------
 
     def receive(self, wait: float, full: bool) -> str:
-        from ._channel import Inbox, Message
         from ._render import message_text
 
         wait = max(0.0, min(float(wait), RECEIVE_MAX_WAIT))
@@ -130,8 +129,7 @@ class Session:
             self._arrived.clear()
             with self._lock:
                 ch = self.channel()
-                store, name = ch.store, ch.url.channel
-                inbox = Inbox([Message(n, env) for n, env in store.unread(name, ch.me)], store.new_gaps(name, ch.me))
+                inbox = ch.unread()
                 notes = self._take_notes()
                 if inbox or notes or time.monotonic() >= deadline:
                     bodies = None if full else ch.settings.state_dir / "bodies"
