@@ -116,18 +116,25 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
         return None
     inbox = channel.fetch(0)
     if event == "Stop":
-        if not inbox and not payload.get("stop_hook_active") and _awaiting_reply(channel):
-            inbox = channel.fetch(wait)
-        if not inbox:
+        if not _news(inbox) and not payload.get("stop_hook_active") and _awaiting_reply(channel):
+            deadline = time.monotonic() + wait
+            while not _news(inbox) and (left := deadline - time.monotonic()) > 0:
+                inbox = channel.fetch(left)  # (a wait also ends on a new pairing: that is no reply)
+        if not _news(inbox):
             return None
         text = _context(channel, inbox, [], waited=True)
         channel.mark_read(inbox)
         return {"decision": "block", "reason": text}
-    if not inbox and not notices:
+    if not _news(inbox) and not notices:
         return None
     text = _context(channel, inbox, notices, waited=False)
     channel.mark_read(inbox)
     return {"hookSpecificOutput": {"hookEventName": event, "additionalContext": text}}
+
+
+def _news(inbox: Any) -> bool:
+    """Messages or gaps to show (a pairing the fetch saw is reported by the PAIRED notice instead)."""
+    return bool(inbox.messages or inbox.gaps)
 
 
 def _due(state_dir: Path, client_id: str, every: float) -> bool:

@@ -331,6 +331,30 @@ def test_stop_hook_waits_for_the_reply_to_our_question(sessions: tuple[Session, 
     assert "MESSAGE" not in tests.ok("recv").out
 
 
+def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(sessions: tuple[Session, Session],
+                                                                  broker_url: str) -> None:
+    """A third peer pairing while the Stop hook waits for an answer is no answer: it goes on waiting."""
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    tests.ok("recv")
+    asked = json.loads(tests.ok("send", "--json", "--kind", "question", "409 or 422 on a duplicate email?").out)
+    proc = subprocess.Popen([MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"], cwd=tests.cwd,
+                            env=tests.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps({"session_id": "4f1c2a", "cwd": str(tests.cwd), "hook_event_name": "Stop",
+                                 "stop_hook_active": False}))
+    proc.stdin.close()
+    time.sleep(2.0)
+    docs = Session("docs", impl.cwd.parent)
+    assert "PAIRED with tests" in docs.ok("pair", url, "--as", "docs").out  # the waiting hook answered
+    time.sleep(1.0)
+    assert proc.poll() is None  # still waiting: a pairing is not the reply
+    impl.ok("send", "--kind", "answer", "--re", asked["id"], "409")
+    assert proc.wait(60) == 0 and proc.stdout is not None
+    assert f"re={asked['id']}" in json.loads(proc.stdout.read())["reason"]
+
+
 def test_stop_hook_lets_the_agent_stop_when_no_reply_is_awaited(sessions: tuple[Session, Session],
                                                                 broker_url: str) -> None:
     impl, tests = sessions
