@@ -122,6 +122,7 @@ class Channel:
         self.client_id = self.topics.client_id(me)
         self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
         self._meta: tuple[Any, Any] | None = None
+        self._store_path: Path | None = None
 
     # -- one-shot operations -----------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Channel:
                         raise Queued(env.id, exc.message) from None
                     return env
             # Another process of this peer (a live one, or another send) owns the outbox: it sends ours.
-            if self.store.is_sent(self.url.channel, env.id):
+            if self.store.is_sent(self.url.channel, self.me, env.seq):
                 return env
             if time.monotonic() >= deadline:
                 raise Queued(env.id, "another mqttalk process of this peer is sending and has not sent it yet")
@@ -305,7 +306,9 @@ class Channel:
         """The local store (see :meth:`Store.shared`: one connection per thread, shared by channels)."""
         from ._store import Store
 
-        return Store.shared(self.settings.state_dir / "store.sqlite3")
+        if self._store_path is None:  # asked for several times per message sent: keep the path
+            self._store_path = self.settings.state_dir / "store.sqlite3"
+        return Store.shared(self._store_path)
 
     # -- internals ---------------------------------------------------------------------------------
 

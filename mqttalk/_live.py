@@ -173,7 +173,7 @@ class Live:
                 raise Queued(env.id, "not connected to the broker" if self._link is None
                              else "another mqttalk process of this peer is sending")
             self.drain()
-            if not self.channel.store.is_sent(self.channel.url.channel, env.id):
+            if not self.channel.store.is_sent(self.channel.url.channel, self.channel.me, env.seq):
                 raise Queued(env.id, "the broker did not acknowledge it")
         return env
 
@@ -447,10 +447,13 @@ class Live:
             return
         ch, queued, inflight = self.channel, self._queued, self._inflight
         meta = ch.meta[0]
-        while queued and len(inflight) < WINDOW:
-            row = queued.popleft()
-            inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False,
-                                                       meta=meta)))
+        if not queued or len(inflight) >= WINDOW:
+            return
+        with self._link.burst():
+            while queued and len(inflight) < WINDOW:
+                row = queued.popleft()
+                inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False,
+                                                           meta=meta)))
 
     def _collect_acks(self) -> None:
         done = []

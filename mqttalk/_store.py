@@ -13,9 +13,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from ._wire import Envelope
 
@@ -44,12 +44,16 @@ CREATE TABLE IF NOT EXISTS outbox (       -- what this machine's peers send; als
     n INTEGER PRIMARY KEY AUTOINCREMENT,
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
     id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, kind TEXT NOT NULL, ts TEXT NOT NULL,
-    created REAL NOT NULL, sent REAL,
+    created REAL NOT NULL,
+    sent REAL,  -- no longer written: stores made before the unsent table (user_version 2) marked sends here
     UNIQUE (channel, sender, seq)
 );
-DROP INDEX IF EXISTS outbox_pending;  -- (channel, sender, sent, seq): every mark_sent moved an entry
-CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (channel, sender, seq) WHERE sent IS NULL;
-CREATE INDEX IF NOT EXISTS outbox_by_id ON outbox (channel, id);  -- is_sent: was a scan (8 ms at 30k rows)
+-- Outbox rows the broker has not acknowledged yet. A small table of its own: marking a message sent
+-- deletes one short row here instead of rewriting the outbox row and its payload (9 us -> 1 us a message).
+CREATE TABLE IF NOT EXISTS unsent (n INTEGER PRIMARY KEY);
+DROP INDEX IF EXISTS outbox_pending;
+DROP INDEX IF EXISTS outbox_unsent;
+DROP INDEX IF EXISTS outbox_by_id;  -- each indexed entry cost every send ~4 us; lookups go by (channel, sender, seq)
 CREATE TABLE IF NOT EXISTS heads (
     channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (channel, sender)
@@ -72,6 +76,7 @@ CREATE TABLE IF NOT EXISTS paired (
     PRIMARY KEY (channel, peer, other)
 );
 """
+_VERSION = 2  # PRAGMA user_version: 2 = unsent table
 
 
 class Gap(NamedTuple):
@@ -95,6 +100,39 @@ class Pending(NamedTuple):
 
 
 _local = threading.local()
+CHECKPOINT_AT = 4 * 1024 * 1024  # bytes of WAL past which a background thread copies it into the database
+BACKSTOP_PAGES = 16384  # ... and past which (64 MiB at 4 KiB pages) a committing connection does it itself
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database (a checkpoint: writes and an fsync) from a thread of its
+    own, off the path of the connection that commits. SQLite otherwise checkpoints inside the COMMIT
+    that crosses 1,000 pages: a sender paused there every few thousand messages. A passive checkpoint
+    never blocks writers or readers; one cut short (the process exits) is finished by the next."""
+
+    _all: ClassVar[dict[Path, _Checkpointer]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, name="mqttalk-checkpoint", daemon=True).start()
+
+    @classmethod
+    def poke(cls, path: Path) -> None:
+        with cls._lock:
+            worker = cls._all.get(path)
+            if worker is None:
+                worker = cls._all[path] = cls(path)
+        worker.wake.set()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            with suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 class Store:
@@ -103,7 +141,9 @@ class Store:
         """This thread's connection to the store at ``path``. Channels share it: a process holding
         hundreds of channels keeps one connection per thread, not hundreds, and a connection is never
         used by two threads at once (their transactions would interleave)."""
-        stores: dict[Path, Store] = _local.__dict__.setdefault("stores", {})
+        stores: dict[Path, Store] | None = getattr(_local, "stores", None)
+        if stores is None:
+            stores = _local.stores = {}
         store = stores.get(path)
         if store is None:
             store = stores[path] = cls(path)
@@ -114,7 +154,14 @@ class Store:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self.db.executescript(_SCHEMA)
+        self.path, self._wal = path, path.with_name(path.name + "-wal")
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < _VERSION:
+            with self._tx() as db:  # once per store, whichever process gets there first
+                if db.execute("PRAGMA user_version").fetchone()[0] < 2:  # outbox.sent -> unsent
+                    db.execute("INSERT OR IGNORE INTO unsent (n) SELECT n FROM outbox WHERE sent IS NULL")
+                db.execute(f"PRAGMA user_version = {_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -129,6 +176,9 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        with suppress(OSError):
+            if self._wal.stat().st_size > CHECKPOINT_AT:
+                _Checkpointer.poke(self.path)
 
     # -- received messages -------------------------------------------------------------------------
 
@@ -281,27 +331,35 @@ class Store:
                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [(channel, sender, env.seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at)
                             for env in envs])
+            db.execute("INSERT INTO unsent (n) SELECT n FROM outbox WHERE channel = ? AND sender = ? AND seq >= ?",
+                       (channel, sender, first))
 
     def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
         """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""
-        rows = self.db.execute("SELECT n, id, topic, payload FROM outbox WHERE channel = ? AND sender = ?"
-                               " AND sent IS NULL AND n > ? ORDER BY seq", (channel, sender, after)).fetchall()
+        # CROSS JOIN makes SQLite start from the few unsent rows; left to itself it walks the sender's
+        # whole history in the outbox (tests/test_delivery.py counts the steps).
+        rows = self.db.execute("SELECT o.n, o.id, o.topic, o.payload FROM unsent u CROSS JOIN outbox o ON o.n = u.n"
+                               " WHERE u.n > ? AND o.channel = ? AND o.sender = ? ORDER BY o.seq",
+                               (after, channel, sender)).fetchall()
         return [Pending(*row) for row in rows]
 
     def mark_sent(self, *ns: int) -> None:
         """The broker acknowledged these outbox rows."""
         if ns:
             marks = ",".join("?" * len(ns))
-            self.db.execute(f"UPDATE outbox SET sent = ? WHERE n IN ({marks})", (time.time(), *ns))  # noqa: S608
+            self.db.execute(f"DELETE FROM unsent WHERE n IN ({marks})", ns)  # noqa: S608
 
-    def is_sent(self, channel: str, msg_id: str) -> bool:
-        row = self.db.execute("SELECT sent FROM outbox WHERE channel = ? AND id = ?", (channel, msg_id)).fetchone()
-        return bool(row and row[0] is not None)
+    def is_sent(self, channel: str, sender: str, seq: int | None) -> bool:
+        """Whether the broker acknowledged ``sender``'s message ``seq`` (False if it is not in the outbox)."""
+        row = self.db.execute("SELECT n NOT IN (SELECT n FROM unsent) FROM outbox WHERE channel = ? AND sender = ?"
+                              " AND seq = ?", (channel, sender, seq)).fetchone()
+        return bool(row and row[0])
 
     def last_sent_seq(self, channel: str, sender: str) -> int:
-        row = self.db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ? AND sent IS NOT NULL",
-                              (channel, sender)).fetchone()
-        return int(row[0] or 0)
+        """The highest sequence number of ``sender``'s that the broker acknowledged (0: none)."""
+        row = self.db.execute("SELECT seq FROM outbox WHERE channel = ? AND sender = ? AND n NOT IN"
+                              " (SELECT n FROM unsent) ORDER BY seq DESC LIMIT 1", (channel, sender)).fetchone()
+        return int(row[0]) if row else 0
 
     # -- presence ----------------------------------------------------------------------------------
 

@@ -170,10 +170,8 @@ def now() -> datetime:
 
 def uuid7() -> str:
     """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness, so ids sort by creation time."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    h = f"{value:032x}"
+    rand = int.from_bytes(os.urandom(10), "big") & 0x0FFF_3FFF_FFFF_FFFF_FFFF  # room for version and variant
+    h = ((time.time_ns() // 1_000_000) << 80 | 0x7000_8000_0000_0000_0000 | rand).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

@@ -299,3 +299,92 @@ def _wait_state(session: Session, peer: str, state: str, within: float = 20) -> 
             return
         time.sleep(0.2)
     raise AssertionError(f"{peer} stayed {seen!r}, expected {state!r} within {within}s")
+
+
+def test_large_and_small_messages_interleaved_arrive_intact(sessions: tuple[Session, Session],
+                                                            broker_url: str) -> None:
+    """Packets of every size through the read-ahead socket: a 200 KB message (near the limit, split
+    across reads) between small ones, whose 4-byte acknowledgements arrive by the hundred per read."""
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    big = "".join(chr(0x20 + i % 0x2000) for i in range(60_000))  # multi-byte UTF-8: ~170 KB encoded
+    bodies = [f"small {i}" for i in range(150)] + [big] + [f"small {i}" for i in range(150, 300)]
+    channel: Any = impl.channel()
+    with channel.live(online=False) as live:
+        for body in bodies:
+            live.send(body, wait=False)
+        live.drain(timeout=30)
+    assert not channel.store.pending(channel.url.channel, channel.me)
+    reader: Any = tests.channel()
+    got = [env.body for _n, env in reader.fetch(wait=5).messages]
+    assert got == bodies
+
+
+def _vm_steps(store: Any, action: Any) -> int:
+    """How much work SQLite did for ``action``: its virtual machine steps, in hundreds (not time)."""
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    store.db.set_progress_handler(tick, 100)
+    try:
+        action()
+    finally:
+        store.db.set_progress_handler(None, 0)
+    return count[0]
+
+
+def test_sending_costs_the_same_with_a_long_history(tmp_path: Any) -> None:
+    """The outbox bookkeeping of a send (record, find pending, mark sent, check, announce the highest
+    sequence) reaches rows by index: with 20,000 messages already sent it does no more work than with
+    none. A query that scanned the history (as one did, unnoticed, until measured) fails this."""
+    from mqttalk._store import Store
+    from mqttalk._wire import new_envelope
+
+    store = Store(tmp_path / "store.sqlite3")
+    topic = "mqttalk/v1/chan/msg/impl"
+
+    def one_round() -> None:
+        envs = [new_envelope("impl", "note", f"message {i}") for i in range(100)]
+        store.enqueue("chan", "impl", topic, envs)
+        rows = store.pending("chan", "impl")
+        assert [r.id for r in rows] == [e.id for e in envs]
+        store.mark_sent(*(r.n for r in rows))
+        assert store.is_sent("chan", "impl", envs[-1].seq)
+        assert store.last_sent_seq("chan", "impl") == envs[-1].seq
+        assert store.pending("chan", "impl") == []
+
+    fresh = _vm_steps(store, one_round)
+    for _ in range(200):
+        one_round()
+    assert store.last_sent_seq("chan", "impl") == 20_100
+    long = _vm_steps(store, one_round)
+    assert long <= fresh * 2 + 20, f"{long} steps with a long history vs {fresh} fresh"
+
+
+def test_a_store_from_before_the_unsent_table_keeps_its_queued_messages(tmp_path: Any) -> None:
+    """Stores written by earlier versions marked acknowledged messages in outbox.sent: on opening one,
+    the messages it had not sent yet are still sent, and those it had are not sent again."""
+    import sqlite3
+
+    from mqttalk._store import Store
+
+    path = tmp_path / "store.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE outbox (n INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,"
+               " sender TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, topic TEXT NOT NULL,"
+               " payload BLOB NOT NULL, kind TEXT NOT NULL, ts TEXT NOT NULL, created REAL NOT NULL, sent REAL,"
+               " UNIQUE (channel, sender, seq))")
+    db.executemany("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created, sent)"
+                   " VALUES ('chan', 'impl', ?, ?, 't', x'7b7d', 'note', '2026-11-25T00:00:00+00:00', 0, ?)",
+                   [(seq, f"id-{seq}", 1.0 if seq <= 3 else None) for seq in range(1, 6)])
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert [row.id for row in store.pending("chan", "impl")] == ["id-4", "id-5"]
+    assert store.last_sent_seq("chan", "impl") == 3
+    assert store.is_sent("chan", "impl", 3) and not store.is_sent("chan", "impl", 4)
+    store.close()
+    assert [row.id for row in Store(path).pending("chan", "impl")] == ["id-4", "id-5"]  # migrated once only

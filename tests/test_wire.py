@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,12 @@ def test_garbage_decodes_to_none_never_raises(payload: bytes) -> None:
 
 
 def test_uuid7_ids_are_version_7_and_sort_by_time() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [uuid7() for _ in range(50)]
+    after = time.time_ns() // 1_000_000
     assert all(i[14] == "7" and i[19] in "89ab" for i in ids)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert all(before <= uuid.UUID(i).int >> 80 <= after for i in ids)  # the first 48 bits: Unix milliseconds
     assert len(set(ids)) == 50
     assert ids[0][:13] <= ids[-1][:13]  # the millisecond timestamp prefix never goes backwards
 
