@@ -127,7 +127,7 @@ def line_times(proc: subprocess.Popen[str], needle: str, t0_holder: list[float],
 def bench_pairing(broker: str, runs: int) -> list[str]:
     """B's `mqttalk pair` start -> PAIRED printed by B and by A (A waits in `recv --wait`)."""
     b_times, a_times, both = [], [], []
-    ref = []
+    ref: list[float] = []
     for _ in range(runs):
         e = Env()
         try:
