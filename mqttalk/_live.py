@@ -76,6 +76,7 @@ class Live:
         self._nonce = ""
         self._answer_due = False  # a peer's challenge we have not answered in our presence yet
         self._roster: set[str] | None = None  # member names from the channel's retained roster
+        self._roster_due = False  # the retained roster left us out: publish it again with us in it
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -259,9 +260,8 @@ class Live:
                 pres = decode_presence(raw)
                 if pres is not None and peer not in self.presences:
                     self.presences[peer] = pres
-            if self.exclusive and ch.me not in (self._roster or set()):  # make sure later joiners find us
-                self._roster = (self._roster or set()) | {ch.me}
-                link.publish(ch.topics.roster, ch._wrap(ch.topics.roster, encode_roster(self._roster)), retain=True)
+            if self.exclusive and (self._roster_due or ch.me not in (self._roster or set())):  # later joiners find us
+                self._publish_roster(link)
         except BaseException:
             link.close()
             raise
@@ -322,7 +322,11 @@ class Live:
             if item.topic == ch.topics.roster:
                 opened = ch._unwrap(item.topic, item.payload)
                 if opened:
-                    self._roster = (self._roster or set()) | decode_roster(opened)
+                    names = decode_roster(opened)
+                    self._roster = (self._roster or set()) | names
+                    # Two members joining at once each publish the roster they read plus themselves: the
+                    # later one wins. The one left out puts itself (and all it knows) back, in _routine.
+                    self._roster_due = self.exclusive and ch.me not in names
                 continue
             where = ch.topics.split(item.topic)
             section, level = where if where else ("", "")
@@ -413,6 +417,8 @@ class Live:
     def _routine(self) -> None:
         """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
         mono = time.monotonic()
+        if self._roster_due and self._link is not None:
+            self._publish_roster(self._link)
         if self._answer_due and self._announced is not None and self.exclusive:
             self.announce(self._announced)  # answer new challenges at once: the peer may be waiting on it
         if mono >= self._next_beat:
@@ -429,6 +435,12 @@ class Live:
             if self._batch:
                 self._record_batch()
             self._publish_pending()
+
+    def _publish_roster(self, link: Any) -> None:
+        ch = self.channel
+        self._roster = (self._roster or set()) | {ch.me}
+        self._roster_due = False
+        link.publish(ch.topics.roster, ch._wrap(ch.topics.roster, encode_roster(self._roster)), retain=True)
 
     def _publish_pending(self) -> None:
         """Hand pending outbox messages to the network (if this process is the peer's sender)."""

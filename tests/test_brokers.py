@@ -187,6 +187,48 @@ def test_a_listening_peer_shows_online_and_sees_the_other_leave(
     assert peer_state(tests, "impl") == "left"
 
 
+def _retained_roster(channel: Any) -> set[str]:
+    """The member names in the channel's retained roster, as a newcomer would read them now."""
+    from mqttalk._wire import decode_roster
+
+    got: list[Any] = []
+    with channel._link(on_messages=got.extend) as link:
+        link.subscribe([channel.topics.roster])
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            link.pump(0.2)
+    assert got, "no retained roster"
+    return decode_roster(channel._unwrap(got[-1].topic, got[-1].payload) or b"")
+
+
+def test_a_member_left_out_of_the_roster_by_a_concurrent_joiner_puts_itself_back(
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    """Two members joining at once each publish the roster they read plus themselves, and the later
+    retained one wins. On RabbitMQ a newcomer finds members only by that roster: the member left out
+    must notice (it holds a live connection) and publish it again with itself in it."""
+    from mqttalk._wire import encode_roster
+
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    assert _retained_roster(tests.channel()) == {"impl", "tests"}
+    listener = impl.start("listen", "--timeout", "60")
+    try:
+        wait_state(tests, "impl", "online")
+        writer: Any = tests.channel()
+        with writer._link() as link:  # what a joiner that read the roster before impl was in it writes
+            link.publish(writer.topics.roster, writer._wrap(writer.topics.roster, encode_roster({"tests", "late"})),
+                         retain=True)
+        deadline = time.monotonic() + 15
+        roster = _retained_roster(tests.channel())
+        while "impl" not in roster and time.monotonic() < deadline:
+            time.sleep(0.2)
+            roster = _retained_roster(tests.channel())
+    finally:
+        listener.send_signal(signal.SIGINT)
+        listener.wait(15)
+    assert roster == {"impl", "tests", "late"}
+
+
 def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
