@@ -356,8 +356,9 @@ class Live:
             self._handled += 1
             if env.sender != ch.me:
                 ch.on_event(Event("message", env.sender, envelope=env))
-        for item in incoming:
-            link.ack(item)
+        with link.burst():
+            for item in incoming:
+                link.ack(item)
         if self._synced:
             self._report_gaps()
 
