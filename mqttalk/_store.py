@@ -132,7 +132,7 @@ class _Checkpointer:
             self.wake.wait()
             self.wake.clear()
             with suppress(sqlite3.Error):
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # run to the end: no statement left open
 
 
 class Store:

@@ -388,3 +388,24 @@ def test_a_store_from_before_the_unsent_table_keeps_its_queued_messages(tmp_path
     assert store.is_sent("chan", "impl", 3) and not store.is_sent("chan", "impl", 4)
     store.close()
     assert [row.id for row in Store(path).pending("chan", "impl")] == ["id-4", "id-5"]  # migrated once only
+
+
+def test_the_wal_is_checkpointed_by_a_background_thread_not_the_sender(tmp_path: Any) -> None:
+    """Past 4 MiB of WAL the pages are copied into the database by a thread of the store's own; the
+    committing connection would only do it itself past 64 MiB. The database file grows only through a
+    checkpoint (until then every new page lives in the WAL), so its size shows the thread's work."""
+    from mqttalk._store import BACKSTOP_PAGES, CHECKPOINT_AT, Store
+    from mqttalk._wire import new_envelope
+
+    store = Store(tmp_path / "store.sqlite3")
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == BACKSTOP_PAGES
+    body = "x" * 1000
+    for _ in range(60):  # ~6.5 MB of outbox rows, in 60 transactions
+        store.enqueue("chan", "impl", "t", [new_envelope("impl", "note", body) for _ in range(100)])
+    assert (tmp_path / "store.sqlite3-wal").stat().st_size > CHECKPOINT_AT
+    deadline = time.monotonic() + 20
+    while (tmp_path / "store.sqlite3").stat().st_size < 4 * 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "store.sqlite3").stat().st_size >= 4 * 1024 * 1024
+    assert any(t.name == "mqttalk-checkpoint" for t in threading.enumerate())
+    assert len(store.pending("chan", "impl")) == 6000
