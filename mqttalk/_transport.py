@@ -206,20 +206,18 @@ class Link:
         """Publishes made inside go out together: the socket is corked (Linux TCP_CORK) until the end,
         so a burst costs a few TCP segments instead of one per message (and the broker wakes up less)."""
         raw = None if self._client is None else _tcp(self._client.socket())
-        cork = getattr(socket, "TCP_CORK", None)
-        if raw is None or cork is None:
-            yield
-            return
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, cork, 1)
-        except (AttributeError, OSError):
-            yield
-            return
+        cork = getattr(socket, "TCP_CORK", None)  # Linux only: elsewhere a burst is just its publishes
+        corked = False
+        if raw is not None and cork is not None:
+            with contextlib.suppress(AttributeError, OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, cork, 1)
+                corked = True
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                raw.setsockopt(socket.IPPROTO_TCP, cork, 0)
+            if corked and raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
     def wait_published(self, info: mqtt.MQTTMessageInfo) -> None:
         self._wait(info.is_published, "publish")

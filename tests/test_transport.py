@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
 from pathlib import Path
 
+import pytest
 from conftest import EmbeddedBroker, PrivateMosquitto, Session, paired
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -74,3 +76,28 @@ def test_ws_pairs_through_the_embedded_brokers_websocket_listener(sessions: tupl
         assert "over websockets" in impl.ok("recv").out
     finally:
         broker.stop()
+
+
+def test_a_burst_corks_the_socket_and_always_uncorks_it(broker_url: str, tmp_path: Path) -> None:
+    """Publishes of one window leave in few TCP segments (TCP_CORK on during the burst); after it, even
+    one left by an exception, the socket is uncorked, or every later message would wait ~200 ms."""
+    from mqttalk._transport import Link, _tcp
+    from mqttalk._url import parse_broker
+
+    if not hasattr(socket, "TCP_CORK"):
+        pytest.skip("TCP_CORK is Linux only")
+    with Link(parse_broker(broker_url), state_dir=tmp_path) as link:
+        raw = _tcp(link._client.socket() if link._client else None)
+
+        def corked() -> int:
+            return int(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+        assert corked() == 0
+        with link.burst():
+            assert corked() == 1
+            link.publish("mqttalk-test/burst", b"x", wait=False)
+        assert corked() == 0
+        with pytest.raises(RuntimeError), link.burst():
+            raise RuntimeError("mid-burst")
+        assert corked() == 0
+        link.publish("mqttalk-test/burst", b"y")  # acknowledged: the corked bytes went out
