@@ -14,6 +14,9 @@ amqtt 0.12 traps this module handles:
 * A QoS 1 message whose PUBACK does not come within 5 s is dropped (e.g. one written to a
   subscriber that was just killed). :mod:`mqttalk_broker._fixes` delivers it again instead, and
   stops amqtt from sending a connecting client the retained messages of filters other clients hold.
+* A client reconnecting while amqtt still closes its old connection (a take-over) shares one session
+  between the two: the old one took the next PUBLISH the new one received, or left the session
+  marked offline under it. :mod:`mqttalk_broker._fixes` hands the session over cleanly.
 * Everything lives in memory. :mod:`mqttalk_broker.persistence` keeps sessions, offline queues and
   retained messages in SQLite so a restart loses nothing.
 """

@@ -1,4 +1,4 @@
-"""Fixes for two amqtt 0.12 bugs that break mqttalk's promises. Applied by :func:`install`.
+"""Fixes for three amqtt 0.12 bugs that break mqttalk's promises. Applied by :func:`install`.
 
 1. Lost QoS 1 messages: deliver again instead of dropping on a PUBACK timeout or a dead connection.
 
@@ -21,11 +21,26 @@ did get the message sees a duplicate, which mqttalk drops by message id.
 the client the retained messages matching *any* subscription filter held by *any* client (it loops
 over all of the broker's filters "for a pre-existing session"). A snooping client thus got every
 channel's presence. :func:`install` makes that delivery skip filters the session does not hold.
+
+3. A reconnect at once (a take-over, or a connect while amqtt is still closing the old connection
+of the same client id) goes wrong two ways, because both connections share one session:
+
+- The old connection's close runs last and marks the session ``disconnected`` under the new one:
+  amqtt then queues every message for it instead of sending it, until the client connects again.
+- The old connection's loop still waits on the session's queue of incoming PUBLISHes, takes the
+  next one the *new* connection receives (already acknowledged to its publisher) and drops it
+  when it ends.
+
+Either way a reader that reconnected at once never got its own sync marker (mqttalk's "did not
+deliver the channel": about 1 run in 8 of a reader reconnecting while another peer paired), and any
+other message could vanish the same way. :func:`install` makes a closed connection hand back what
+it took and give the session back to the newer connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 _PATCHED = "_mqttalk_redelivery"
@@ -33,12 +48,66 @@ _RETRY_DELAY = 0.5  # let the broker notice a dead connection (or attach a new o
 _PATIENCE = 60.0  # how long to keep trying; after that the client's next connect delivers the queue
 _background: set[asyncio.Task[Any]] = set()
 _draining: set[str] = set()
+_stopped: weakref.WeakSet[Any] = weakref.WeakSet()  # protocol handlers of connections amqtt closed
 
 
 def install() -> None:
     """Patch amqtt once per process."""
     _install_redelivery()
     _install_retained_filter()
+    _install_take_over()
+
+
+def _install_take_over() -> None:
+    from amqtt.broker import Broker
+    from amqtt.events import BrokerEvents
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler as Handler
+
+    if getattr(Broker._handle_disconnect, _PATCHED, False):
+        return
+    start, stop, deliver_next = Handler.start, Handler.stop, Handler.mqtt_deliver_next_message
+    handle_disconnect = Broker._handle_disconnect
+
+    async def started(self: Any) -> None:
+        await start(self)
+        if self.session is not None and self.session.transitions.state != "connected" and self not in _stopped:
+            # A take-over whose old connection finished closing while amqtt stopped it: it marked the
+            # session disconnected, and the take-over (which found it connected) does not connect it.
+            self.session.transitions.connect()
+
+    async def stopped(self: Any) -> None:
+        _stopped.add(self)
+        await stop(self)
+
+    async def next_incoming(self: Any) -> Any:
+        if self not in _stopped:
+            message = await deliver_next(self)
+            if message is None or self not in _stopped:
+                return message
+            # Closed while it waited: the message came in on the session's newer connection. Hand it
+            # back for that connection's loop to broadcast.
+            self.session.delivered_message_queue.put_nowait(message)
+        await asyncio.get_running_loop().create_future()  # never: this loop ends (and cancels it) soon
+        return None
+
+    async def disconnected(self: Any, session: Any, handler: Any, waiter: Any) -> None:
+        await handle_disconnect(self, session, handler, waiter)
+        current = self._get_handler(session)
+        if current is None or current is handler or current in _stopped or session.transitions.state == "connected":
+            return
+        # A newer connection holds this session: it is connected. What amqtt queued for it meanwhile
+        # (it thought the session offline) goes out through that connection now.
+        session.transitions.connect()
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
+                                              client_session=session)
+        await self._publish_session_retained_messages(session)
+
+    for fn in (started, stopped, next_incoming, disconnected):
+        setattr(fn, _PATCHED, True)
+    Handler.start = started  # type: ignore[method-assign]
+    Handler.stop = stopped  # type: ignore[method-assign]
+    Handler.mqtt_deliver_next_message = next_incoming  # type: ignore[method-assign]
+    Broker._handle_disconnect = disconnected  # type: ignore[method-assign]
 
 
 def _install_retained_filter() -> None:

@@ -351,8 +351,10 @@ def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(sessions: tuple
     time.sleep(1.0)
     assert proc.poll() is None  # still waiting: a pairing is not the reply
     impl.ok("send", "--kind", "answer", "--re", asked["id"], "409")
-    assert proc.wait(60) == 0 and proc.stdout is not None
-    assert f"re={asked['id']}" in json.loads(proc.stdout.read())["reason"]
+    assert proc.wait(60) == 0 and proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    assert out, proc.stderr.read()  # no output: the hook gave up (it says why on stderr)
+    assert f"re={asked['id']}" in json.loads(out)["reason"]
 
 
 def test_stop_hook_lets_the_agent_stop_when_no_reply_is_awaited(sessions: tuple[Session, Session],
