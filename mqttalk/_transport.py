@@ -499,6 +499,9 @@ class _ProtocolCache:
         tmp.replace(self.path)
 
 
+_BURST = 1000  # most packets _loop takes in from what was read before it goes back to the caller
+
+
 def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
     """paho's ``loop()`` through its external-loop API (``loop_read``/``loop_write``/``loop_misc``).
 
@@ -520,9 +523,15 @@ def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
     ready = events[0][1] if events else 0
     readable, writable = ready & ~select.POLLOUT, ready & select.POLLOUT
     if readable or (pending is not None and pending() > 0):
-        rc = client.loop_read()
-        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
-            return rc
+        # paho reads one packet per loop_read when it has nothing in flight (a reader taking in a
+        # backlog): take in every packet already read from the socket, so they are handed over, stored
+        # and acknowledged as one batch (one SQLite transaction) instead of one at a time.
+        for _ in range(_BURST):
+            rc = client.loop_read()
+            if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc
+            if pending is None or pending() <= 0:
+                break
     if writable:
         rc = client.loop_write()
         if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
