@@ -101,3 +101,38 @@ def test_a_burst_corks_the_socket_and_always_uncorks_it(broker_url: str, tmp_pat
             raise RuntimeError("mid-burst")
         assert corked() == 0
         link.publish("mqttalk-test/burst", b"y")  # acknowledged: the corked bytes went out
+
+
+def test_bare_pubacks_take_the_short_way_and_none_takes_pahos_way(broker_url: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUBACK that is only a message id (success) is handled without paho's per-packet ReasonCode and
+    Properties; every publish is still acknowledged, in order, as success."""
+    import paho.mqtt.client as mqtt
+
+    from mqttalk._transport import Link
+    from mqttalk._url import parse_broker
+
+    slow: list[str] = []
+    paho_way = mqtt.Client._handle_pubackcomp  # (if paho renames it, this test fails: look again)
+
+    def counted(self: mqtt.Client, cmd: str) -> object:
+        slow.append(cmd)
+        return paho_way(self, cmd)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mqtt.Client, "_handle_pubackcomp", counted)
+    acked: list[tuple[int, bool]] = []
+    with Link(parse_broker(broker_url), state_dir=tmp_path) as link:
+        client = link._client
+        assert client is not None
+        on_publish = client.on_publish
+
+        def record(c: object, u: object, mid: int, rc: object, p: object) -> None:
+            acked.append((mid, bool(rc.is_failure)))  # type: ignore[attr-defined]
+            on_publish(c, u, mid, rc, p)  # type: ignore[misc]
+
+        client.on_publish = record
+        infos = [link.publish("mqttalk-test/puback", b"m%d" % i, wait=False) for i in range(50)]
+        for info in infos:
+            link.wait_published(info)
+    assert acked == [(info.mid, False) for info in infos]
+    assert slow == []  # none took paho's way
