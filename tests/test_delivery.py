@@ -416,18 +416,18 @@ def test_a_connection_that_takes_over_its_session_gets_messages_at_once(broker_u
     (a take-over: mqttalk's one-shot reads reconnect at once) gets what is published to it. amqtt left such a
     session marked disconnected and queued everything for a connect that never came (broker/_fixes.py, 3)."""
     port = int(broker_url.rsplit(":", 1)[1])
+    client_id = "mqk-take-over-" + os.urandom(4).hex()
+    topic = f"mqttalk-test/{client_id}"
     got: dict[str, list[bytes]] = {"old": [], "new": []}
 
-    def connect(name: str) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mqk-take-over-" + name_suffix,
-                             clean_session=False, protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    def connect(name: str, *, clean: bool = False) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
+                             protocol=mqtt.MQTTv311, reconnect_on_failure=False)
         client.on_message = lambda _c, _u, m: got[name].append(bytes(m.payload))
         client.connect("127.0.0.1", port)
         client.loop_start()
         return client
 
-    name_suffix = os.urandom(4).hex()
-    topic = f"mqttalk-test/take-over/{name_suffix}"
     old = connect("old")
     old.subscribe(topic, qos=1)
     time.sleep(0.3)
@@ -445,6 +445,9 @@ def test_a_connection_that_takes_over_its_session_gets_messages_at_once(broker_u
         for client in (old, new):
             client.loop_stop()
         new.disconnect()
+        gone = connect("new", clean=True)  # a clean start drops the session this test left on the broker
+        gone.loop_stop()
+        gone.disconnect()
 
 
 def test_a_closed_connection_hands_back_a_publish_its_successor_received() -> None:
