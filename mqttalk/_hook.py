@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,16 +46,18 @@ def run(agent: str, event: str | None, stdin: TextIO, stdout: TextIO, stderr: Te
     try:
         if agent != "claude":
             raise ValueError(f"unknown agent {agent!r} (known: claude)")
-        out = _claude(event, stdin.read(), wait=wait, every=every)
-    except Exception as exc:  # noqa: BLE001 - fail open: whatever went wrong, the agent goes on
-        print(f"mqttalk hook: skipped: {type(exc).__name__}: {_line(exc)}", file=stderr, flush=True)
-        return 0
-    if out is not None:
+        reply = _claude(event, stdin.read(), wait=wait, every=every)
+        if reply is None:
+            return 0
+        out, shown = reply
         try:
             stdout.write(json.dumps(out) + "\n")
             stdout.flush()
         except OSError:
-            pass
+            return 0  # not shown: the messages stay unread for the next hook, `recv` or `receive`
+        shown()  # only now: the read cursor moves past what the agent was given
+    except Exception as exc:  # noqa: BLE001 - fail open: whatever went wrong, the agent goes on
+        print(f"mqttalk hook: skipped: {type(exc).__name__}: {_line(exc)}", file=stderr, flush=True)
     return 0
 
 
@@ -64,7 +67,10 @@ def _line(exc: Exception) -> str:
     return exc.line() if isinstance(exc, MqttalkError) else str(exc).splitlines()[0] if str(exc) else ""
 
 
-def _claude(event_flag: str | None, raw: str, *, wait: float, every: float) -> dict[str, Any] | None:
+Reply = tuple[dict[str, Any], Callable[[], None]]  # what to print, and what to do once it was printed
+
+
+def _claude(event_flag: str | None, raw: str, *, wait: float, every: float) -> Reply | None:
     try:
         payload = json.loads(raw) if raw.strip() else {}
     except ValueError:
@@ -95,7 +101,7 @@ def _deadline(seconds: float) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every: float) -> dict[str, Any] | None:
+def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every: float) -> Reply | None:
     from ._api import open_channel
     from ._config import Settings
     from ._errors import NotBound
@@ -123,13 +129,12 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
         if not _news(inbox):
             return None
         text = _context(channel, inbox, [], waited=True)
-        channel.mark_read(inbox)
-        return {"decision": "block", "reason": text}
+        return {"decision": "block", "reason": text}, lambda: channel.mark_read(inbox)
     if not _news(inbox) and not notices:
         return None
     text = _context(channel, inbox, notices, waited=False)
-    channel.mark_read(inbox)
-    return {"hookSpecificOutput": {"hookEventName": event, "additionalContext": text}}
+    return ({"hookSpecificOutput": {"hookEventName": event, "additionalContext": text}},
+            lambda: channel.mark_read(inbox))
 
 
 def _news(inbox: Any) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from conftest import MQTTALK, Result, Session, free_port, join_url, paired, status_of
 
 # -- the guide -------------------------------------------------------------------------------------
@@ -306,6 +307,34 @@ def test_hook_fails_open(sessions: tuple[Session, Session]) -> None:
                     input=json.dumps({"hook_event_name": "UserPromptSubmit", "cwd": str(tests.cwd)}))
     assert res.code == 0 and res.out == "" and "skipped" in res.err
     assert time.monotonic() - started < 15
+
+
+def test_a_hook_whose_output_cannot_be_written_leaves_the_messages_unread(
+        sessions: tuple[Session, Session], broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read cursor moves only once the hook's output was written, as `recv` does: a hook whose
+    stdout is gone (Claude Code stopped reading) loses nothing."""
+    import io
+
+    from mqttalk._hook import run
+
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    tests.ok("recv")
+    impl.ok("send", "tests written, all red")
+
+    class Gone(io.StringIO):
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    for key in ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(key, tests.env[key])
+    body = json.dumps({"session_id": "4f1c2a", "cwd": str(tests.cwd), "hook_event_name": "UserPromptSubmit"})
+    err = io.StringIO()
+    assert run("claude", "UserPromptSubmit", io.StringIO(body), Gone(), err) == 0 and err.getvalue() == ""
+    assert "tests written, all red" in tests.ok("recv").out  # still unread: recv shows it
+    shown = io.StringIO()
+    assert run("claude", "UserPromptSubmit", io.StringIO(body), shown, err) == 0
+    assert shown.getvalue() == ""  # recv showed it: the hook has nothing new
 
 
 def test_stop_hook_waits_for_the_reply_to_our_question(sessions: tuple[Session, Session], broker_url: str) -> None:
