@@ -77,6 +77,8 @@ class Live:
         self._answer_due = False  # a peer's challenge we have not answered in our presence yet
         self._roster: set[str] | None = None  # member names from the channel's retained roster
         self._roster_due = False  # the retained roster left us out: publish it again with us in it
+        self._stale: dict[str, tuple[str, bytes]] = {}  # peer -> an older presence met while syncing (topic, payload)
+        self._fresh: set[str] = set()  # peers whose presence met while syncing was their newest
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -243,6 +245,8 @@ class Live:
         link.open()
         try:
             self._synced = False
+            self._stale.clear()
+            self._fresh.clear()
             topics = [ch.topics.all_presence, ch.topics.roster, ch.topics.sync(link.client_id)]
             if self.exclusive:
                 topics.append(ch.topics.all_msg)
@@ -250,9 +254,10 @@ class Live:
             self._sync(link)
             # A broker that sends no retained message to a wildcard subscription (RabbitMQ) left out the
             # presence of members we know by name (from the roster, or seen before on this machine):
-            # subscribe to those exactly, which every broker answers with the retained presence.
+            # subscribe to those exactly, which every broker answers with the retained presence. (Those
+            # we only met in stale copies from our queue too: the retained one tells a replay from them.)
             known = ch.store.known_presences(ch.url.channel)
-            missing = sorted((set(known) | (self._roster or set())) - set(self.presences) - {ch.me})
+            missing = sorted((set(known) | (self._roster or set())) - self._fresh - {ch.me})
             if missing:
                 link.subscribe([ch.topics.presence(peer) for peer in missing])
                 self._sync(link)
@@ -288,8 +293,15 @@ class Live:
                 deadline = time.monotonic() + ch.settings.connect_timeout
 
     def _after_sync(self) -> None:
-        """The backlog is in: compare what each peer says it sent with what arrived."""
+        """The backlog is in: report replayed presence; compare what each peer says it sent with what arrived."""
         ch = self.channel
+        # A session's queue holds the presence updates published while it was away, older than the
+        # retained presence it also gets: stale copies the broker hands over in any order, no replay. A
+        # replay is when nothing newer came: the retained presence itself was put back to an old one.
+        for peer, (topic, payload) in self._stale.items():
+            if peer not in self._fresh:
+                self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+        self._stale.clear()
         if not self.exclusive:
             return
         for peer, pres in self.presences.items():
@@ -378,12 +390,16 @@ class Live:
         # sent since: it is never a replay. Any other presence older than one seen is.
         newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
         if newest is not None:
-            self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+            if self._synced:
+                self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+            else:
+                self._stale.setdefault(peer, (topic, payload))  # judged once the backlog is in (_after_sync)
             known = decode_presence(newest)
             if known is not None:
                 self.presences[peer] = known  # what we know to be newer stands
             return
         self.presences[peer] = pres
+        self._fresh.add(peer)
         if peer == ch.me:
             return
         if pres.state in ("left", "away"):
