@@ -103,9 +103,10 @@ def test_a_burst_corks_the_socket_and_always_uncorks_it(broker_url: str, tmp_pat
         link.publish("mqttalk-test/burst", b"y")  # acknowledged: the corked bytes went out
 
 
-def test_bare_pubacks_take_the_short_way_and_none_takes_pahos_way(broker_url: str, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A PUBACK that is only a message id (success) is handled without paho's per-packet ReasonCode and
+def test_success_pubacks_take_the_short_way_and_none_takes_pahos_way(broker_url: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUBACK that says success without properties (amqtt: the message id alone; Mosquitto, to a topic
+    nobody subscribes to: "No matching subscribers") is handled without paho's per-packet ReasonCode and
     Properties; every publish is still acknowledged, in order, as success."""
     import paho.mqtt.client as mqtt
 
