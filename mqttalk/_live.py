@@ -300,7 +300,7 @@ class Live:
         # replay is when nothing newer came: the retained presence itself was put back to an old one.
         for peer, (topic, payload) in self._stale.items():
             if peer not in self._fresh:
-                self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+                self._replayed(peer, topic, payload)
         self._stale.clear()
         if not self.exclusive:
             return
@@ -391,7 +391,7 @@ class Live:
         newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
         if newest is not None:
             if self._synced:
-                self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
+                self._replayed(peer, topic, payload)
             else:
                 self._stale.setdefault(peer, (topic, payload))  # judged once the backlog is in (_after_sync)
             known = decode_presence(newest)
@@ -421,6 +421,9 @@ class Live:
                 ch.on_event(Event("paired", peer, pres.role or ""))
         if self._synced and self.exclusive and pres.seq:
             ch.store.expect(ch.url.channel, peer, pres.seq)
+
+    def _replayed(self, peer: str, topic: str, payload: bytes) -> None:
+        self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
 
     def _drop(self, topic: str, payload: bytes, kind: Literal["dropped", "decrypt_fail"], why: str) -> None:
         """Report a payload we cannot use, once per process (a retained one comes back on every subscribe).
