@@ -44,15 +44,19 @@ def _read(state_dir: Path) -> dict[str, dict[str, str]]:
 
 @contextmanager
 def _locked(state_dir: Path) -> Iterator[dict[str, dict[str, str]]]:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds channel keys and broker passwords
-    with open(state_dir / "bindings.lock", "w") as lock:
+    from ._state import private_dir, private_file, store_errors
+
+    with store_errors(_file(state_dir)):  # read-only or full: one line naming the file
+        private_dir(state_dir)  # 0700: it holds channel keys and broker passwords
+        lock_path = private_file(state_dir / "bindings.lock")
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = _read(state_dir)
         yield data
-        tmp = _file(state_dir).with_suffix(f".{os.getpid()}.tmp")
-        tmp.touch(mode=0o600)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(_file(state_dir))
+        with store_errors(_file(state_dir)):
+            tmp = private_file(_file(state_dir).with_suffix(f".{os.getpid()}.tmp"))  # 0600 whatever the umask
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(_file(state_dir))
 
 
 def find(state_dir: Path, cwd: Path) -> Binding | None:

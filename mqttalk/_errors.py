@@ -80,3 +80,8 @@ class Queued(MqttalkError):
         super().__init__(f"id={message_id} not sent yet: {reason}",
                          "it is kept and goes out with the next mqttalk command that reaches the broker")
         self.message_id = message_id
+
+
+class StoreError(MqttalkError):
+    """The local state (the message store, the state directory) cannot be read or written: damaged,
+    read-only, or the disk is full. The line names the file and what to do."""

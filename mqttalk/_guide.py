@@ -26,14 +26,30 @@ def fill(template: str, **values: str) -> str:
     return re.sub(r"\{\{(\w+)\}\}", value, template)
 
 
-def role_part(role: str | None) -> str:
-    """The paragraph for a role (``tests``, ``impl``, ``review``), else the general one."""
+def _roles() -> dict[str, str]:
     sections: dict[str, str] = {}
     for chunk in data_text("roles.md").split("## ")[1:]:
         name, _, text = chunk.partition("\n")
         sections[name.strip()] = text.strip()
+    return sections
+
+
+def role_part(role: str | None) -> str:
+    """The paragraph for a role (``tests``, ``impl``, ``review``), else the general one."""
+    sections = _roles()
     key = (role or "").strip().lower()
     return sections.get(key, sections["*"])
+
+
+def check_role(role: str | None) -> None:
+    """``guide --role`` names one of the roles the guide knows (without it, the peer name picks one or none)."""
+    if role is None:
+        return
+    known = [name for name in _roles() if name != "*"]
+    if role.strip().lower() not in known:
+        from ._errors import UsageError
+
+        raise UsageError(f"unknown role {role[:40]!r}", f"use one of: {', '.join(known)}; or leave --role out")
 
 
 def share_text(peer: str, url: str) -> str:
@@ -50,11 +66,12 @@ def channel_guide(channel: Any, *, role: str | None = None, status: Any = None, 
                   status_error: str | None = None) -> str:
     """The guide for a bound channel. ``status`` (a :class:`~._channel.Status`) names the peers; without
     one (broker unreachable) ``status_error`` says why they are not listed."""
-    from ._render import LONG_BODY
+    from ._render import LONG_BODY, line, more_peers, shown_peers
 
-    if status is not None:
-        others = [p for p in status.peers if not p.me]
-        peers = "; ".join(f"{p.name}" + (f" [{p.role}]" if p.role else "") + f": {p.liveness()}" for p in others)
+    if status is not None:  # at most a screenful of peers; names and roles are theirs: escaped
+        others, more = shown_peers([p for p in status.peers if not p.me])
+        peers = "; ".join(f"{line(p.name)}" + (f" [{line(p.role)}]" if p.role else "") + f": {p.liveness()}"
+                          for p in others) + (f"; {more_peers(more)}" if more else "")
         peers = peers or "none yet (the other session joins with `mqttalk pair 'URL' --as NAME`)"
         unread = str(status.unread)
     else:

@@ -111,8 +111,10 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
     notices: list[str] = []
 
     def note(ev: Any) -> None:
-        if ev.kind == "paired":
-            notices.append(f"mqttalk: PAIRED with {ev.peer}" + (f" ({ev.detail})" if ev.detail else ""))
+        if ev.kind == "paired":  # (a name and role are the peer's words: escaped, see _render.line)
+            from ._render import line
+
+            notices.append(f"mqttalk: PAIRED with {line(ev.peer)}" + (f" ({line(ev.detail)})" if ev.detail else ""))
 
     try:
         channel, _ = open_channel(settings, cwd, on_event=note)
@@ -170,17 +172,17 @@ def _awaiting_reply(channel: Any) -> bool:
 
 def _context(channel: Any, inbox: Any, notices: list[str], *, waited: bool) -> str:
     """What the agent is shown: a line saying what these are (data, not instructions), then the messages."""
-    from ._render import message_text
+    from ._render import bounded, line, message_text
 
     count = len(inbox.messages)
     head = ("mqttalk: the reply you were waiting for arrived from your paired session" if waited
             else "mqttalk: new from your paired session(s) in this project's mqttalk channel")
     lines = [f"{head} ({count} message{'s' if count != 1 else ''}). {DATA_NOTE} "
              "Reply with `mqttalk send ...`; `mqttalk guide` lists the commands."]
-    lines += notices
+    lines += bounded(notices)
     for gap in inbox.gaps:
-        lines.append(f"mqttalk: GAP from={gap.sender} seq={gap.first}-{gap.last} (messages that never arrived; "
-                     f"ask {gap.sender} to resend)")
+        lines.append(f"mqttalk: GAP from={line(gap.sender)} seq={gap.first}-{gap.last} (messages that never "
+                     f"arrived; ask {line(gap.sender)} to resend)")
     bodies = channel.settings.state_dir / "bodies"
     lines += [message_text(m.envelope, bodies) for m in inbox.messages]
     return "\n".join(lines)

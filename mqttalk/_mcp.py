@@ -27,6 +27,7 @@ from ._errors import MqttalkError, Queued, UsageError
 
 RECEIVE_MAX_WAIT = 55.0  # seconds one receive call may wait: MCP clients time tool calls out around 60 s
 HISTORY_DEFAULT = 20
+NOTES_KEPT = 20  # PAIRED / OFFLINE lines one receive shows at most (the rest are counted)
 
 INSTRUCTIONS = """\
 mqttalk connects this coding-agent session with other sessions working on the same project (another
@@ -51,6 +52,7 @@ class Session:
         self._stop = threading.Event()
         self._arrived = threading.Event()
         self._notes: list[str] = []  # PAIRED / OFFLINE lines seen by the live thread, shown by the next receive
+        self._notes_more = 0  # ... and how many more came than NOTES_KEPT
         self._notes_lock = threading.Lock()
         self.link_state = "no channel yet"
 
@@ -108,20 +110,29 @@ class Session:
         if event.kind == "message":
             self._arrived.set()
         elif event.kind in ("paired", "offline"):
+            from ._render import line
+
             word = "PAIRED with" if event.kind == "paired" else "OFFLINE"
+            note = f"mqttalk: {word} {line(event.peer)}" + (f" ({line(event.detail)})" if event.detail else "")
             with self._notes_lock:
-                self._notes.append(f"mqttalk: {word} {event.peer}" + (f" ({event.detail})" if event.detail else ""))
+                if len(self._notes) < NOTES_KEPT:  # a flood of made-up peers: counted, not kept
+                    self._notes.append(note)
+                else:
+                    self._notes_more += 1
             self._arrived.set()
 
     def _take_notes(self) -> list[str]:
+        from ._render import more_notes
+
         with self._notes_lock:
             notes, self._notes = self._notes, []
-        return notes
+            more, self._notes_more = self._notes_more, 0
+        return notes + ([more_notes(more)] if more else [])
 
     # -- tools ---------------------------------------------------------------------------------------
 
     def receive(self, wait: float, full: bool) -> str:
-        from ._render import message_text
+        from ._render import line, message_text
 
         wait = max(0.0, min(float(wait), RECEIVE_MAX_WAIT))
         deadline = time.monotonic() + wait
@@ -134,8 +145,8 @@ class Session:
                 if inbox or notes or time.monotonic() >= deadline:
                     bodies = None if full else ch.settings.state_dir / "bodies"
                     lines = list(notes)
-                    lines += [f"mqttalk: GAP from={g.sender} seq={g.first}-{g.last} (never arrived; ask "
-                              f"{g.sender} to resend)" for g in inbox.gaps]
+                    lines += [f"mqttalk: GAP from={line(g.sender)} seq={g.first}-{g.last} (never arrived; ask "
+                              f"{line(g.sender)} to resend)" for g in inbox.gaps]
                     lines += [message_text(m.envelope, bodies) + "\n" for m in inbox.messages]
                     if not inbox.messages:
                         lines.append(f"mqttalk: no new message{f' within {wait:g}s' if wait else ''}")
@@ -193,7 +204,9 @@ class Session:
 
         def note(ev: Any) -> None:
             if ev.kind == "paired":
-                events.append(f"mqttalk: PAIRED with {ev.peer}" + (f" ({ev.detail})" if ev.detail else ""))
+                from ._render import line
+
+                events.append(f"mqttalk: PAIRED with {line(ev.peer)}" + (f" ({line(ev.detail)})" if ev.detail else ""))
 
         with self._lock:
             self._refuse_if_bound()
@@ -201,14 +214,18 @@ class Session:
                               wait=max(0.0, min(wait, RECEIVE_MAX_WAIT)), on_event=note)
             self._channel = ch
             self._start_live()
+        from ._render import bounded, line
+
         if not others and ch.unanswered:
-            return (f"mqttalk: joined as {ch.me}; {' and '.join(ch.unanswered)} in the channel but not answering the "
+            names = " and ".join(line(n) for n in ch.unanswered[:5]) + (
+                f" and {len(ch.unanswered) - 5:,} more" if len(ch.unanswered) > 5 else "")
+            return (f"mqttalk: joined as {ch.me}; {names} in the channel but not answering the "
                     "pairing challenge yet (not running now?); `receive` will say PAIRED once an answer comes, and "
                     "messages sent meanwhile wait for it")
         if not others:
             return (f"mqttalk: joined as {ch.me}, but no other peer is in the channel yet; "
                     "`receive` will say PAIRED when one comes")
-        return "\n".join(events or [f"mqttalk: PAIRED with {', '.join(others)}"])
+        return "\n".join(bounded(events) or [f"mqttalk: PAIRED with {', '.join(line(o) for o in others[:20])}"])
 
     def leave(self) -> str:
         from ._api import forget, open_channel
@@ -236,21 +253,11 @@ class Session:
 
 def typed_data(kind: str, body: str, *, subject: str | None, rev: int | None, state: str | None,
                commit: str | None) -> dict[str, Any]:
-    """A kind's typed fields from flat arguments (as `mqttalk send` takes them); the envelope validates them."""
-    from ._errors import BadMessage
+    """A kind's typed fields from flat arguments (as `mqttalk send` takes them); the envelope validates them.
+    A field that does not belong to the kind is refused (see _input.typed_fields)."""
+    from ._input import typed_fields
 
-    if kind == "spec":
-        first = body.strip().splitlines()[0][:200] if body.strip() else None
-        return {"subject": subject or first, "rev": rev, "state": state}
-    if kind == "status":
-        if state is None:
-            raise BadMessage("a status needs state", "one of red, green, blocked, working, done")
-        return {"state": state, "commit": commit}
-    stray = [name for name, value in (("subject", subject), ("rev", rev), ("state", state), ("commit", commit))
-             if value is not None]
-    if stray:
-        raise BadMessage(f"{', '.join(stray)} only apply to kind spec or status, not {kind}")
-    return {}
+    return typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit, flag="")
 
 
 def build(session: Session) -> Any:

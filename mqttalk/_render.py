@@ -18,13 +18,48 @@ PREVIEW = 300  # characters of a long body shown inline
 
 
 def facts(env: Any) -> str:
-    """The key=value header of a message: one line, cheap in tokens."""
-    out = [f"from={env.sender}", f"kind={env.kind}" + ("" if env.known_kind else "(unknown)")]
-    out += [env.summary()] if env.summary() else []
-    out += [f"id={env.id}"] + ([f"re={env.re}"] if env.re else []) + ([f"to={env.to}"] if env.to else [])
+    """The key=value header of a message: one line, cheap in tokens. Every value a peer chose is shown
+    by :func:`field`: never a control character, newline or escape sequence, and never a space that could
+    pass for another key=value, on a terminal or not (an agent reading a pipe must not be shown a forged
+    line either). ``--json`` and the store keep the raw values."""
+    out = [f"from={field(env.sender)}", f"kind={field(env.kind)}" + ("" if env.known_kind else "(unknown)")]
+    out += _typed_facts(env)
+    out += [f"id={field(env.id)}"] + ([f"re={field(env.re)}"] if env.re else [])
+    out += [f"to={field(env.to)}"] if env.to else []
     out += [f"seq={env.seq}"] if env.seq is not None else []
     out.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
     return " ".join(out)
+
+
+def _typed_facts(env: Any) -> list[str]:
+    """A spec's subject, rev and state, a status's state and commit (as :meth:`Envelope.summary`
+    words them), each value made safe."""
+    typed = env.typed() if env.kind in ("spec", "status") else None
+    if typed is None:
+        return []
+    if env.kind == "spec":
+        return [f"subject={printable(repr(str(typed.subject)), line=True)}", f"rev={field(str(typed.rev))}",
+                f"state={field(str(typed.state))}"]
+    commit = getattr(typed, "commit", None)
+    return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
+
+
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+#")
+
+
+def field(value: Any) -> str:
+    """One header value: as is when it is plain (letters, digits, ``_-.:/@+#``), else quoted the way
+    Python writes a string literal, with every control or invisible character escaped."""
+    text = str(value)
+    if text and all(c in _PLAIN for c in text):
+        return text
+    return printable(repr(text), line=True)
+
+
+def line(text: Any) -> str:
+    """Text a peer controls, shown inside one line of ours (a name, a role, a reason): control
+    characters, newlines and escape sequences escaped, everywhere (not only on a terminal)."""
+    return printable(str(text), line=True)
 
 
 def body_file(bodies: Path, msg_id: str) -> Path:
@@ -34,11 +69,12 @@ def body_file(bodies: Path, msg_id: str) -> Path:
 
 def spill(bodies: Path, env: Any) -> Path:
     """Write ``env``'s whole body to its file (private to the user: the state directory is 0700)."""
-    bodies.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from ._state import private_dir, private_file
+
+    private_dir(bodies)
     path = body_file(bodies, env.id)
     if not path.exists() or path.read_text(encoding="utf-8", errors="replace") != env.body:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.touch(mode=0o600)
+        tmp = private_file(path.with_suffix(f".{os.getpid()}.tmp"))  # 0600 whatever the umask
         tmp.write_text(env.body, encoding="utf-8")
         tmp.replace(path)
     return path
@@ -58,29 +94,64 @@ def body_text(env: Any, bodies: Path | None, *, limit: int = LONG_BODY) -> str:
 
 def message_text(env: Any, bodies: Path | None, *, terminal: bool = False) -> str:
     """A whole message as text: ``mqttalk: MESSAGE <facts>`` and its (possibly shortened) body."""
-    body = body_text(env, bodies)
+    body = body_text(env, bodies)  # raw when piped (agents need its real newlines), escaped on a terminal
     return f"mqttalk: MESSAGE {facts(env)}\n{printable(body) if terminal else body}"
 
 
-def printable(text: str) -> str:
-    """Neutralise control characters (escape sequences could rewrite a terminal's screen)."""
-    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+def printable(text: str, *, line: bool = False) -> str:
+    """Neutralise control characters (escape sequences could rewrite a terminal's screen): each one, and
+    every invisible formatting character (bidi overrides), is shown as its escape. Newlines and tabs stay
+    unless ``line``: then the text cannot break out of the line it is printed in."""
+    keep = "" if line else "\n\t"
+    return "".join(c if c in keep or c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def on_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+SCREENFUL = 20  # peers listed at most by `status`, the guide and MCP's status; the rest are counted
+
+
+def shown_peers(peers: list[Any], limit: int = SCREENFUL) -> tuple[list[Any], int]:
+    """The peers worth a line (those that answered our pairing challenge first, then by name) and how
+    many more there are: 10,000 made-up presences must not cost an agent 10,000 lines."""
+    ranked = sorted(peers, key=lambda p: not getattr(p, "paired", False))  # stable: name order stays within
+    return ranked[:limit], max(0, len(ranked) - limit)
+
+
+def more_peers(count: int) -> str:
+    return f"… and {count:,} more peer{'s' if count != 1 else ''} (`mqttalk status --json` lists them all)"
+
+
+def more_notes(count: int) -> str:
+    plural = "s" if count != 1 else ""
+    return f"mqttalk: … and {count:,} more PAIRED / OFFLINE notice{plural} (`mqttalk status` lists the peers)"
+
+
+def bounded(notes: list[str], limit: int = SCREENFUL) -> list[str]:
+    """At most ``limit`` notice lines, and one saying how many more there were."""
+    return notes if len(notes) <= limit else [*notes[:limit], more_notes(len(notes) - limit)]
+
+
 def status_text(st: Any) -> str:
-    """`mqttalk status` as text: the channel, you, your peers with their presence, unread and queued counts."""
-    lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {st.me}"]
-    others = [p for p in st.peers if not p.me]
+    """`mqttalk status` as text: the channel, you, your peers with their presence, unread and queued counts.
+    Names and roles are the peers' own words: shown escaped, and at most :data:`SCREENFUL` of them."""
+    lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {line(st.me)}"]
+    others, more = shown_peers([p for p in st.peers if not p.me])
     if not others:
         lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
     for i, p in enumerate(others):
-        role = f" [{p.role}]" if p.role else ""
+        role = f" [{line(p.role)}]" if p.role else ""
         proof = "" if p.paired else " (has not answered our pairing challenge yet)"
-        lines.append(f"{'peers:' if i == 0 else '':9}{p.name}{role}: {p.liveness()}{proof}")
+        lines.append(f"{'peers:' if i == 0 else '':9}{line(p.name)}{role}: {p.liveness()}{proof}")
+    if more:
+        lines.append(f"{'':9}{more_peers(more)}")
     lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
     if st.queued:
         lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")

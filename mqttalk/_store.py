@@ -150,7 +150,15 @@ class Store:
         return store
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ._state import store_errors
+
+        with store_errors(path):  # damaged, read-only, disk full: one line naming the file and what to do
+            self._open(path)
+
+    def _open(self, path: Path) -> None:
+        from ._state import private_store
+
+        private_store(path)  # the directory 0700, the database (and its -wal/-shm) 0600, whatever the umask
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -278,10 +286,18 @@ class Store:
         if kind:
             where += " AND kind = ?"
             args.append(kind)
-        if since:
+        if since:  # (see _since: times come as `ts` is written, so strings compare as times)
+            from ._since import FORMS, normalise
+
+            since = normalise(since)
             mark = self.db.execute("SELECT ts FROM messages WHERE channel = ? AND id = ? UNION ALL"
                                    " SELECT ts FROM outbox WHERE channel = ? AND id = ?",
                                    (channel, since, channel, since)).fetchone()
+            if mark is None and "+" not in since:  # not a time (those end in +00:00), and no message has that id
+                from ._errors import UsageError
+
+                raise UsageError(f"--since {since!r} is not a time, nor the id of a message in this channel's "
+                                 "history", f"give {FORMS}")
             where += " AND ts > ?" if mark else " AND ts >= ?"
             args.append(mark[0] if mark else since)
         rows = self.db.execute(

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, ClassVar, NoReturn
 
 # pydantic scans installed packages' entry points for plugins the first time a model validates
 # (~15 ms of importlib.metadata). The CLI uses none, and every command pays for that start-up.
@@ -76,8 +76,61 @@ def _settings(**flags: Any) -> Any:
     return Settings.load(**flags)
 
 
+def _safe(text: Any, limit: int = 0) -> str:
+    """Text a peer controls (a name, a role, a reason) made safe for one line of ours (see _render.line);
+    ``limit``: at most that many characters."""
+    from ._render import line
+
+    shown = line(text)
+    return shown if not limit or len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    """``a and b``, or ``a, b, c and 9,997 more``: a list of peer names, bounded and made safe."""
+    shown = [_safe(n, 64) for n in names[:limit]]
+    if len(names) > limit:
+        return ", ".join(shown) + f" and {len(names) - limit:,} more"
+    return " and ".join(shown)
+
+
+class _Drops:
+    """Payloads dropped (DROPPED: malformed, stale, replayed) or that did not open (DECRYPT_FAIL): counted,
+    and told as one line per kind at the end of the command (`listen`: at most every SUMMARY_EVERY
+    seconds), with the first reason as an example. A flood of junk costs the agent one line, not 2,000."""
+
+    SUMMARY_EVERY = 5.0
+    WORDS: ClassVar[dict[str, tuple[str, str]]] = {"dropped": ("DROPPED", "that could not be used"),
+             "decrypt_fail": ("DECRYPT_FAIL", "that did not open with this channel's key")}
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+        self.told = float("-inf")
+
+    def add(self, kind: str, reason: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.first.setdefault(kind, reason)
+
+    def flush(self, every: float = 0.0) -> None:
+        """Print the summary lines (on stderr) if any, and at most once per ``every`` seconds."""
+        if not self.counts or time.monotonic() - self.told < every:
+            return
+        for kind, count in self.counts.items():
+            word, what = self.WORDS.get(kind, (kind.upper(), ""))
+            print(f"mqttalk: {word} {count:,} payload{'s' if count != 1 else ''} {what} "
+                  f"(the first: {_safe(self.first[kind], 200)}; never shown, never stored)",
+                  file=sys.stderr, flush=True)
+        self.counts.clear()
+        self.first.clear()
+        self.told = time.monotonic()
+
+
+_DROPS = _Drops()
+
+
 class _Printer:
-    """Renders events and results; --json switches every line to a JSON object."""
+    """Renders events and results; --json switches every line to a JSON object. In text, whatever a peer
+    controls is escaped (see _render.line): no peer can write a line of ours, or an escape sequence."""
 
     def __init__(self, as_json: bool, *, listening: bool = False) -> None:
         self.json = as_json
@@ -106,22 +159,23 @@ class _Printer:
 
     def gap(self, peer: str, first: int, last: int) -> None:
         count = last - first + 1
-        self.data(f"mqttalk: GAP from={peer} seq={first}-{last} ({count} message{'s' if count > 1 else ''} "
-                  f"sent by {peer} never arrived: the broker dropped them; ask {peer} to resend)",
+        who = _safe(peer, 64)
+        self.data(f"mqttalk: GAP from={who} seq={first}-{last} ({count} message{'s' if count > 1 else ''} "
+                  f"sent by {who} never arrived: the broker dropped them; ask {who} to resend)",
                   {"event": "gap", "peer": peer, "first": first, "last": last})
 
     def event(self, event: Any) -> None:
         if event.kind == "paired":
-            role = f" ({event.detail})" if event.detail else ""
-            self.data(f"mqttalk: PAIRED with {event.peer}{role}",
+            role = f" ({_safe(event.detail, 200)})" if event.detail else ""
+            self.data(f"mqttalk: PAIRED with {_safe(event.peer, 64)}{role}",
                       {"event": "paired", "peer": event.peer, "role": event.detail or None})
         elif event.kind == "waiting":
-            self.note(f"waiting {event.detail}...")
+            self.note(f"waiting {_safe(event.detail, 300)}...")
         elif event.kind == "gap" and self.listening:  # recv prints the gaps it fetched itself
             first, last = (int(x) for x in event.detail.split("-"))
             self.gap(event.peer, first, last)
         elif event.kind == "offline" and self.listening:
-            self.data(f"mqttalk: OFFLINE {event.peer} ({event.detail})",
+            self.data(f"mqttalk: OFFLINE {_safe(event.peer, 64)} ({_safe(event.detail, 200)})",
                       {"event": "offline", "peer": event.peer, "detail": event.detail})
         elif event.kind == "message" and self.listening and event.envelope is not None:
             env = event.envelope
@@ -129,10 +183,9 @@ class _Printer:
                       {"event": "message", "from": env.sender, "kind": env.kind, "id": env.id})
         elif event.kind in ("disconnected", "reconnected") and self.listening:
             word = "BROKER_DOWN" if event.kind == "disconnected" else "BROKER_UP"
-            self.data(f"mqttalk: {word} {event.detail}", {"event": event.kind, "detail": event.detail})
+            self.data(f"mqttalk: {word} {_safe(event.detail, 300)}", {"event": event.kind, "detail": event.detail})
         elif event.kind in ("dropped", "decrypt_fail"):
-            word = "DROPPED" if event.kind == "dropped" else "DECRYPT_FAIL"
-            print(f"mqttalk: {word} {event.detail}", file=sys.stderr, flush=True)
+            _DROPS.add(event.kind, event.detail)
 
 
 @app.command()
@@ -156,9 +209,12 @@ def create(
     every payload and names every topic, so the broker and its other users learn nothing.
     """
     from ._api import create as create_channel
+    from ._input import check_seconds
 
+    check_seconds(wait, "--wait")
     out = _Printer(as_json)
     settings = _settings(broker=broker, prefix=prefix, connect_timeout=connect_timeout, ca_file=ca)
+    _private_state(settings)
     if plain and settings.broker:
         from ._url import parse_broker
 
@@ -201,14 +257,17 @@ def pair(
 ) -> None:
     """Join a channel from its join URL; prints `mqttalk: PAIRED with NAME` once the other peer is seen."""
     from ._api import pair as pair_channel
+    from ._input import check_seconds, read_url
 
+    check_seconds(wait, "--wait")
     out = _Printer(as_json)
     settings = _settings(connect_timeout=connect_timeout, ca_file=ca)
+    _private_state(settings)
     if url == "-":
-        url = sys.stdin.readline().strip()
+        url = read_url(sys.stdin)
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if not others and channel.unanswered:
-        names = " and ".join(channel.unanswered)
+        names = _names(channel.unanswered)
         are, it = ("are", "them") if len(channel.unanswered) > 1 else ("is", "it")
         out.note(f"joined as {channel.me}; {names} {are} in the channel but did not answer the pairing challenge "
                  f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
@@ -242,27 +301,16 @@ def send(
     as_json: JsonOpt = False,
 ) -> None:
     """Send a message (QoS 1); exits 0 only once the broker has acknowledged it."""
-    from ._channel import read_body
+    from ._input import check_id, read_body, typed_fields
 
     out = _Printer(as_json)
+    if to is not None:
+        from ._topics import check_peer
+
+        check_peer(to)  # (whether it names a member is known only on the broker)
+    check_id(re, "--re")
     body = read_body(text, file, sys.stdin)
-    data: dict[str, Any] = {}
-    if kind == "spec":
-        first = body.strip().splitlines()[0][:200] if body.strip() else None
-        data = {"subject": subject or first, "rev": rev, "state": state}
-    elif kind == "status":
-        if state is None:
-            from ._errors import BadMessage
-
-            raise BadMessage("a status needs --state", "one of red, green, blocked, working, done")
-        data = {"state": state, "commit": commit}
-    else:
-        stray = [flag for flag, value in (("--subject", subject), ("--rev", rev), ("--state", state),
-                                          ("--commit", commit)) if value is not None]
-        if stray:
-            from ._errors import BadMessage
-
-            raise BadMessage(f"{', '.join(stray)} only apply to --kind spec or status, not {kind}")
+    data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
     channel, _ = _open(channel_url, as_, out)
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
@@ -282,6 +330,9 @@ def recv(
 
     Each message is one header line and its body; a body over 600 characters is shown as a preview and the
     path of a file holding all of it (--json prints whole bodies)."""
+    from ._input import check_seconds
+
+    check_seconds(wait, "--wait")
     out = _Printer(as_json)
     channel, _ = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
@@ -314,6 +365,9 @@ def listen(
     """
     import signal
 
+    from ._input import check_seconds
+
+    check_seconds(timeout, "--timeout")
     out = _Printer(as_json, listening=True)
     channel, _ = _open(channel_url, as_, out)
 
@@ -328,6 +382,7 @@ def listen(
         try:
             while deadline is None or time.monotonic() < deadline:
                 live.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+                _DROPS.flush(every=_Drops.SUMMARY_EVERY)
         except KeyboardInterrupt:
             pass
 
@@ -335,15 +390,31 @@ def listen(
 @app.command()
 def log(
     since: Annotated[str | None, typer.Option(
-        metavar="TIME|ID", help="Only after this message id, or from this ISO time (2026-11-25T12:00).")] = None,
+        metavar="TIME|ID", help="Only from this time: ISO (2026-11-25T12:00, with or without Z or +HH:MM; UTC "
+        "if no zone), HH:MM today (UTC), or 10m / 2h / 3d ago; or only after this message id.")] = None,
     peer: Annotated[str | None, typer.Option(metavar="NAME", help="Only messages from this peer.")] = None,
     kind: Annotated[str | None, typer.Option("--kind", "-k", help="Only this kind.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the last N.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the last N.")] = None,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show the channel's history from the local store (sent and received), oldest first."""
+    if since is not None:
+        from ._since import normalise
+
+        since = normalise(since)
+    if kind is not None:
+        from ._wire import KINDS
+
+        if kind not in KINDS:
+            from ._errors import UsageError
+
+            raise UsageError(f"unknown kind {kind!r}", f"use one of: {', '.join(KINDS)}")
+    if peer is not None:
+        from ._topics import check_peer
+
+        check_peer(peer)
     out = _Printer(as_json)
     channel, _ = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
@@ -436,8 +507,10 @@ def guide(
 ) -> None:
     """Print the agent's manual for this directory's channel: who you are, who your peers are, and the exact
     commands to read, wait and send, and when to use each. With no channel yet: how to create or join one."""
+    from ._guide import check_role
     from ._guide import guide as render
 
+    check_role(role)
     text = render(_settings(channel=channel_url, peer=as_), Path.cwd().resolve(), role, _Printer(False).event)
     print(text, end="")
 
@@ -500,8 +573,10 @@ def install(
     Merges into the settings file, keeping everything else; running it again changes nothing. Prints each
     change and the settings diff. For MCP tools as well: claude mcp add mqttalk -- mqttalk mcp"""
     from ._errors import UsageError
+    from ._input import check_seconds
     from ._install import plan_claude
 
+    check_seconds(stop_wait, "--stop-wait")
     if agent != "claude":
         raise UsageError(f"unknown agent {agent!r}", "only claude is supported")
     if user and project:
@@ -517,9 +592,19 @@ def install(
         plan.write()
 
 
+def _private_state(settings: Any) -> None:
+    """The state directory, 0700 before anything is written in it (the store holds decrypted messages,
+    the bindings channel keys): see _state."""
+    from ._state import private_dir, store_errors
+
+    with store_errors(settings.state_dir / "store.sqlite3"):
+        private_dir(settings.state_dir)
+
+
 def _record_broker(settings: Any) -> None:
-    record = settings.state_dir / "broker.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
+    from ._state import private_dir
+
+    record = private_dir(settings.state_dir) / "broker.json"
     record.write_text(json.dumps({"host": settings.embedded_host, "port": settings.embedded_port,
                                   "pid": os.getpid()}))
 
@@ -557,7 +642,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if not args:
             args = ["--help"]
-        rv = _app_for(args)(args=args, prog_name="mqttalk", standalone_mode=False)
+        if not all(arg.isascii() for arg in args):  # (cheap: most command lines are ASCII)
+            from ._input import check_args
+
+            check_args(args)
+        try:
+            rv = _app_for(args)(args=args, prog_name="mqttalk", standalone_mode=False)
+        finally:
+            _DROPS.flush()  # what was dropped, one line per kind, before any error line
     except MqttalkError as exc:
         print(f"mqttalk: {exc.label}: {exc.line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -575,6 +667,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except Exception as exc:
         if os.environ.get("MQTTALK_DEBUG"):
             raise
+        if type(exc).__module__ == "sqlite3":  # the store is damaged, read-only, or the disk is full
+            from ._state import store_error
+
+            error = store_error(exc)
+            if error is not None:
+                print(f"mqttalk: {error.label}: {error.line()}", file=sys.stderr)
+                sys.exit(error.exit_code)
         print(f"mqttalk: internal error: {type(exc).__name__}: {exc} (MQTTALK_DEBUG=1 shows a traceback)",
               file=sys.stderr)
         sys.exit(1)
