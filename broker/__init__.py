@@ -7,16 +7,14 @@ amqtt 0.12 traps this module handles:
 
 * Anonymous sessions never get offline QoS 1 messages queued. :class:`QueueingAuthPlugin`
   admits every client *without* marking its session anonymous, so persistent sessions queue.
-* Queued messages are delivered with the retain flag set. That is a client-side concern:
-  mqttalk's reader ignores the retain flag on message topics.
-* Keepalive is not enforced, so a stalled client's will never fires. mqttalk's presence carries a
-  heartbeat time and readers judge liveness from it.
-* A QoS 1 message whose PUBACK does not come within 5 s is dropped (e.g. one written to a
-  subscriber that was just killed). :mod:`mqttalk_broker._fixes` delivers it again instead, and
-  stops amqtt from sending a connecting client the retained messages of filters other clients hold.
-* A client reconnecting while amqtt still closes its old connection (a take-over) shares one session
-  between the two: the old one took the next PUBLISH the new one received, or left the session
-  marked offline under it. :mod:`mqttalk_broker._fixes` hands the session over cleanly.
+* amqtt falls short of MQTT 3.1.1 in many ways (keepalive never enforced, so no will for a stalled
+  client; in-flight QoS 1/2 messages dropped instead of resent with DUP on reconnect; messages at the
+  subscription's QoS instead of the lower one; queued messages with RETAIN set; ...) and has no
+  limits. :mod:`mqttalk_broker._conformance` fixes each (see its docstring) and applies the
+  ``limits`` section of mqttalk-broker.yaml (packet size, queue per absent session, CONNECT timeout).
+* :mod:`mqttalk_broker._fixes` stops amqtt from sending a connecting client the retained messages of
+  filters other clients hold, and hands a session over cleanly when its client reconnects while
+  amqtt still closes its old connection (a take-over).
 * Everything lives in memory. :mod:`mqttalk_broker.persistence` keeps sessions, offline queues and
   retained messages in SQLite so a restart loses nothing.
 """
@@ -37,8 +35,10 @@ CONFIG_FILE = Path(__file__).with_name("mqttalk-broker.yaml")
 
 def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
                   config_file: Path | None = None, db: Path | None = None) -> dict[str, Any]:
-    """The amqtt configuration dict: the YAML file's settings with the listener(s) and the
-    persistence database (``db``; None keeps everything in memory) filled in."""
+    """The broker's configuration dict: the YAML file's settings with the listener(s) and the
+    persistence database (``db``; None keeps everything in memory) filled in. Its ``limits`` section is
+    mqttalk's own (:class:`mqttalk_broker._conformance.Limits`); :func:`serve` takes it out before
+    handing the rest to amqtt."""
     import yaml
 
     config: dict[str, Any] = yaml.safe_load((config_file or CONFIG_FILE).read_text())
@@ -53,12 +53,15 @@ def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | N
 
 async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    """Run an amqtt broker with ``config`` until ``stop`` is set (or forever)."""
+    """Run an amqtt broker with ``config`` (from :func:`broker_config`) until ``stop`` is set (or forever)."""
     from amqtt.broker import Broker
 
-    from ._fixes import install
+    from . import _conformance, _fixes
 
-    install()
+    config = dict(config)
+    limits = _conformance.Limits.from_config(config.pop("limits", None))
+    _fixes.install()
+    _conformance.install(limits)
     broker = Broker(config)
     await broker.start()
     if started is not None:
