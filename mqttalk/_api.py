@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
-import socket
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +13,7 @@ from ._channel import Channel, Event
 from ._config import Settings
 from ._errors import UsageError
 from ._topics import check_peer, peer_from_directory
-from ._url import JoinURL, check_prefix, parse_broker
+from ._url import JoinURL, channel_id_for, check_prefix, parse_broker
 from ._wire import now
 
 
@@ -45,7 +43,7 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
         from ._seal import Seal
 
         key = Seal.new().token
-    url = JoinURL(address, prefix, new_channel_id(), key)
+    url = JoinURL(address, prefix, channel_id_for(key) if key else new_channel_id(), key)
     channel = Channel(url, name, member=os.urandom(16).hex(), role=role, settings=settings, on_event=on_event)
     channel.join(wait)
     _record(settings, cwd, channel)
@@ -69,7 +67,7 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
         member, joined = previous.member, previous.joined  # pairing again from the same place: same member
     channel = Channel(join_url, name, member=member, role=role, settings=settings,
                       joined=datetime.fromisoformat(joined) if joined else None, on_event=on_event)
-    others = channel.join(wait, new_member=not again)
+    others = channel.join(wait, new_member=not again, check=True)
     _record(settings, cwd, channel)
     return channel, others
 
@@ -89,9 +87,9 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
             if not settings.peer:
                 raise UsageError("--channel needs --as NAME (or MQTTALK_PEER) to say which peer you are")
             check_peer(settings.peer)
-            seed = f"{url.channel}/{settings.peer}/{socket.gethostname()}".encode()
-            member = hashlib.sha256(seed).hexdigest()[:32]
-            return Channel(url, settings.peer, member=member, settings=settings, on_event=on_event), None
+            # The membership this machine recorded for the channel and name; the first command claims the
+            # name (refused if another machine or state directory holds it: see Channel.member).
+            return Channel(url, settings.peer, member=None, settings=settings, on_event=on_event), None
     binding = _bindings.require(binding)
     if binding.ca_file and settings.ca_file is None:
         settings = settings.model_copy(update={"ca_file": Path(binding.ca_file)})

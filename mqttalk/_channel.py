@@ -38,7 +38,7 @@ STALE_BEATS = 3  # an "online" presence with no heartbeat for this many interval
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 EventKind = Literal["paired", "message", "gap", "offline", "dropped", "decrypt_fail", "waiting", "disconnected",
-                    "reconnected"]
+                    "reconnected", "outdated"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Event:
     peer: str
     detail: str = ""
     envelope: Envelope | None = None
+    gap: Any = None  # a _store.Gap, for "gap"
 
 
 class Message(NamedTuple):
@@ -104,11 +105,13 @@ class Status:
 class Channel:
     """One local peer (``me``) in one channel. One-shot methods open and close their own connection."""
 
-    def __init__(self, url: JoinURL, me: str, *, member: str, settings: Settings, role: str | None = None,
+    def __init__(self, url: JoinURL, me: str, *, member: str | None, settings: Settings, role: str | None = None,
                  joined: datetime | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+        """``member``: the membership this peer holds (a binding's), or None to take the one this
+        machine recorded for the channel and name, claiming the name if it has none (see :meth:`claim`)."""
         self.url = url
         self.me = check_peer(me)
-        self.member = member
+        self._member = member
         self.role = role
         self.settings = settings
         self.joined = joined or now()
@@ -119,14 +122,16 @@ class Channel:
 
             self.seal = Seal.from_token(url.key)
         self.topics = Topics(url.prefix, url.channel, self.seal)
-        self.client_id = self.topics.client_id(me)
+        self._identity: tuple[str, bytes] | None = None
         self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
+        self.empty = False  # after a checked join(): nobody had ever been in the channel (a wrong URL?)
         self._meta: tuple[Any, Any] | None = None
         self._store_path: Path | None = None
 
     # -- one-shot operations -----------------------------------------------------------------------
 
-    def join(self, wait: float = 0.0, *, new_member: bool = True, new_challenge: bool = True) -> list[str]:
+    def join(self, wait: float = 0.0, *, new_member: bool = True, new_challenge: bool = True,
+             check: bool = False) -> list[str]:
         """Join the channel (creates this peer's broker session); wait up to ``wait`` s for another peer
         to pair.
 
@@ -134,15 +139,15 @@ class Channel:
         *paired* once its presence answers that challenge: proof that it holds the channel key now,
         which no stale, replayed or forged presence can give. Returns the peers paired;
         :attr:`unanswered` lists those present that have not answered (yet: they answer when they
-        next run). Raises :class:`NameTaken` if a live namesake is there.
+        next run). ``check`` (joining a channel someone else created) first looks, over a throwaway
+        connection, whether the name is taken (raises :class:`NameTaken`) and whether anyone was ever
+        there (:attr:`empty`).
         """
+        if check:
+            self.empty = self._check_name(self.member)
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
-            taken = live.presences.get(self.me)
-            if taken and taken.member != self.member and taken.state != "left":
-                raise NameTaken(f"peer name {self.me!r} is already used in this channel",
-                                "pick another with --as NAME")
             live.announce("online" if wait > 0 else "joined")
             started = time.monotonic()
             deadline, told = started + wait, False
@@ -169,6 +174,7 @@ class Channel:
         """
         if to is not None:
             check_peer(to)
+        self._ident()  # the name is ours (or refused) before anything is queued under it
         env = self._enqueue(body, kind, data=data, to=to, re=re)
         deadline = time.monotonic() + self.settings.connect_timeout
         while True:
@@ -310,6 +316,40 @@ class Channel:
             self._store_path = self.settings.state_dir / "store.sqlite3"
         return Store.shared(self._store_path)
 
+    @property
+    def member(self) -> str:
+        """The random id of this peer's membership (in its presence: tells a namesake from ourselves)."""
+        return self._ident()[0]
+
+    @property
+    def client_id(self) -> str:
+        """This peer's broker session: derived from a secret only this machine holds (see :meth:`Topics.client_id`)."""
+        return self.topics.client_id(self.me, self._ident()[1])
+
+    def _ident(self) -> tuple[str, bytes]:
+        if self._identity is None:
+            channel = self.url.channel
+            if self._member is None and self.store.identity(channel, self.me, peek=True) is None:
+                self._check_name(None)  # acting as NAME here for the first time: is NAME someone else's?
+            member, secret, _ = self.store.identity(channel, self.me, self._member)
+            self._identity = (member, secret)
+        return self._identity
+
+    def _check_name(self, member: str | None) -> bool:
+        """Raise :class:`NameTaken` if another membership (another machine, or another state directory)
+        holds this peer's name, judged over a throwaway session that touches nobody's queue. Returns
+        whether the channel is empty: no presence and no roster, nobody was ever there."""
+        from ._live import Live
+
+        with Live(self, online=False, exclusive=False) as live:
+            taken = live.presences.get(self.me)
+            empty = not live.presences and not live.roster
+        if taken is not None and taken.member != member and taken.state != "left":
+            where = "another machine or state directory" if member is None else "another member"
+            raise NameTaken(f"peer name {self.me!r} is already used in this channel by {where}",
+                            "pick another with --as NAME")
+        return empty
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _link(self, **options: Any) -> Any:
@@ -331,7 +371,10 @@ class Channel:
         return self.seal.open(topic, payload)
 
     def _lock_path(self, what: str) -> Path:
-        return self.settings.state_dir / "locks" / f"{self.client_id}.{what}.lock"
+        import hashlib
+
+        name = hashlib.sha256(f"{self.url.channel}\n{self.me}".encode()).hexdigest()[:24]
+        return self.settings.state_dir / "locks" / f"{name}.{what}.lock"
 
     def _enqueue(self, body: str, kind: str, *, data: dict[str, Any] | None, to: str | None,
                  re: str | None) -> Envelope:

@@ -35,6 +35,9 @@ class Settings(BaseModel):
     ws_path: str = Field("/mqtt", description="HTTP path of the broker's MQTT-over-websockets endpoint (ws://, wss://).")
     heartbeat: float = Field(10.0, ge=0.2, le=3600,
                              description="Seconds between presence heartbeats of a live process.")
+    repair_timeout: float = Field(
+        300.0, ge=0, le=30 * 24 * 3600,
+        description="Seconds a reader waits for a sender to resend messages that never arrived before it shows a GAP.")
     embedded_host: str = Field("127.0.0.1", description="Interface the embedded broker listens on.")
     embedded_port: int = Field(1884, ge=0, le=65535,
                                description="Port of the embedded broker (0 or busy: a free one).")

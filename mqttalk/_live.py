@@ -18,7 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._channel import _NETWORK_ERRORS, WINDOW, Event, SessionBusy, _FileLock, _judge, _stale_after
 from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
 from ._topics import check_peer
-from ._wire import Envelope, Presence, decode_envelope, decode_presence, decode_roster, encode_roster, new_envelope, now
+from ._wire import (
+    WIRE_VERSION,
+    Envelope,
+    Presence,
+    RepairNote,
+    decode_envelope,
+    decode_note,
+    decode_presence,
+    decode_roster,
+    encode_roster,
+    in_window,
+    new_envelope,
+    now,
+)
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -26,8 +39,6 @@ if TYPE_CHECKING:
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
 GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
-MAX_AGE = 8 * 24 * 3600.0  # a message older than this (beyond the brokers' 7-day session expiry) is a replay
-MAX_AHEAD = 600.0  # ... and one stamped this far in the future is forged or from a broken clock
 
 
 class Live:
@@ -79,6 +90,12 @@ class Live:
         self._roster_due = False  # the retained roster left us out: publish it again with us in it
         self._stale: dict[str, tuple[str, bytes]] = {}  # peer -> an older presence met while syncing (topic, payload)
         self._fresh: set[str] = set()  # peers whose presence met while syncing was their newest
+        self._known: set[str] = set()  # member names this machine has seen a presence of (see _member)
+        self._held: list[tuple[Envelope, bytes, Any]] = []  # messages from a sender not known yet (while syncing)
+        self._asks: dict[str, RepairNote] = {}  # the newest repair note each peer wrote to us
+        self._gone: dict[str, list[tuple[int, int]]] = {}  # per peer: what it asked us for that we no longer have
+        self._noted: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}  # what our notes said
+        self._outdated: set[str] = set()  # peers told to be running another wire version
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -87,6 +104,7 @@ class Live:
         if self._link is not None:
             return self
         ch = self.channel
+        self._known = set(ch.store.known_presences(ch.url.channel))
         if self.exclusive and not self._session_lock.acquire():
             raise SessionBusy("another mqttalk process of this peer holds its broker session",
                               "stop it, or let it receive: `mqttalk recv` reads what it stores")
@@ -125,6 +143,11 @@ class Live:
     def _release(self) -> None:
         self._outbox_lock.release()
         self._session_lock.release()
+
+    @property
+    def roster(self) -> set[str]:
+        """Member names from the channel's retained roster (empty if there is none)."""
+        return set(self._roster or ())
 
     @property
     def connected(self) -> bool:
@@ -249,7 +272,7 @@ class Live:
             self._fresh.clear()
             topics = [ch.topics.all_presence, ch.topics.roster, ch.topics.sync(link.client_id)]
             if self.exclusive:
-                topics.append(ch.topics.all_msg)
+                topics += [ch.topics.all_msg, ch.topics.repairs_for(ch.me)]
             link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
             self._sync(link)
             # A broker that sends no retained message to a wildcard subscription (RabbitMQ) left out the
@@ -262,7 +285,7 @@ class Live:
                 link.subscribe([ch.topics.presence(peer) for peer in missing])
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
-                pres = decode_presence(raw)
+                pres = decode_presence(raw, at=now())
                 if pres is not None and peer not in self.presences:
                     self.presences[peer] = pres
             if self.exclusive and (self._roster_due or ch.me not in (self._roster or set())):  # later joiners find us
@@ -304,6 +327,16 @@ class Live:
         self._stale.clear()
         if not self.exclusive:
             return
+        held, self._held = self._held, []
+        if held:  # the backlog is in: a sender still unknown never joined the channel
+            self._store([(env, data) for env, data, _ in held if self._member(env.sender)])
+            for env, _, item in held:
+                if not self._member(env.sender):
+                    self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
+            with self._link.burst() if self._link is not None else contextlib.nullcontext():
+                for _, _, item in held:
+                    if self._link is not None:
+                        self._link.ack(item)
         for peer, pres in self.presences.items():
             if peer == ch.me or not pres.seq:
                 continue
@@ -315,21 +348,69 @@ class Live:
             self.new_member = False
             ch.store.advance(ch.url.channel, ch.me, *ch.store.marks(ch.url.channel))
             self._gap_mark = ch.store.marks(ch.url.channel)[1]
+        for note in list(self._asks.values()):
+            self._answer(note)
+        self._write_notes(every=True)
         self._report_gaps()
 
     def _report_gaps(self) -> None:
         ch = self.channel
+        ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout)
         for gap in ch.store.new_gaps(ch.url.channel, ch.me):
             if gap.n > self._gap_mark:
                 self._gap_mark = gap.n
-                self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}"))
+                self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}", gap=gap))
+
+    # -- repair: a reader asks the sender for what never arrived; the sender sends it again ----------
+
+    def _answer(self, note: RepairNote) -> None:
+        """``note.sender`` wrote to us: mark what it says is gone, and send again what it misses (once per
+        version of its note), or tell it which of those we no longer have."""
+        ch = self.channel
+        peer = note.sender
+        if note.gone:
+            ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout, sender=peer,
+                                 gone=list(note.gone))
+        if not note.want or not ch.store.answer_once(ch.url.channel, peer, ch.me, note.ts.isoformat()):
+            return
+        from ._store import ranges_of
+
+        rows, missing = ch.store.sent_rows(ch.url.channel, ch.me, list(note.want))
+        if rows:
+            self._queued.extend(rows)  # the original payloads and ids: a reader that has one ignores it
+            self._hand()
+        gone = ranges_of(missing)[-64:]
+        if gone != self._gone.get(peer, []):
+            self._gone[peer] = gone
+            self._write_notes(only=peer)
+
+    def _write_notes(self, *, only: str | None = None, every: bool = False) -> None:
+        """Publish our note to each peer whose want or gone changed (``every``: to each with something
+        to say, as on a new connection, whose requests may have been lost with the broker's state)."""
+        ch, link = self.channel, self._link
+        if link is None or not self.exclusive:
+            return
+        wants = ch.store.open_gaps(ch.url.channel)
+        for peer in sorted((set(wants) | set(self._gone) | set(self._noted)) - {ch.me}):
+            if only is not None and peer != only:
+                continue
+            said = (wants.get(peer, [])[:64], self._gone.get(peer, []))
+            if said == self._noted.get(peer, ([], [])) and not (every and (said[0] or said[1])):
+                continue
+            self._noted[peer] = said
+            topic = ch.topics.repair(peer, ch.me)
+            note = RepairNote(sender=ch.me, to=peer, ts=now(), want=said[0], gone=said[1])
+            payload = ch._wrap(topic, note.encode()) if said[0] or said[1] else b""
+            link.publish(topic, payload, retain=True, wait=False)
 
     def _absorb(self, link: Any, incoming: list[Any]) -> None:
         """Store messages (one transaction per batch), track presence, announce pairings; then ack
         each, so a crash before the commit makes the broker deliver them again."""
         ch = self.channel
-        messages: list[tuple[Envelope, bytes]] = []
+        messages: list[tuple[Envelope, bytes, Any]] = []
+        notes: list[RepairNote] = []
         mine = ch.topics.level(ch.me)
+        at = now()
         for item in incoming:
             if item.topic == ch.topics.roster:
                 opened = ch._unwrap(item.topic, item.payload)
@@ -344,7 +425,11 @@ class Live:
             section, level = where if where else ("", "")
             if section == "msg" and level == mine:
                 continue  # our own message, echoed by the broker: already in our history since we sent it
-            if section not in ("msg", "presence", "sync"):
+            if section.startswith("repair:"):
+                if section != "repair:" + mine or not item.payload:
+                    continue  # a note to another peer (or one cleared)
+                section = "repair"
+            elif section not in ("msg", "presence", "sync"):
                 continue
             data = ch._unwrap(item.topic, item.payload)
             if data is None:
@@ -354,37 +439,73 @@ class Live:
                 env = decode_envelope(data)
                 if env is None or ch.topics.level(env.sender) != level:
                     self._drop(item.topic, item.payload, "dropped", f"malformed message on {item.topic}")
-                elif not -MAX_AHEAD < (now() - env.ts).total_seconds() < MAX_AGE:
+                elif not in_window(env.ts, at):
                     self._drop(item.topic, item.payload, "dropped",
                                f"message {env.id} from {env.sender} has a stale or future timestamp")
                 else:
-                    messages.append((env, data))
+                    messages.append((env, data, item))
             elif section == "presence":
                 self._handled += 1
-                self._see_presence(item.topic, level, data)
+                self._see_presence(item.topic, level, data, at)
+            elif section == "repair":
+                note = decode_note(data, at=at)
+                if note is None or ch.topics.level(note.sender) != level or note.to != ch.me:
+                    self._drop(item.topic, item.payload, "dropped", f"malformed repair note on {item.topic}")
+                else:
+                    notes.append(note)
             else:
                 self._tokens.add(data)
-        for env in ch.store.add_many(ch.url.channel, messages):
+        # Presence first (it may be in the same batch): a sender must be a member, known by its presence.
+        held = {id(item) for env, _, item in messages if not self._member(env.sender)}
+        if held and not self._synced:  # its presence may still be in the backlog: decide once it is in
+            self._held += [m for m in messages if id(m[2]) in held]
+        elif held:
+            for env, _, item in messages:
+                if id(item) in held:
+                    self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
+            held = set()
+        stored = self._store([(env, data) for env, data, item in messages if id(item) not in held])
+        with link.burst():
+            for item in incoming:
+                if id(item) not in held:
+                    link.ack(item)
+        for note in notes:
+            self._asks[note.sender] = note
+            if self._synced:
+                self._answer(note)
+        if self._synced:
+            if stored:
+                self._write_notes()
+            self._report_gaps()
+
+    def _member(self, peer: str) -> bool:
+        return peer in self.presences or peer in self._known or peer in (self._roster or ())
+
+    def _store(self, messages: list[tuple[Envelope, bytes]]) -> int:
+        ch = self.channel
+        new = ch.store.add_many(ch.url.channel, messages)
+        for env in new:
             self._handled += 1
             if env.sender != ch.me:
                 ch.on_event(Event("message", env.sender, envelope=env))
-        with link.burst():
-            for item in incoming:
-                link.ack(item)
-        if self._synced:
-            self._report_gaps()
+        return len(new)
 
-    def _see_presence(self, topic: str, level: str, payload: bytes) -> None:
+    def _see_presence(self, topic: str, level: str, payload: bytes, at: Any) -> None:
         ch = self.channel
         if not payload:  # retained presence cleared
             for name in [p for p in self.presences if ch.topics.level(p) == level]:
                 del self.presences[name]
             return
-        pres = decode_presence(payload)
+        pres = decode_presence(payload, at=at)
         if pres is None or ch.topics.level(pres.peer) != level:
-            self._drop(topic, payload, "dropped", f"malformed presence on {topic}")
+            self._drop(topic, payload, "dropped", f"malformed presence (or one stamped outside the time window) "
+                       f"on {topic}")
             return
         peer = pres.peer
+        self._known.add(peer)
+        if pres.v != WIRE_VERSION and peer != ch.me and peer not in self._outdated:
+            self._outdated.add(peer)
+            ch.on_event(Event("outdated", peer, f"{pres.v}"))
         hb = pres.hb.astimezone(UTC).isoformat(timespec="microseconds")
         # A peer's Last Will ("away") carries the heartbeat of when it connected, older than the ones it
         # sent since: it is never a replay. Any other presence older than one seen is.
@@ -467,9 +588,10 @@ class Live:
         ch = self.channel
         if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
             return
-        self._queued.extend(ch.store.pending(ch.url.channel, ch.me, after=self._handed))
-        if self._queued:
-            self._handed = self._queued[-1].n
+        pending = ch.store.pending(ch.url.channel, ch.me, after=self._handed)
+        if pending:
+            self._queued.extend(pending)
+            self._handed = max(row.n for row in pending)
         self._hand()
 
     def _hand(self) -> None:

@@ -17,7 +17,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-from ._wire import Envelope
+from pydantic import ValidationError
+
+from ._wire import MAX_AHEAD, Envelope
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -62,6 +64,12 @@ CREATE TABLE IF NOT EXISTS gaps (
     n INTEGER PRIMARY KEY AUTOINCREMENT,
     channel TEXT NOT NULL, sender TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
     found REAL NOT NULL
+    -- (user_version 3) state: 'open' while the sender is asked to resend them (never shown), then
+    -- 'gone' (the sender no longer has them) or 'silent' (it did not answer in time): shown as a GAP
+);
+CREATE TABLE IF NOT EXISTS answered (  -- the newest repair request of each peer this machine answered
+    channel TEXT NOT NULL, asker TEXT NOT NULL, sender TEXT NOT NULL, ts TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (channel, asker, sender)
 );
 CREATE TABLE IF NOT EXISTS presence_seen (  -- the newest presence seen per peer: older ones are replays
     channel TEXT NOT NULL, peer TEXT NOT NULL, hb TEXT NOT NULL, raw BLOB NOT NULL,
@@ -71,21 +79,29 @@ CREATE TABLE IF NOT EXISTS nonces (    -- pairing challenges: our own (new at ea
     channel TEXT NOT NULL, peer TEXT NOT NULL, nonce TEXT NOT NULL,
     PRIMARY KEY (channel, peer)
 );
+CREATE TABLE IF NOT EXISTS identities (  -- who this machine is in a channel: never on the wire
+    channel TEXT NOT NULL, peer TEXT NOT NULL,
+    member TEXT NOT NULL,  -- random id of the membership (in presence: tells a namesake from ourselves)
+    secret BLOB NOT NULL,  -- random; the broker session's client id is derived from it (see Channel.client_id)
+    PRIMARY KEY (channel, peer)
+);
 CREATE TABLE IF NOT EXISTS paired (
     channel TEXT NOT NULL, peer TEXT NOT NULL, other TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (channel, peer, other)
 );
 """
-_VERSION = 2  # PRAGMA user_version: 2 = unsent table
+_VERSION = 3  # PRAGMA user_version: 2 = unsent table, 3 = gaps.state
 
 
 class Gap(NamedTuple):
-    """Messages ``first``..``last`` from ``sender`` that never arrived (the broker dropped them)."""
+    """Messages ``first``..``last`` from ``sender`` that never arrived, and why they are shown: the
+    sender no longer has them (``gone``) or did not answer a request to resend them (``silent``)."""
 
     n: int
     sender: str
     first: int
     last: int
+    state: str = "silent"
 
     @property
     def size(self) -> int:
@@ -167,8 +183,11 @@ class Store:
         self.path, self._wal = path, path.with_name(path.name + "-wal")
         if self.db.execute("PRAGMA user_version").fetchone()[0] < _VERSION:
             with self._tx() as db:  # once per store, whichever process gets there first
-                if db.execute("PRAGMA user_version").fetchone()[0] < 2:  # outbox.sent -> unsent
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version < 2:  # outbox.sent -> unsent
                     db.execute("INSERT OR IGNORE INTO unsent (n) SELECT n FROM outbox WHERE sent IS NULL")
+                if version < 3:  # gaps found before repair existed are shown as before
+                    db.execute("ALTER TABLE gaps ADD COLUMN state TEXT NOT NULL DEFAULT 'silent'")
                 db.execute(f"PRAGMA user_version = {_VERSION}")
 
     def close(self) -> None:
@@ -218,24 +237,24 @@ class Store:
         row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
         head = int(row[0]) if row else 0
         if seq > head + 1:
-            db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, 'open')",
                        (channel, sender, head + 1, seq - 1, time.time()))
         if seq > head:
             db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
                        " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
             return
-        gap = db.execute("SELECT n, first, last FROM gaps WHERE channel = ? AND sender = ? AND first <= ?"
-                         " AND last >= ?", (channel, sender, seq, seq)).fetchone()
+        gap = db.execute("SELECT n, first, last, found, state FROM gaps WHERE channel = ? AND sender = ?"
+                         " AND first <= ? AND last >= ?", (channel, sender, seq, seq)).fetchone()
         if gap is None:
             if seq == 1:  # the sender started counting again (a new membership): follow it
                 db.execute("UPDATE heads SET seq = 1 WHERE channel = ? AND sender = ?", (channel, sender))
             return
-        n, first, last = gap  # a late message fills (part of) a gap
+        n, first, last, found, state = gap  # a late (or resent) message fills (part of) a gap
         db.execute("DELETE FROM gaps WHERE n = ?", (n,))
         for lo, hi in ((first, seq - 1), (seq + 1, last)):
-            if lo <= hi:
-                db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
-                           (channel, sender, lo, hi, time.time()))
+            if lo <= hi:  # an open piece keeps its age (its deadline); a shown one is shown again, smaller
+                db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, ?)",
+                           (channel, sender, lo, hi, found if state == "open" else time.time(), state))
 
     def expect(self, channel: str, sender: str, seq: int) -> None:
         """``sender`` says it has sent up to ``seq``: anything after our head that never came is a gap."""
@@ -243,8 +262,8 @@ class Store:
             row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
             head = int(row[0]) if row else 0
             if seq > head:
-                db.execute("INSERT INTO gaps (channel, sender, first, last, found) VALUES (?, ?, ?, ?, ?)",
-                           (channel, sender, head + 1, seq, time.time()))
+                db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
+                           " 'open')", (channel, sender, head + 1, seq, time.time()))
                 db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
                            " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
 
@@ -259,7 +278,7 @@ class Store:
             " AND (recipient IS NULL OR recipient = ?) ORDER BY n",
             (channel, self._cursor(channel, peer)[0], peer, peer),
         ).fetchall()
-        return [(n, Envelope.model_validate_json(raw)) for n, raw in rows]
+        return [(n, env) for n, raw in rows if (env := _envelope(raw)) is not None]
 
     def unread_count(self, channel: str, peer: str) -> int:
         row = self.db.execute(
@@ -270,10 +289,66 @@ class Store:
         return int(row[0])
 
     def new_gaps(self, channel: str, peer: str) -> list[Gap]:
-        """Gaps in other peers' sequences not yet reported to ``peer``."""
-        rows = self.db.execute("SELECT n, sender, first, last FROM gaps WHERE channel = ? AND n > ? AND sender != ?"
-                               " ORDER BY n", (channel, self._cursor(channel, peer)[1], peer)).fetchall()
+        """Gaps in other peers' sequences not yet reported to ``peer`` (open ones, being repaired, are not)."""
+        rows = self.db.execute("SELECT n, sender, first, last, state FROM gaps WHERE channel = ? AND n > ?"
+                               " AND sender != ? AND state != 'open' ORDER BY n",
+                               (channel, self._cursor(channel, peer)[1], peer)).fetchall()
         return [Gap(*row) for row in rows]
+
+    # -- repair ------------------------------------------------------------------------------------
+
+    def open_gaps(self, channel: str) -> dict[str, list[tuple[int, int]]]:
+        """Ranges of each sender's messages being asked for again, by sender."""
+        found: dict[str, list[tuple[int, int]]] = {}
+        for sender, first, last in self.db.execute("SELECT sender, first, last FROM gaps WHERE channel = ? AND"
+                                                   " state = 'open' ORDER BY sender, first", (channel,)):
+            found.setdefault(str(sender), []).append((int(first), int(last)))
+        return found
+
+    def settle_gaps(self, channel: str, *, timeout: float, sender: str | None = None,
+                    gone: list[tuple[int, int]] | None = None) -> None:
+        """Open gaps become shown ones: those of ``sender`` within ``gone`` (it no longer has them),
+        and any open for longer than ``timeout`` seconds (no answer). Each gets a new number, so a
+        reader's gap cursor shows it once."""
+        with self._tx() as db:
+            rows = db.execute("SELECT n, sender, first, last, found FROM gaps WHERE channel = ? AND state = 'open'"
+                              " AND (found < ? OR sender = ?)", (channel, time.time() - timeout, sender)).fetchall()
+            for n, who, first, last, found in rows:
+                pieces: list[tuple[int, int, str]] = []
+                if who == sender and gone:
+                    pieces = _cut(first, last, gone)
+                elif found >= time.time() - timeout:
+                    continue
+                else:
+                    pieces = [(first, last, "silent")]
+                if pieces == [(first, last, "open")]:
+                    continue
+                db.execute("DELETE FROM gaps WHERE n = ?", (n,))
+                for lo, hi, state in pieces:
+                    db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
+                               " ?)", (channel, who, lo, hi, found if state == "open" else time.time(), state))
+
+    def sent_rows(self, channel: str, sender: str, ranges: list[tuple[int, int]]) -> tuple[list[Pending], list[int]]:
+        """``sender``'s acknowledged outbox rows with a sequence number in ``ranges`` (to send again), and
+        the numbers asked for that this store does not hold (never sent from here, or the store is newer)."""
+        rows: list[Pending] = []
+        held: set[int] = set()
+        for first, last in ranges:
+            for n, seq, msg_id, topic, payload in self.db.execute(
+                    "SELECT n, seq, id, topic, payload FROM outbox WHERE channel = ? AND sender = ? AND seq BETWEEN"
+                    " ? AND ? AND n NOT IN (SELECT n FROM unsent) ORDER BY seq", (channel, sender, first, last)):
+                rows.append(Pending(n, msg_id, topic, payload))
+                held.add(int(seq))
+        missing = [seq for first, last in ranges for seq in range(first, min(last, first + 100_000) + 1)
+                   if seq not in held]
+        return rows, missing
+
+    def answer_once(self, channel: str, asker: str, sender: str, ts: str) -> bool:
+        """Record that ``sender`` answers ``asker``'s request stamped ``ts``; False if it already did."""
+        cur = self.db.execute("INSERT INTO answered (channel, asker, sender, ts, at) VALUES (?, ?, ?, ?, ?)"
+                              " ON CONFLICT (channel, asker, sender) DO UPDATE SET ts = excluded.ts, at = excluded.at"
+                              " WHERE excluded.ts > ts", (channel, asker, sender, ts, time.time()))
+        return cur.rowcount == 1
 
     def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
                 since: str | None = None, limit: int | None = None) -> list[Envelope]:
@@ -307,7 +382,7 @@ class Store:
             " ORDER BY 2, 3", [*args, *args, channel]).fetchall()
         if limit:
             rows = rows[-limit:]
-        return [Envelope.model_validate_json(raw) for raw, _ts, _n in rows]
+        return [env for raw, _ts, _n in rows if (env := _envelope(raw)) is not None]
 
     def marks(self, channel: str) -> tuple[int, int]:
         """The newest message and gap numbers of a channel (a new member's cursors start there)."""
@@ -381,11 +456,14 @@ class Store:
 
     def newest_presence(self, channel: str, peer: str, hb: str, raw: bytes) -> bytes | None:
         """Record ``peer``'s presence if it is the newest seen (by heartbeat time) and return None; else
-        (a replayed, older presence) return the newest one seen."""
+        (a replayed, older presence) return the newest one seen. A remembered heartbeat from the future
+        (a store written before presence times were checked at the wire) judges nothing."""
         with self._tx() as db:
             row = db.execute("SELECT hb, raw FROM presence_seen WHERE channel = ? AND peer = ?",
                              (channel, peer)).fetchone()
-            if row and row[0] > hb:
+            if row and row[0] == hb and bytes(row[1]) == raw:
+                return None  # the same presence again (a retained one comes on every subscribe)
+            if row and row[0] > hb and row[0] <= _iso(time.time() + MAX_AHEAD):
                 return bytes(row[1])
             db.execute("INSERT INTO presence_seen (channel, peer, hb, raw) VALUES (?, ?, ?, ?)"
                        " ON CONFLICT (channel, peer) DO UPDATE SET hb = excluded.hb, raw = excluded.raw",
@@ -396,6 +474,29 @@ class Store:
         """The newest presence seen of every peer of ``channel`` (its raw plaintext), by peer name."""
         rows = self.db.execute("SELECT peer, raw FROM presence_seen WHERE channel = ?", (channel,)).fetchall()
         return {str(peer): bytes(raw) for peer, raw in rows}
+
+    # -- identity ----------------------------------------------------------------------------------
+
+    def identity(self, channel: str, peer: str, member: str | None = None, *,
+                 peek: bool = False) -> tuple[str, bytes, bool] | None:
+        """This machine's membership of ``channel`` as ``peer``: (member id, secret, minted now).
+
+        ``member`` names the membership the caller holds (a binding's); a different one, or none
+        recorded, mints a new secret (a new membership gets a broker session of its own). With
+        ``member`` None the recorded membership is used, or a new one minted. ``peek``: the recorded
+        one or None, minting nothing."""
+        with self._tx() as db:
+            row = db.execute("SELECT member, secret FROM identities WHERE channel = ? AND peer = ?",
+                             (channel, peer)).fetchone()
+            if row and (member is None or row[0] == member):
+                return str(row[0]), bytes(row[1]), False
+            if peek:
+                return None
+            fresh = (member or os.urandom(16).hex(), os.urandom(32))
+            db.execute("INSERT INTO identities (channel, peer, member, secret) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (channel, peer) DO UPDATE SET member = excluded.member, secret = excluded.secret",
+                       (channel, peer, *fresh))
+            return fresh[0], fresh[1], True
 
     # -- pairing announcements ---------------------------------------------------------------------
 
@@ -439,3 +540,44 @@ class Store:
         rows = self.db.execute("SELECT peer, nonce FROM nonces WHERE channel = ? AND peer != ? ORDER BY rowid DESC"
                                " LIMIT ?", (channel, peer, limit))
         return {str(p): str(n) for p, n in rows}
+
+
+def _cut(first: int, last: int, gone: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+    """The range first..last in pieces: those inside a ``gone`` range marked gone, the rest still open."""
+    marks = sorted((max(first, lo), min(last, hi)) for lo, hi in gone if lo <= last and hi >= first)
+    pieces: list[tuple[int, int, str]] = []
+    at = first
+    for lo, hi in marks:
+        if lo > at:
+            pieces.append((at, lo - 1, "open"))
+        if hi >= at:
+            pieces.append((max(lo, at), hi, "gone"))
+            at = hi + 1
+    if at <= last:
+        pieces.append((at, last, "open"))
+    return pieces
+
+
+def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted sequence numbers as (first, last) runs."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
+
+
+def _envelope(raw: bytes) -> Envelope | None:
+    """A stored message; None for a row an older mqttalk stored before it checked every field at the wire."""
+    try:
+        return Envelope.model_validate_json(raw)
+    except (ValidationError, ValueError):
+        return None
+
+
+def _iso(t: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")

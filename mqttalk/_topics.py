@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -71,21 +72,35 @@ class Topics:
         return f"{self.root}/msg/+"
 
     def sync(self, client_id: str) -> str:
-        """A marker a reader sends itself: once it comes back, the broker's backlog has been delivered."""
-        return f"{self.root}/sync/{client_id}"
+        """A marker a reader sends itself: once it comes back, the broker's backlog has been delivered.
+        Its level is a hash of the client id: a topic anyone can see must not tell the id itself."""
+        digest = hashlib.sha256(f"mqttalk sync\n{client_id}".encode()).digest()
+        return f"{self.root}/sync/{base64.b32encode(digest).decode().lower()[:20]}"
+
+    def repair(self, to: str, sender: str) -> str:
+        """Retained, written by SENDER for TO only: which of TO's messages it misses (and which of its own
+        that TO asked for are gone). One per pair of peers, replaced as it changes."""
+        return f"{self.root}/repair/{self.level(to)}/{self.level(sender)}"
+
+    def repairs_for(self, peer: str) -> str:
+        return f"{self.root}/repair/{self.level(peer)}/+"
 
     def split(self, topic: str) -> tuple[str, str] | None:
-        """(section, peer level) for a topic of this channel, e.g. ("msg", "impl"); None for anything else."""
+        """(section, peer level) for a topic of this channel, e.g. ("msg", "impl"); for a repair note
+        the level of its writer; None for anything else."""
         head = self.root + "/"
         if not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
+        if len(parts) == 3 and parts[0] == "repair":
+            return ("repair:" + parts[1], parts[2])
         return (parts[0], parts[1]) if len(parts) == 2 else None
 
-    def client_id(self, peer: str) -> str:
-        """The stable client id of PEER's persistent broker session (23 chars: fits MQTT 3.1.1's minimum).
-        Sealed: keyed, so nobody without the key can connect as the peer and take its session."""
-        if self.seal:
-            return "mqk" + self.seal.name(f"client:{self.channel}:{peer}", 20)
-        digest = hashlib.sha256(f"{self.root}\n{peer}".encode()).digest()
+    def client_id(self, peer: str, secret: bytes) -> str:
+        """The client id of PEER's persistent broker session (23 chars: fits MQTT 3.1.1's minimum).
+
+        Derived from a secret only this member holds (minted when it joined, kept in its local store)
+        and never sent anywhere: nobody else, stranger or fellow member, can compute it, connect
+        with it, and take the session and the messages queued in it."""
+        digest = hmac.new(secret, f"mqttalk client\n{self.channel}\n{peer}".encode(), hashlib.sha256).digest()
         return "mqk" + base64.b32encode(digest).decode().lower()[:20]

@@ -2,13 +2,22 @@
 
 Form (as mosquitto_sub -L and MQTTX accept it, plus a channel)::
 
-    SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL[#k=KEY]
+    SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL#k=KEY     a sealed channel
+    SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL#plain     a plain one
 
 SCHEME is mqtt, mqtts, ws or wss. PREFIX is one or more topic levels (default ``mqttalk/v1``).
+
+A URL checks itself, because chat tools and terminals cut and mangle long strings: a sealed channel's
+id is derived from its key (:func:`channel_id_for`), so a key cut short or changed by one character is
+refused here, before anything connects; and a plain channel says so, so a URL whose fragment was cut
+off is an error, never a silent fall back to a plain channel.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, urlsplit
@@ -19,6 +28,7 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _LEVEL_RE = re.compile(r"^[^#+/\x00]+$")
 _KEY_RE = re.compile(r"^k=[A-Za-z0-9_-]{43}$")
+PLAIN = "plain"  # the fragment of a plain channel's URL
 
 
 @dataclass(frozen=True)
@@ -72,12 +82,6 @@ class JoinURL:
     def parse(cls, text: str) -> JoinURL:
         """Parse and validate a join URL; raise :class:`BadJoinURL` with a line that says what is wrong."""
         broker, path, fragment = _split(text.strip(), what="join URL")
-        key = None
-        if fragment:
-            if not _KEY_RE.match(fragment):
-                raise BadJoinURL("join URL's #fragment is not a channel key (#k=...)",
-                                 "copy the whole join URL from `mqttalk create`; drop the # part for a plain channel")
-            key = fragment[2:]
         levels = [unquote(p) for p in path.split("/") if p]
         if len(levels) < 2:
             raise BadJoinURL(
@@ -89,20 +93,40 @@ class JoinURL:
             raise BadJoinURL(f"join URL's channel id {channel!r} is not valid (8-64 of A-Z a-z 0-9 _ -)")
         prefix = "/".join(levels[:-1])
         check_prefix(prefix, error=BadJoinURL)
+        key = None
+        if not fragment:
+            raise BadJoinURL("join URL has no channel key (#k=...): it looks cut off",
+                             "copy the whole URL `mqttalk create` printed; a plain channel's URL ends in #plain")
+        if fragment != PLAIN:
+            if not _KEY_RE.match(fragment):
+                raise BadJoinURL("join URL's channel key (#k=...) is damaged or cut short",
+                                 "copy the whole join URL from `mqttalk create` again")
+            key = fragment[2:]
+        if key is not None and channel != channel_id_for(key):
+            raise BadJoinURL("join URL's channel key does not belong to its channel: the URL was changed or damaged "
+                             "(or made by mqttalk before 0.2)", "copy the whole join URL from `mqttalk create` again")
         return cls(broker, prefix, channel, key)
 
     def render(self) -> str:
         """The URL to paste (includes credentials and the channel key if it has them)."""
-        fragment = f"#k={self.key}" if self.key else ""
+        fragment = f"#k={self.key}" if self.key else f"#{PLAIN}"
         return f"{self.broker.render()}/{quote(self.prefix, safe='/')}/{self.channel}{fragment}"
 
     def display(self) -> str:
         """The URL without the password or the key (safe for logs and status)."""
-        fragment = "#k=(hidden)" if self.key else ""
+        fragment = "#k=(hidden)" if self.key else f"#{PLAIN}"
         return f"{self.broker.display()}/{quote(self.prefix, safe='/')}/{self.channel}{fragment}"
 
     def with_broker(self, broker: BrokerAddress) -> JoinURL:
         return replace(self, broker=broker)
+
+
+def channel_id_for(key: str) -> str:
+    """A sealed channel's id, derived from its key (base64url): 26 lowercase base32 characters, so the
+    URL's channel and key vouch for each other (and the key itself is not recoverable from the id)."""
+    raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+    digest = hmac.new(raw, b"mqttalk channel id v1", hashlib.sha256).digest()
+    return base64.b32encode(digest).decode().lower()[:26]
 
 
 def parse_broker(text: str) -> BrokerAddress:

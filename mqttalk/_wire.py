@@ -9,15 +9,28 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ._errors import BadMessage
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: members' session ids are secret, peers repair each other's gaps (see _repair.py)
 MAX_PAYLOAD = 256 * 1024  # bytes on the wire; public brokers cap packets at 1-2 MB, keep far below
+MAX_SEQ = 2**53  # sequence numbers a peer can reach in practice (and JSON numbers hold exactly)
+MAX_AGE = 8 * 24 * 3600.0  # s: a message or presence older than this (past 7-day session expiries) is a replay
+MAX_AHEAD = 600.0  # s: ... and one stamped this far in the future is forged or from a broken clock
+
+# Every value a peer controls is checked here, where bytes become values: nothing past this border can
+# raise on it later (an int too large for SQLite, a name with an escape sequence, a heartbeat in year 9999).
+PeerName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+MessageId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+KindName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Text = Annotated[str, StringConstraints(max_length=200)]
+MAX_ANSWERS = 64  # challenges a presence answers at most
+MAX_RANGES = 64  # sequence ranges a repair note names at most
 KINDS = ("note", "spec", "status", "question", "answer")
 SpecState = Literal["proposed", "agreed", "rejected"]
 StatusState = Literal["red", "green", "blocked", "working", "done"]
@@ -30,7 +43,7 @@ class SpecData(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     subject: str = Field(min_length=1, max_length=200, description='what the spec is about, e.g. "POST /users"')
-    rev: int = Field(1, ge=1, description="revision; bump it when you change the proposal")
+    rev: int = Field(1, ge=1, le=1_000_000, description="revision; bump it when you change the proposal")
     state: SpecState = Field("proposed", description="proposed, agreed or rejected")
 
 
@@ -40,7 +53,8 @@ class StatusData(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     state: StatusState = Field(description="red, green, blocked, working or done")
-    commit: str | None = Field(None, max_length=64, description="git commit the status refers to")
+    commit: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,64}$",
+                               description="git commit the status refers to (printable ASCII, no spaces)")
 
 
 DATA_MODELS: dict[str, type[BaseModel]] = {"spec": SpecData, "status": StatusData}
@@ -51,15 +65,15 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    v: int = WIRE_VERSION
-    id: str = Field(min_length=1, max_length=64)
-    ts: datetime
-    sender: str = Field(alias="from", min_length=1, max_length=64)
-    to: str | None = None
-    kind: str = Field(min_length=1, max_length=32)
-    re: str | None = Field(None, max_length=64)
-    seq: int | None = None
-    body: str = ""
+    v: int = Field(WIRE_VERSION, ge=1, le=1000)
+    id: MessageId
+    ts: AwareDatetime
+    sender: PeerName = Field(alias="from")
+    to: PeerName | None = None
+    kind: KindName
+    re: MessageId | None = None
+    seq: int | None = Field(None, ge=1, le=MAX_SEQ)
+    body: str = Field("", max_length=MAX_PAYLOAD)
     data: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -94,19 +108,20 @@ class Presence(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    v: int = WIRE_VERSION
-    peer: str
-    role: str | None = None
+    v: int = Field(WIRE_VERSION, ge=1, le=1000)
+    peer: PeerName
+    role: Text | None = None
     state: PresenceState
-    member: str = Field(description="random id of this membership, to tell a namesake from ourselves")
-    since: datetime = Field(description="when the state began")
-    hb: datetime = Field(description="last heartbeat: when the peer last did anything")
-    client: str | None = None
-    seq: int | None = Field(None, description="highest message sequence number the peer has sent")
-    every: float | None = Field(None, description="seconds between heartbeats while online")
-    nonce: str | None = Field(None, description="this peer's pairing challenge, new each time it joins")
-    answers: dict[str, str] | None = Field(
-        None, description="the challenges of the other peers this one has seen, by peer name: its proof of "
+    member: Token = Field(description="random id of this membership, to tell a namesake from ourselves")
+    since: AwareDatetime = Field(description="when the state began")
+    hb: AwareDatetime = Field(description="last heartbeat: when the peer last did anything")
+    client: Text | None = None
+    seq: int | None = Field(None, ge=0, le=MAX_SEQ, description="highest message sequence number the peer has sent")
+    every: float | None = Field(None, ge=0.2, le=3600, description="seconds between heartbeats while online")
+    nonce: Token | None = Field(None, description="this peer's pairing challenge, new each time it joins")
+    answers: dict[PeerName, Token] | None = Field(
+        None, max_length=MAX_ANSWERS,
+        description="the challenges of the other peers this one has seen, by peer name: its proof of "
         "holding the channel key now (it can only have seen them by opening their sealed presence)")
 
     def encode(self) -> bytes:
@@ -115,6 +130,39 @@ class Presence(BaseModel):
     def answers_for(self, peer: str, nonce: str) -> bool:
         """Whether this presence answers ``peer``'s current challenge."""
         return bool(self.answers) and self.answers.get(peer) == nonce  # type: ignore[union-attr]
+
+
+Seq = Annotated[int, Field(ge=1, le=MAX_SEQ)]
+
+
+class RepairNote(BaseModel):
+    """A peer's note to one other peer (retained at ``repair/TO/FROM``): the ranges of TO's messages it
+    never got (``want``: send them again), and of the ranges TO asked it for, those it no longer has
+    (``gone``). Replaced whenever either changes; an empty note clears it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    v: int = Field(WIRE_VERSION, ge=1, le=1000)
+    sender: PeerName = Field(alias="from")
+    to: PeerName
+    ts: AwareDatetime
+    want: list[tuple[Seq, Seq]] = Field(default_factory=list, max_length=MAX_RANGES)
+    gone: list[tuple[Seq, Seq]] = Field(default_factory=list, max_length=MAX_RANGES)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+def decode_note(payload: bytes, *, at: datetime) -> RepairNote | None:
+    """A repair note from wire bytes, or None (never raises); ranges must run forwards."""
+    if not payload or len(payload) > 16 * 1024:
+        return None
+    try:
+        note = RepairNote.model_validate_json(payload)
+    except (ValidationError, ValueError):
+        return None
+    ok = in_window(note.ts, at) and all(a <= b for a, b in (*note.want, *note.gone))
+    return note if ok else None
 
 
 def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | None = None,
@@ -135,7 +183,19 @@ def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | No
             raise BadMessage(f"{kind} fields are not valid: {_first_error(exc)}") from None
     elif data:
         raise BadMessage(f"a {kind} takes no typed fields (got {', '.join(sorted(data))})")
-    env = Envelope(id=uuid7(), ts=now(), sender=sender, to=to, kind=kind, re=re, seq=seq, body=body, data=data)
+    try:  # a lone surrogate cannot be written as UTF-8: refused here, not when a batch is written later
+        body.encode()
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadMessage("message text is not valid Unicode (it holds a lone surrogate)",
+                         "send UTF-8 text; read binary data from a file and send its path instead") from None
+    if len(body) > MAX_PAYLOAD:
+        raise BadMessage(f"message is over the {MAX_PAYLOAD} byte limit",
+                         "send a path or a summary instead of the whole file")
+    try:
+        env = Envelope(id=uuid7(), ts=now(), sender=sender, to=to, kind=kind, re=re, seq=seq, body=body, data=data)
+    except ValidationError as exc:
+        raise BadMessage(f"message is not valid: {_first_error(exc)}") from None
     # JSON escapes a character into at most 6 bytes: only a large message needs encoding to be measured.
     if (len(body) + len(str(data))) * 6 + 1024 > MAX_PAYLOAD and (size := len(env.encode())) > MAX_PAYLOAD:
         raise BadMessage(
@@ -145,23 +205,41 @@ def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | No
     return env
 
 
-def decode_envelope(payload: bytes) -> Envelope | None:
-    """An envelope from wire bytes, or None if the payload is not one (never raises)."""
+def decode_envelope(payload: bytes, *, at: datetime | None = None) -> Envelope | None:
+    """An envelope from wire bytes, or None if the payload is not one (never raises). With ``at``
+    (now, for what just came off the wire), also None if its time is outside the window around it."""
     if len(payload) > MAX_PAYLOAD:
         return None
     try:
-        return Envelope.model_validate_json(payload)
+        env = Envelope.model_validate_json(payload)
     except (ValidationError, ValueError):
         return None
+    return env if at is None or in_window(env.ts, at) else None
 
 
-def decode_presence(payload: bytes) -> Presence | None:
+def decode_presence(payload: bytes, *, at: datetime | None = None) -> Presence | None:
+    """A presence from wire bytes, or None (never raises); ``at`` as for :func:`decode_envelope`,
+    for its heartbeat and start times."""
     if not payload or len(payload) > 16 * 1024:
         return None
     try:
-        return Presence.model_validate_json(payload)
+        pres = Presence.model_validate_json(payload)
     except (ValidationError, ValueError):
         return None
+    if at is not None and not (in_window(pres.hb, at) and pres.since <= pres.hb + _SKEW):
+        return None
+    return pres
+
+
+_SKEW = timedelta(seconds=MAX_AHEAD)
+
+
+def in_window(ts: datetime, at: datetime) -> bool:
+    """Whether a peer's timestamp is plausible now: not older than MAX_AGE, not ahead by more than MAX_AHEAD."""
+    try:
+        return -MAX_AHEAD < (at - ts).total_seconds() < MAX_AGE
+    except (OverflowError, TypeError):  # a naive time, or one at the end of the calendar
+        return False
 
 
 def now() -> datetime:

@@ -300,7 +300,7 @@ def test_hook_fails_open(sessions: tuple[Session, Session]) -> None:
     assert tests.run("hook", "claude", "--event", "Nonsense", input="{}").out == ""
     unbound = hook(tests, "UserPromptSubmit")  # no channel for this directory: nothing to say
     assert (unbound.code, unbound.out, unbound.err) == (0, "", "")
-    dead = f"mqtt://127.0.0.1:{free_port()}/mqttalk/v1/abcdefghijklmnopqrstuvwxyz"
+    dead = f"mqtt://127.0.0.1:{free_port()}/mqttalk/v1/abcdefghijklmnopqrstuvwxyz#plain"
     started = time.monotonic()
     res = tests.run("hook", "claude", "--event", "UserPromptSubmit", env={"MQTTALK_CHANNEL": dead,
                                                                           "MQTTALK_PEER": "tests"},

@@ -165,6 +165,41 @@ def test_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
     assert messages(tests.ok("recv", "--json").lines) == []  # exactly once
 
 
+def drop_session(broker_url: str, client_id: str) -> None:
+    """Connect with a clean session under ``client_id``: the broker discards that session and its queue,
+    as a broker restarted without persistence, an overflowing queue or a take-over would."""
+    from mqttalk._url import parse_broker
+
+    address = parse_broker(broker_url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=True)
+    if address.username:
+        client.username_pw_set(address.username, address.password)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    time.sleep(0.5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_messages_a_broker_lost_are_repaired_from_the_sender(
+        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    """The broker is a cache: what it lost of a reader's queue, the reader asks the sender for, and the
+    sender's next command sends again from its store. Every message shown once, in order, no GAP."""
+    impl, tests = sessions
+    both_paired(impl, tests, broker.url)
+    for i in range(10):
+        impl.ok("send", f"message {i}")
+    drop_session(broker.url, tests.channel().client_id)  # type: ignore[attr-defined]
+    first = tests.ok("recv", "--json")  # finds impl's presence saying 10 were sent, and asks impl for them
+    assert messages(first.lines) == [] and "gap" not in first.out
+    impl.ok("status")  # impl's next command reads the request and sends the 10 again
+    got = messages(tests.ok("recv", "--json").lines)
+    assert [m["body"] for m in got] == [f"message {i}" for i in range(10)]
+    again = tests.ok("recv", "--json")
+    assert messages(again.lines) == [] and "gap" not in again.out.lower()
+
+
 def test_a_listening_peer_shows_online_and_sees_the_other_leave(
         sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions

@@ -132,25 +132,80 @@ def test_broker_restart_between_send_and_receive_loses_nothing(sessions: tuple[S
     assert {p["name"] for p in st["peers"]} == {"impl", "tests"}  # retained presence survived too
 
 
-def test_an_overflowing_offline_queue_is_reported_as_a_gap(sessions: tuple[Session, Session],
-                                                            tmp_path: Any) -> None:
+def events_of(result: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.lines]
+
+
+def test_an_overflowing_offline_queue_is_repaired_from_the_sender(sessions: tuple[Session, Session],
+                                                                   tmp_path: Any) -> None:
+    """Mosquitto keeps 5 messages for an absent reader and drops the rest: the reader asks for what it
+    misses, the sender's next commands send it again, and the reader ends with all 15, each once, and
+    never a GAP line (the queue keeps dropping: it takes a few rounds)."""
     broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
     broker.start()
     try:
         impl, tests = sessions
         paired(impl, tests, broker.url)
         send_many(impl, 15)  # tests is not running: Mosquitto keeps 5 and drops the rest
-        res = tests.ok("recv", "--json")
-        events = [json.loads(line) for line in res.lines]
-        msgs = [e for e in events if e["event"] == "message"]
-        gaps = [e for e in events if e["event"] == "gap"]
-        assert 0 < len(msgs) < 15
-        assert gaps, "the lost messages were not reported"
-        missing = sum(g["last"] - g["first"] + 1 for g in gaps)
-        assert len(msgs) + missing == 15
-        assert all(g["peer"] == "impl" for g in gaps)
-        text = tests.ok("recv").out
-        assert "GAP" not in text  # reported once
+        bodies: list[str] = []
+        for _ in range(6):
+            events = events_of(tests.ok("recv", "--json"))
+            assert not [e for e in events if e["event"] == "gap"], events
+            bodies += [e["body"] for e in events if e["event"] == "message"]
+            if len(bodies) >= 15:
+                break
+            impl.ok("recv")  # impl's next command answers the request
+        assert sorted(bodies, key=lambda b: int(b.split()[1])) == [f"message {i}" for i in range(15)]
+        assert len(bodies) == 15  # each once
+        assert "GAP" not in tests.ok("recv").err + tests.ok("recv").out
+    finally:
+        broker.stop()
+
+
+def test_a_gap_the_sender_can_no_longer_fill_is_shown_and_says_so(sessions: tuple[Session, Session],
+                                                                  tmp_path: Any) -> None:
+    """The sender's store was deleted: nobody has the lost messages, so the GAP line stays, once, and
+    says why (the sender no longer has them), not that "the broker dropped them"."""
+    broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
+    broker.start()
+    try:
+        impl, tests = sessions
+        paired(impl, tests, broker.url)
+        send_many(impl, 15)
+        got = [e for e in events_of(tests.ok("recv", "--json")) if e["event"] == "message"]
+        assert len(got) == 5
+        (impl.state_dir / "store.sqlite3").unlink()
+        for extra in ("-wal", "-shm"):
+            (impl.state_dir / f"store.sqlite3{extra}").unlink(missing_ok=True)
+        impl.ok("recv")  # impl's next command finds it has none of them, and says so
+        res = tests.ok("recv")
+        gaps = [line for line in (res.out + res.err).splitlines() if "GAP" in line]
+        assert len(gaps) == 1 and "from=impl seq=6-15" in gaps[0] and "no longer has" in gaps[0], res
+        assert "dropped them" not in res.out + res.err
+        again = tests.ok("recv")
+        assert "GAP" not in again.out + again.err  # shown once
+    finally:
+        broker.stop()
+
+
+def test_a_sender_that_never_answers_is_shown_as_a_gap_after_the_repair_timeout(
+        sessions: tuple[Session, Session], tmp_path: Any) -> None:
+    broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
+    broker.start()
+    try:
+        impl, tests = sessions
+        paired(impl, tests, broker.url)
+        send_many(impl, 12)
+        quick = {"MQTTALK_REPAIR_TIMEOUT": "1"}
+        first = tests.ok("recv", env=quick)
+        assert "GAP" not in first.out + first.err  # asked, not yet shown
+        time.sleep(1.5)  # impl runs nothing: no answer comes
+        res = tests.ok("recv", env=quick)
+        gaps = [line for line in (res.out + res.err).splitlines() if "GAP" in line]
+        assert len(gaps) == 1 and "seq=6-12" in gaps[0] and "did not answer" in gaps[0], res
+        impl.ok("recv")  # a late answer still fills it: the messages come after all
+        late = [e for e in events_of(tests.ok("recv", "--json")) if e["event"] == "message"]
+        assert [e["body"] for e in late] == [f"message {i}" for i in range(5, 12)]
     finally:
         broker.stop()
 

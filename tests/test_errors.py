@@ -26,9 +26,9 @@ def one_clear_line(res: object, code: int, *needles: str) -> None:
 
 @pytest.mark.parametrize(("url", "needle"), [
     ("mqtt//broken", "scheme"),
-    ("http://example.com/mqttalk/v1/abcdefgh12345678", "unsupported scheme"),
+    ("http://example.com/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
     ("mqtt://127.0.0.1:1883", "no channel"),
-    ("mqtt://127.0.0.1:notaport/mqttalk/v1/abcdefgh12345678", "malformed"),
+    ("mqtt://127.0.0.1:notaport/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
     ("mqtt://127.0.0.1/mqttalk/v1/bad!channel", "not valid"),
 ])
 def test_malformed_join_url(sessions: tuple[Session, Session], url: str, needle: str) -> None:
@@ -42,9 +42,9 @@ def test_unreachable_broker_fails_fast_and_clearly(sessions: tuple[Session, Sess
     started = time.monotonic()
     one_clear_line(impl.run("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{port}"), 5,
                    "nothing is listening", str(port))
-    one_clear_line(tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678"), 5,
+    one_clear_line(tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678#plain"), 5,
                    "nothing is listening")
-    one_clear_line(tests.run("pair", "mqtt://no-such-host.invalid:1883/mqttalk/v1/abcdefgh12345678"), 5,
+    one_clear_line(tests.run("pair", "mqtt://no-such-host.invalid:1883/mqttalk/v1/abcdefgh12345678#plain"), 5,
                    "cannot resolve")
     assert time.monotonic() - started < 10
 
@@ -58,7 +58,7 @@ def test_silent_broker_times_out_within_the_connect_timeout(sessions: tuple[Sess
         silent.listen(8)
         port = silent.getsockname()[1]
         started = time.monotonic()
-        res = tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678", "--connect-timeout", "1")
+        res = tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678#plain", "--connect-timeout", "1")
         took = time.monotonic() - started
     one_clear_line(res, 5, "no MQTT answer")
     assert took < 8

@@ -44,7 +44,7 @@ class Snooper:
 
 def test_a_snooper_on_hash_sees_no_plaintext(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
-    snoop = Snooper(broker_url + "/x/abcdefgh12345678")
+    snoop = Snooper(broker_url + "/x/abcdefgh12345678#plain")
     url = paired(impl, tests, broker_url, "--role", "owns-src-api-users")
     channel_id = JoinURL.parse(url).channel
     impl.ok("send", "--kind", "spec", "--subject", "POST /users", "POST /users takes {email,name} CANARY-SPEC")
@@ -95,7 +95,7 @@ def test_a_wrong_key_reaches_nobody_and_says_so(sessions: tuple[Session, Session
 
 def test_plain_channels_are_readable_json_and_say_so(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
-    snoop = Snooper(broker_url + "/x/abcdefgh12345678")
+    snoop = Snooper(broker_url + "/x/abcdefgh12345678#plain")
     url = paired(impl, tests, broker_url, "--plain")
     assert "#k=" not in url
     impl.ok("send", "readable by dashboards")

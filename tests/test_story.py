@@ -229,12 +229,28 @@ def test_channel_and_peer_from_environment_override_the_binding(sessions: tuple[
                                                                  broker_url: str) -> None:
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
-    outsider = Session("elsewhere", impl.cwd.parent)
+    outsider = Session("elsewhere", impl.cwd.parent, home=tests.home)  # another checkout, same machine and state
     res = outsider.run("send", "no binding here")
     assert res.code == 4 and "mqttalk create" in res.err
     outsider.env.update(MQTTALK_CHANNEL=url, MQTTALK_PEER="tests")
     outsider.ok("send", "acting as tests from another directory")
     assert "acting as tests" in impl.ok("recv").out
+
+
+def test_another_state_directory_cannot_act_as_a_peer(sessions: tuple[Session, Session], broker_url: str) -> None:
+    """Two state directories as one peer would interleave its sequence numbers (false gaps) and share
+    nothing of its outbox: the second is refused before it connects to any session, with one line."""
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    other = Session("other-home", impl.cwd.parent)
+    other.env.update(MQTTALK_CHANNEL=url, MQTTALK_PEER="tests")
+    for command in (("send", "I am tests too"), ("recv",), ("status",)):
+        res = other.run(*command)
+        assert res.code == 2 and res.err.count("\n") == 1 and "'tests' is already used" in res.err, res
+    assert "I am tests too" not in impl.ok("recv").out
+    other.env.update(MQTTALK_PEER="tests-2")  # a name of its own is fine
+    other.ok("send", "hello from a second tests")
+    assert "hello from a second tests" in impl.ok("recv").out
 
 
 def test_pair_refuses_a_name_a_live_peer_uses(sessions: tuple[Session, Session], broker_url: str) -> None:

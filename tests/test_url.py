@@ -7,7 +7,7 @@ from mqttalk._url import parse_broker
 
 
 def test_join_url_round_trips_with_credentials_and_deep_prefix() -> None:
-    text = "mqtts://bob:p%40ss@broker.example.com:8884/site/a/mqttalk/abcdefgh12345678"
+    text = "mqtts://bob:p%40ss@broker.example.com:8884/site/a/mqttalk/abcdefgh12345678#plain"
     url = JoinURL.parse(text)
     assert url.broker.scheme == "mqtts" and url.broker.tls
     assert (url.broker.host, url.broker.port) == ("broker.example.com", 8884)
@@ -18,27 +18,28 @@ def test_join_url_round_trips_with_credentials_and_deep_prefix() -> None:
 
 
 def test_display_hides_the_password() -> None:
-    url = JoinURL.parse("mqtt://bob:secret@h:1883/mqttalk/v1/abcdefgh12345678")
+    url = JoinURL.parse("mqtt://bob:secret@h:1883/mqttalk/v1/abcdefgh12345678#plain")
     assert "secret" not in url.display()
     assert "bob@" in url.display()
 
 
 @pytest.mark.parametrize(("scheme", "port"), [("mqtt", 1883), ("mqtts", 8883), ("ws", 80), ("wss", 443)])
 def test_default_ports_per_scheme(scheme: str, port: int) -> None:
-    assert JoinURL.parse(f"{scheme}://h/mqttalk/v1/abcdefgh12345678").broker.port == port
+    assert JoinURL.parse(f"{scheme}://h/mqttalk/v1/abcdefgh12345678#plain").broker.port == port
 
 
 @pytest.mark.parametrize(("text", "says"), [
     ("", "empty"),
     ("not a url", "scheme"),
-    ("http://h/mqttalk/v1/abcdefgh12345678", "unsupported scheme"),
-    ("mqtt:///mqttalk/v1/abcdefgh12345678", "no host"),
-    ("mqtt://h:99999/mqttalk/v1/abcdefgh12345678", "malformed"),
-    ("mqtt://h:1883", "no channel"),
-    ("mqtt://h:1883/abcdefgh12345678", "no channel"),
+    ("http://h/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
+    ("mqtt:///mqttalk/v1/abcdefgh12345678#plain", "no host"),
+    ("mqtt://h:99999/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
+    ("mqtt://h:1883#plain", "no channel"),
+    ("mqtt://h:1883/abcdefgh12345678#plain", "no channel"),
     ("mqtt://h/mqttalk/v1/short", "not valid"),
-    ("mqtt://h/mqtt+alk/v1/abcdefgh12345678", "prefix"),
+    ("mqtt://h/mqtt+alk/v1/abcdefgh12345678#plain", "prefix"),
     ("mqtt://h/mqttalk/v1/abcdefgh12345678#k=AAAA", "key"),
+    ("mqtt://h/mqttalk/v1/abcdefgh12345678", "cut off"),
 ])
 def test_bad_join_urls_say_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(BadJoinURL) as err:
@@ -57,3 +58,43 @@ def test_broker_url_accepts_bare_host_port() -> None:
     assert (broker.scheme, broker.host, broker.port) == ("mqtt", "localhost", 1884)
     with pytest.raises(BadJoinURL):
         parse_broker("mqtt://h:1883/some/path")
+
+
+def _sealed_url() -> str:
+    from mqttalk._seal import Seal
+    from mqttalk._url import channel_id_for
+
+    key = Seal.new().token
+    return JoinURL(parse_broker("h:1883"), "mqttalk/v1", channel_id_for(key), key).render()
+
+
+def test_a_sealed_url_cut_anywhere_in_its_key_is_refused_before_connecting() -> None:
+    url = _sealed_url()
+    assert JoinURL.parse(url).sealed
+    base, key = url.split("#k=")
+    for cut in range(len(key)):
+        with pytest.raises(BadJoinURL) as err:
+            JoinURL.parse(f"{base}#k={key[:cut]}")
+        assert "cut" in err.value.line() or "damaged" in err.value.line()
+    with pytest.raises(BadJoinURL, match="cut off"):
+        JoinURL.parse(base)  # the whole fragment lost: never a silent plain channel
+
+
+def test_a_sealed_url_with_one_character_changed_is_refused() -> None:
+    url = _sealed_url()
+    base, key = url.split("#k=")
+    refused = 0
+    for i in range(len(key) - 1):  # (the last character carries 2 unused bits: some changes keep the key)
+        other = "A" if key[i] != "A" else "B"
+        with pytest.raises(BadJoinURL, match="does not belong"):
+            JoinURL.parse(f"{base}#k={key[:i]}{other}{key[i + 1:]}")
+        refused += 1
+    channel = base.rsplit("/", 1)[1]
+    with pytest.raises(BadJoinURL, match="does not belong"):
+        JoinURL.parse(url.replace(channel, ("b" if channel[0] == "a" else "a") + channel[1:]))
+    assert refused == 42
+
+
+def test_a_plain_url_says_so_and_round_trips() -> None:
+    url = JoinURL.parse("mqtt://h:1883/mqttalk/v1/abcdefgh12345678#plain")
+    assert not url.sealed and url.render().endswith("#plain") and url.display().endswith("#plain")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mqttalk import KINDS, BadMessage, Envelope, SpecData, StatusData
-from mqttalk._wire import MAX_PAYLOAD, Presence, decode_envelope, decode_presence, new_envelope, uuid7
+from mqttalk._wire import MAX_PAYLOAD, Presence, RepairNote, decode_envelope, decode_presence, new_envelope, uuid7
 
 SNAPSHOT = Path(__file__).with_name("wire_schema.json")
 
@@ -104,6 +104,7 @@ def _schema() -> dict[str, object]:
         "presence": Presence.model_json_schema(),
         "spec": SpecData.model_json_schema(),
         "status": StatusData.model_json_schema(),
+        "repair": RepairNote.model_json_schema(by_alias=True),
     }
 
 
