@@ -45,7 +45,8 @@ specification statement it broke, and the test in tests/test_conformance.py that
    client was ignored. Topics such as ``$app/x`` are legal for clients (they only must not match ``#``
    or ``+`` filters, [MQTT-4.7.2-1], which amqtt does right); ``$SYS/...`` from clients is dropped, as
    Mosquitto does. A PUBLISH with an invalid topic (empty, or with a wildcard, [MQTT-3.3.2-2]) now
-   closes the connection properly.
+   closes the connection properly (the will goes out): amqtt discarded a packet it could not decode and
+   went on reading from the middle of it.
 
 8. Re-subscribing to a filter kept the old QoS while SUBACK granted the new one [MQTT-3.8.4-3].
 
@@ -105,6 +106,10 @@ _limits = Limits()
 
 class PacketTooLarge(Exception):
     """A client sent a packet bigger than ``limits.max_packet_size``."""
+
+
+class MalformedPacket(Exception):
+    """A packet amqtt could not decode (e.g. a PUBLISH topic with a wildcard, [MQTT-3.3.2-2])."""
 
 
 def install(limits: Limits | None = None) -> None:
@@ -198,7 +203,7 @@ def _install_connect() -> None:
 def _install_packet_size() -> None:
     from amqtt.errors import MQTTError
     from amqtt.mqtt.connect import ConnectPacket
-    from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
+    from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader, MQTTPacket
 
     from_stream = MQTTFixedHeader.from_stream.__func__  # type: ignore[attr-defined]
     connect_from_stream = ConnectPacket.from_stream.__func__  # type: ignore[attr-defined]
@@ -220,8 +225,20 @@ def _install_packet_size() -> None:
                 raise PacketTooLarge(f"{size + header.remaining_length} bytes > {_limits.max_packet_size}")
         return header
 
-    _mark(fixed_header, connect_packet)
+    packet_from_stream = MQTTPacket.from_stream.__func__  # type: ignore[attr-defined]
+
+    async def packet(cls: Any, reader: Any, fixed_header: Any = None, variable_header: Any = None) -> Any:
+        # amqtt's reader loop discards a packet it cannot decode and reads on from the middle of it (a PUBLISH
+        # to "a/+" left its payload to be parsed as packets). MQTT says close [MQTT-4.8.0-1]; an ordinary
+        # exception ends amqtt's reader loop, which closes the connection (and the will goes out).
+        try:
+            return await packet_from_stream(cls, reader, fixed_header, variable_header)
+        except MQTTError as exc:
+            raise MalformedPacket(str(exc)) from exc
+
+    _mark(fixed_header, connect_packet, packet)
     MQTTFixedHeader.from_stream = classmethod(fixed_header)  # type: ignore[method-assign, assignment]
+    MQTTPacket.from_stream = classmethod(packet)  # type: ignore[method-assign, assignment]
     ConnectPacket.from_stream = classmethod(connect_packet)  # type: ignore[method-assign, assignment]
 
 
