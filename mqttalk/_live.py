@@ -204,9 +204,12 @@ class Live:
         return env
 
     def _record_batch(self) -> None:
-        batch, self._batch = self._batch, []
+        """Write the messages sent with wait=False to the outbox, in one transaction. If the write fails
+        (a full disk), every one of them stays in the batch for the next write and the error is raised:
+        none is lost, none half-written."""
         ch = self.channel
-        ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), batch)
+        ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), self._batch)
+        self._batch = []
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed to the network was acknowledged (``timeout`` 0: send what is
@@ -333,10 +336,6 @@ class Live:
             for env, _, item in held:
                 if not self._member(env.sender):
                     self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
-            with self._link.burst() if self._link is not None else contextlib.nullcontext():
-                for _, _, item in held:
-                    if self._link is not None:
-                        self._link.ack(item)
         for peer, pres in self.presences.items():
             if peer == ch.me or not pres.seq:
                 continue
@@ -465,10 +464,12 @@ class Live:
                     self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
             held = set()
         stored = self._store([(env, data) for env, data, item in messages if id(item) not in held])
+        # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
+        # message (amqtt does), and the sync waits for that. Were this process to die before they are
+        # stored, the sender's sequence shows the hole and repair brings them back.
         with link.burst():
             for item in incoming:
-                if id(item) not in held:
-                    link.ack(item)
+                link.ack(item)
         for note in notes:
             self._asks[note.sender] = note
             if self._synced:

@@ -15,7 +15,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 import typer
 
-from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
+from ._errors import EXIT_EMPTY, EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
 HELP = """\
 Pair coding-agent sessions through an MQTT broker and let them exchange structured messages.
@@ -38,7 +38,8 @@ MQTTALK_PEER) act for another. With no broker configured, `create` starts the em
 \b
 Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer yet),
             4 no channel for this directory, 5 broker unreachable or refused,
-            6 queued: kept in the outbox, sent by the next command that reaches the broker.
+            6 queued: kept in the outbox, sent by the next command that reaches the broker,
+            7 pair: nobody has ever been in that channel (check the join URL's broker and prefix).
 """
 
 _APP_SETTINGS: dict[str, Any] = dict(
@@ -273,11 +274,15 @@ def pair(
                  f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
                  f"SECONDS` prints PAIRED once an answer comes (their next mqttalk command gives it).")
         raise typer.Exit(EXIT_TIMEOUT)
+    if not others and channel.empty:
+        out.note(f"joined as {channel.me}, but nobody has ever been in this channel on "
+                 f"{channel.url.broker.display()}: the join URL most likely names another broker or prefix than "
+                 "the one the channel was created on (or the broker lost its retained messages). Check it against "
+                 "the creator's; `mqttalk recv --wait SECONDS` prints PAIRED if a peer comes.")
+        raise typer.Exit(EXIT_EMPTY)
     if not others:
-        check = (" If the other session created it already, check that the whole join URL, its #k= key"
-                 " included, was copied." if channel.url.sealed else "")
-        out.note(f"joined as {channel.me}, but no other peer is in the channel yet; "
-                 f"`mqttalk recv --wait SECONDS` will print PAIRED when one comes.{check}")
+        out.note(f"joined as {channel.me}, but no other peer is in the channel now; "
+                 "`mqttalk recv --wait SECONDS` will print PAIRED when one comes.")
         raise typer.Exit(EXIT_TIMEOUT)
 
 

@@ -55,3 +55,53 @@ def test_library_errors_carry_exit_codes(tmp_path: Path) -> None:
         mqttalk.pair("mqtt://h/only-one-level", "tests", cwd=tmp_path)
     assert bad.value.exit_code == 2
 
+
+
+def _pair_in_process(tmp_path: Path, broker_url: str) -> tuple[mqttalk.Channel, mqttalk.Channel]:
+    """impl and tests on one broker, as two machines would be (separate state directories)."""
+    made = []
+    for name in ("impl", "tests"):
+        (tmp_path / name).mkdir()
+        made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
+    impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
+    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
+    return impl, tests
+
+
+def test_a_message_the_library_refuses_is_refused_alone_and_at_once(tmp_path: Path, broker_url: str) -> None:
+    """The 51st of 100 wait=False sends holds a lone surrogate: it raises at its own call, and the other
+    99 are recorded, sent and received."""
+    impl, tests = _pair_in_process(tmp_path, broker_url)
+    with impl.live(online=False) as live:
+        for i in range(100):
+            if i == 50:
+                with pytest.raises(mqttalk.BadMessage, match="surrogate"):
+                    live.send("bad \udcff", wait=False)
+                continue
+            live.send(f"message {i}", wait=False)
+        live.drain()
+    got = tests.fetch()
+    assert [m.envelope.body for m in got.messages] == [f"message {i}" for i in range(100) if i != 50]
+
+
+def test_a_full_disk_loses_no_message_the_library_accepted(tmp_path: Path, broker_url: str) -> None:
+    """The outbox write of a batch fails (SQLite: database or disk is full): it raises, and every message
+    of the batch is still there for the next write; nothing is half-written."""
+    import sqlite3
+
+    impl, tests = _pair_in_process(tmp_path, broker_url)
+    store = impl.store
+    with impl.live(online=False) as live:
+        live.send("before", wait=True)
+        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+        store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from here on
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            for i in range(100):  # the 100th send writes the batch of 100
+                live.send(f"message {i} " + "x" * 2000, wait=False)
+        assert not store.pending(impl.url.channel, impl.me)  # nothing half-written
+        store.db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        live.drain()
+    got = tests.fetch()
+    bodies = [m.envelope.body.split(" x")[0] for m in got.messages]
+    assert bodies == ["before"] + [f"message {i}" for i in range(100)]
+    assert [m.envelope.seq for m in got.messages] == list(range(1, 102))
