@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
+SYNC_AGAIN = 0.25  # s without the sync marker and with nothing arriving: send another (see _sync)
+MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
 GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
 
 
@@ -283,7 +285,10 @@ class Live:
             # subscribe to those exactly, which every broker answers with the retained presence. (Those
             # we only met in stale copies from our queue too: the retained one tells a replay from them.)
             known = ch.store.known_presences(ch.url.channel)
-            missing = sorted((set(known) | (self._roster or set())) - self._fresh - {ch.me})
+            # (At most MAX_EXACT of them, roster names first: a flood of fake presences must not make
+            # every connect subscribe to thousands of topics.)
+            roster = sorted((self._roster or set()) - self._fresh - {ch.me})
+            missing = (roster + sorted(set(known) - self._fresh - {ch.me} - set(roster)))[:MAX_EXACT]
             if missing:
                 link.subscribe([ch.topics.presence(peer) for peer in missing])
                 self._sync(link)
@@ -305,17 +310,27 @@ class Live:
             self._publish_pending()
 
     def _sync(self, link: Any) -> None:
-        """Send ourselves a marker and wait for it: then everything the broker had for us is in."""
+        """Send ourselves a marker and wait for it: then everything the broker had for us is in.
+
+        A broker whose queue for this client overflows (Mosquitto keeps 1,000 by default: a flood of
+        retained presence fills it) drops the marker: after a quiet second another one is sent."""
         ch = self.channel
-        token = os.urandom(16).hex().encode()
-        link.publish(ch.topics.sync(link.client_id), ch._wrap(ch.topics.sync(link.client_id), token))
+        topic = ch.topics.sync(link.client_id)
+        tokens: set[bytes] = set()
         # The backlog may be long: the wait runs out only after a quiet connect_timeout.
         deadline = time.monotonic() + ch.settings.connect_timeout
-        while token not in self._tokens:
-            if time.monotonic() >= deadline:
+        again = 0.0
+        while not tokens & self._tokens:
+            now_ = time.monotonic()
+            if now_ >= deadline:
                 raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
                                f"within {ch.settings.connect_timeout:g}s")
-            if link.pump(deadline - time.monotonic()):
+            if now_ >= again:
+                token = os.urandom(16).hex().encode()
+                tokens.add(token)
+                link.publish(topic, ch._wrap(topic, token))
+            again = now_ + SYNC_AGAIN
+            if link.pump(min(deadline, again) - time.monotonic()):
                 deadline = time.monotonic() + ch.settings.connect_timeout
 
     def _after_sync(self) -> None:
@@ -410,6 +425,39 @@ class Live:
         notes: list[RepairNote] = []
         mine = ch.topics.level(ch.me)
         at = now()
+        with ch.store.transaction():  # one commit for the batch's presence, gaps and messages
+            self._take(incoming, mine, at, messages, notes)
+            # A sender must be a member, known by its presence (taken in first: it may be in this batch).
+            held = {id(item) for env, _, item in messages if not self._member(env.sender)}
+            if held and not self._synced:  # its presence may still be in the backlog: decide once it is in
+                self._held += [m for m in messages if id(m[2]) in held]
+            elif held:
+                for env, _, item in messages:
+                    if id(item) in held:
+                        self._drop(item.topic, item.payload, "dropped",
+                                   f"message from {env.sender}, who never joined")
+                held = set()
+            stored = self._store([(env, data) for env, data, item in messages if id(item) not in held])
+        # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
+        # message (amqtt does), and the sync waits for that. Were this process to die before they are
+        # stored, the sender's sequence shows the hole and repair brings them back.
+        with link.burst():
+            for item in incoming:
+                link.ack(item)
+        for note in notes:
+            self._asks[note.sender] = note
+            if self._synced:
+                self._answer(note)
+        if self._synced:
+            if stored:
+                self._write_notes()
+            self._report_gaps()
+
+    def _take(self, incoming: list[Any], mine: str, at: Any, messages: list[tuple[Envelope, bytes, Any]],
+              notes: list[RepairNote]) -> None:
+        """Sort a batch: presence and roster taken in at once, messages and repair notes collected, the
+        rest dropped (and reported once)."""
+        ch = self.channel
         for item in incoming:
             if item.topic == ch.topics.roster:
                 opened = ch._unwrap(item.topic, item.payload)
@@ -454,30 +502,6 @@ class Live:
                     notes.append(note)
             else:
                 self._tokens.add(data)
-        # Presence first (it may be in the same batch): a sender must be a member, known by its presence.
-        held = {id(item) for env, _, item in messages if not self._member(env.sender)}
-        if held and not self._synced:  # its presence may still be in the backlog: decide once it is in
-            self._held += [m for m in messages if id(m[2]) in held]
-        elif held:
-            for env, _, item in messages:
-                if id(item) in held:
-                    self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
-            held = set()
-        stored = self._store([(env, data) for env, data, item in messages if id(item) not in held])
-        # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
-        # message (amqtt does), and the sync waits for that. Were this process to die before they are
-        # stored, the sender's sequence shows the hole and repair brings them back.
-        with link.burst():
-            for item in incoming:
-                link.ack(item)
-        for note in notes:
-            self._asks[note.sender] = note
-            if self._synced:
-                self._answer(note)
-        if self._synced:
-            if stored:
-                self._write_notes()
-            self._report_gaps()
 
     def _member(self, peer: str) -> bool:
         return peer in self.presences or peer in self._known or peer in (self._roster or ())

@@ -109,11 +109,13 @@ class Session:
         """Called in the live thread: only hand over (notes, a wake-up), decide nothing here."""
         if event.kind == "message":
             self._arrived.set()
-        elif event.kind in ("paired", "offline"):
-            from ._render import line
+        elif event.kind in ("paired", "offline", "outdated"):
+            from ._render import line, outdated_text
 
             word = "PAIRED with" if event.kind == "paired" else "OFFLINE"
             note = f"mqttalk: {word} {line(event.peer)}" + (f" ({line(event.detail)})" if event.detail else "")
+            if event.kind == "outdated":
+                note = f"mqttalk: {outdated_text(event.peer, event.detail)}"
             with self._notes_lock:
                 if len(self._notes) < NOTES_KEPT:  # a flood of made-up peers: counted, not kept
                     self._notes.append(note)
@@ -132,7 +134,7 @@ class Session:
     # -- tools ---------------------------------------------------------------------------------------
 
     def receive(self, wait: float, full: bool) -> str:
-        from ._render import line, message_text
+        from ._render import gap_text, message_text
 
         wait = max(0.0, min(float(wait), RECEIVE_MAX_WAIT))
         deadline = time.monotonic() + wait
@@ -145,8 +147,7 @@ class Session:
                 if inbox or notes or time.monotonic() >= deadline:
                     bodies = None if full else ch.settings.state_dir / "bodies"
                     lines = list(notes)
-                    lines += [f"mqttalk: GAP from={line(g.sender)} seq={g.first}-{g.last} (never arrived; ask "
-                              f"{line(g.sender)} to resend)" for g in inbox.gaps]
+                    lines += [gap_text(g) for g in inbox.gaps]
                     lines += [message_text(m.envelope, bodies) + "\n" for m in inbox.messages]
                     if not inbox.messages:
                         lines.append(f"mqttalk: no new message{f' within {wait:g}s' if wait else ''}")

@@ -62,6 +62,31 @@ def line(text: Any) -> str:
     return printable(str(text), line=True)
 
 
+def gap_text(gap: Any) -> str:
+    """The one line for messages that never arrived, and why nobody can bring them back now (a
+    :class:`~mqttalk._store.Gap`: the sender no longer has them, or did not answer a request to resend)."""
+    who, count = line(gap.sender), gap.last - gap.first + 1
+    what = f"{count} message{'s' if count > 1 else ''} sent by {who}"
+    if gap.state == "gone":
+        why = f"{what} never arrived, and {who} no longer has them (its store was reset or lost)"
+    else:
+        why = (f"{what} never arrived, and {who} did not answer a request to resend them (not running since?); "
+               "they are still shown if they come")
+    return f"mqttalk: GAP from={who} seq={gap.first}-{gap.last} ({why})"
+
+
+def outdated_text(peer: str, version: str) -> str:
+    """A peer speaks another wire version than this mqttalk (see :data:`mqttalk._wire.WIRE_VERSION`)."""
+    from ._wire import WIRE_VERSION
+
+    who = line(peer)
+    if version.isdigit() and int(version) < WIRE_VERSION:
+        return (f"{who} runs an older mqttalk (wire v{line(version)}, this one v{WIRE_VERSION}): ask {who} to "
+                "upgrade (pip install -U mqttalk); until then messages it misses cannot be resent to it")
+    return (f"{who} runs a newer mqttalk (wire v{line(version)}, this one v{WIRE_VERSION}): upgrade this one "
+            "(pip install -U mqttalk)")
+
+
 def body_file(bodies: Path, msg_id: str) -> Path:
     """Where a long body is kept (one file per message id; the id is a UUID, safe as a file name)."""
     return bodies / f"{''.join(c for c in msg_id if c.isalnum() or c == '-')[:64]}.txt"

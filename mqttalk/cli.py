@@ -158,12 +158,11 @@ class _Printer:
 
             print(message_text(env, self.bodies, terminal=sys.stdout.isatty()) + "\n", flush=True)
 
-    def gap(self, peer: str, first: int, last: int) -> None:
-        count = last - first + 1
-        who = _safe(peer, 64)
-        self.data(f"mqttalk: GAP from={who} seq={first}-{last} ({count} message{'s' if count > 1 else ''} "
-                  f"sent by {who} never arrived: the broker dropped them; ask {who} to resend)",
-                  {"event": "gap", "peer": peer, "first": first, "last": last})
+    def gap(self, gap: Any) -> None:
+        from ._render import gap_text
+
+        self.data(gap_text(gap), {"event": "gap", "peer": gap.sender, "first": gap.first, "last": gap.last,
+                                  "why": gap.state})
 
     def event(self, event: Any) -> None:
         if event.kind == "paired":
@@ -172,9 +171,12 @@ class _Printer:
                       {"event": "paired", "peer": event.peer, "role": event.detail or None})
         elif event.kind == "waiting":
             self.note(f"waiting {_safe(event.detail, 300)}...")
-        elif event.kind == "gap" and self.listening:  # recv prints the gaps it fetched itself
-            first, last = (int(x) for x in event.detail.split("-"))
-            self.gap(event.peer, first, last)
+        elif event.kind == "gap" and self.listening and event.gap is not None:  # recv prints the gaps it fetched
+            self.gap(event.gap)
+        elif event.kind == "outdated":
+            from ._render import outdated_text
+
+            self.note(outdated_text(event.peer, event.detail))
         elif event.kind == "offline" and self.listening:
             self.data(f"mqttalk: OFFLINE {_safe(event.peer, 64)} ({_safe(event.detail, 200)})",
                       {"event": "offline", "peer": event.peer, "detail": event.detail})
@@ -343,7 +345,7 @@ def recv(
     out.bodies = channel.settings.state_dir / "bodies"
     inbox = channel.fetch(wait)
     for gap in inbox.gaps:
-        out.gap(gap.sender, gap.first, gap.last)
+        out.gap(gap)
     for m in inbox.messages:
         out.message(m.envelope)
     channel.mark_read(inbox)
