@@ -56,12 +56,13 @@ async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
     """Run an amqtt broker with ``config`` (from :func:`broker_config`) until ``stop`` is set (or forever)."""
     from amqtt.broker import Broker
 
-    from . import _conformance, _fixes
+    from . import _conformance, _durable, _fixes
 
     config = dict(config)
     limits = _conformance.Limits.from_config(config.pop("limits", None))
     _fixes.install()
     _conformance.install(limits)
+    _durable.install()  # last: it wraps what the two above put in place
     broker = Broker(config)
     await broker.start()
     if started is not None:
