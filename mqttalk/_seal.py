@@ -5,7 +5,8 @@ broker. From it come, by HMAC-SHA256 with distinct labels, an AEAD key (ChaCha20
 naming key: topic levels and client ids are keyed hashes, so the broker and other clients learn
 nothing from names and cannot guess a channel's topics or take over a peer's session by client id.
 A sealed payload is ``0x01 | nonce (12) | ciphertext+tag``, with the topic bound as associated
-data, so a payload copied to another topic (another peer's, another channel's) does not open.
+data, so a payload copied to another topic (another peer's, another channel's) does not open; the
+plaintext is padded to a size bucket first (:func:`padded`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ._errors import BadJoinURL
 KEY_BYTES = 32
 _VERSION = b"\x01"
 _NONCE = 12
+PAD_MIN = 256  # bytes: the smallest size bucket of a sealed payload's plaintext
+PAD_STEP = 64 * 1024  # past this, buckets are multiples of it
 
 
 class Seal:
@@ -60,8 +63,9 @@ class Seal:
         return name
 
     def seal(self, topic: str, data: bytes) -> bytes:
+        """``data`` sealed for ``topic``, padded first to a size bucket (see :func:`padded`)."""
         nonce = os.urandom(_NONCE)
-        return _VERSION + nonce + self._aead.encrypt(nonce, data, topic.encode())
+        return _VERSION + nonce + self._aead.encrypt(nonce, padded(data), topic.encode())
 
     def open(self, topic: str, payload: bytes) -> bytes | None:
         """The plaintext, or None if the payload was not sealed for this topic with this key."""
@@ -70,9 +74,24 @@ class Seal:
         from cryptography.exceptions import InvalidTag
 
         try:
-            return self._aead.decrypt(payload[1:1 + _NONCE], payload[1 + _NONCE:], topic.encode())
+            return self._aead.decrypt(payload[1:1 + _NONCE], payload[1 + _NONCE:], topic.encode()).rstrip(b" ")
         except InvalidTag:
             return None
+
+
+def padded(data: bytes) -> bytes:
+    """``data`` with trailing spaces up to the next size bucket (256 bytes, then powers of two up to
+    64 KiB, then multiples of 64 KiB), so a snooper learns a message's size only roughly: a status
+    line, a note and a spec of a few hundred bytes all look alike. What mqttalk seals is JSON or a
+    hex token: trailing spaces are whitespace to every JSON reader (older mqttalk included), and
+    :meth:`Seal.open` takes them off."""
+    size = len(data)
+    bucket = PAD_MIN
+    while bucket < size and bucket < PAD_STEP:
+        bucket *= 2
+    if size > bucket:
+        bucket = -(-size // PAD_STEP) * PAD_STEP
+    return data + b" " * (bucket - size)
 
 
 def _derive(key: bytes, label: bytes) -> bytes:

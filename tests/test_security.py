@@ -226,3 +226,17 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     assert again.code == 3 and "PAIRED with impl" not in again.out
     # (tests and docs, both genuine and each running while the other waited, may pair with each other)
     assert "PAIRED with impl" not in tests.ok("recv").out + newcomer.ok("recv").out
+
+
+def test_sealed_payloads_tell_only_a_size_bucket() -> None:
+    """A note of 1 character and one of 150 look the same on the wire; they still open to what was sent."""
+    seal = Seal.new()
+    sizes = set()
+    for n in (1, 20, 80, 150):
+        env = new_envelope("impl", "note", "x" * n).encode()
+        sealed = seal.seal(_TOPIC, env)
+        sizes.add(len(sealed))
+        assert seal.open(_TOPIC, sealed) == env
+    assert len(sizes) == 1
+    big = seal.seal(_TOPIC, new_envelope("impl", "note", "y" * 3000).encode())
+    assert len(big) - 29 == 4096  # the next power of two (29: version, nonce and tag)
