@@ -11,6 +11,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Session, channel_topics, join_url, paired
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqttalk import JoinURL
@@ -207,3 +209,89 @@ def test_a_refused_pair_leaves_the_name_holders_queue_alone(sessions: tuple[Sess
     tests.ok("send", "while impl waits")
     out, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 0 and "while impl waits" in out, err
+
+
+_NAMES = st.one_of(st.sampled_from(["impl", "tests", "mallory", "a" * 32, "a" * 33, "", "IMPL", "x\n", "é"]),
+                   st.text(max_size=40))
+_INTS = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, 1, -1, 2**53, 2**53 + 1, 2**63, 10**30]))
+_TIMES = st.one_of(
+    st.sampled_from(["9999-12-31T23:59:59.999999+00:00", "0001-01-01T00:00:00+00:00", "2026-01-01T00:00:00",
+                     "not a time", "", "2026-02-30T00:00:00Z"]),
+    st.datetimes(timezones=st.just(__import__("datetime").UTC)).map(lambda d: d.isoformat()),
+    st.just("NOW"))
+_ANY = st.one_of(st.none(), _INTS, st.floats(allow_nan=True), _NAMES, st.booleans(), st.lists(_INTS, max_size=3))
+
+
+@st.composite
+def _hostile(draw: Any, peer: str) -> tuple[str, dict[str, Any]]:
+    """A decoded envelope, presence or repair note from ``peer``: valid but for one or two fields that
+    take an extreme value (sealed properly: as a fellow member could send it)."""
+    from mqttalk._wire import uuid7
+
+    what = draw(st.sampled_from(["msg", "presence", "repair"]))
+    stamp = now().isoformat()
+    if what == "msg":
+        obj: dict[str, Any] = {"v": 2, "id": uuid7(), "ts": stamp, "from": peer, "kind": "status", "seq": 3,
+                               "body": "b", "data": {"state": "red", "commit": "abc"}}
+        fields = ["v", "id", "ts", "from", "to", "kind", "re", "seq", "body", "data"]
+    elif what == "presence":
+        obj = {"v": 2, "peer": peer, "state": "online", "member": "m1", "since": stamp, "hb": stamp, "seq": 3,
+               "every": 10.0, "nonce": "ab", "answers": {"tests": "cd"}}
+        fields = ["v", "peer", "state", "member", "since", "hb", "seq", "every", "nonce", "answers", "role"]
+    else:
+        obj = {"v": 2, "from": peer, "to": "tests", "ts": stamp, "want": [[1, 2]], "gone": []}
+        fields = ["v", "from", "to", "ts", "want", "gone"]
+    extreme = {"ts": _TIMES, "since": _TIMES, "hb": _TIMES, "seq": _INTS, "every": st.floats(), "v": _INTS,
+               "want": st.lists(st.tuples(_INTS, _INTS), max_size=70), "gone": st.lists(st.tuples(_INTS, _INTS),
+                                                                                          max_size=70),
+               "answers": st.dictionaries(_NAMES, _NAMES, max_size=80),
+               "data": st.fixed_dictionaries({"subject": _NAMES, "rev": _ANY, "state": _NAMES, "commit": _ANY})}
+    for name in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2, unique=True)):
+        value = draw(st.one_of(extreme.get(name, _ANY), _ANY, st.just(None)))
+        if value is None and draw(st.booleans()):
+            obj.pop(name, None)
+        else:
+            obj[name] = value.replace("NOW", stamp) if isinstance(value, str) else value
+    return what, obj
+
+
+def test_decoded_extremes_through_the_whole_receive_path_never_stop_delivery(tmp_path: Any, broker_url: str) -> None:
+    """Hypothesis builds envelopes, presences and repair notes that decode as JSON with the worst values
+    (huge or negative numbers, names with newlines, times at the ends of the calendar, maps too big)
+    and a reader's live connection takes them in as if the broker delivered them: nothing raises, and
+    a genuine message sent afterwards is stored and read as usual."""
+    import mqttalk
+    from mqttalk._transport import Incoming
+
+    made = []
+    for name in ("impl", "tests"):
+        (tmp_path / name).mkdir()
+        made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
+    impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
+    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
+    topics = tests.topics
+    with tests.live(online=False) as live:
+
+        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @example(("impl", ("msg", {"v": 2, "id": "0190aaaa-0000-7000-8000-000000000001", "ts": now().isoformat(),
+                                   "from": "impl", "kind": "note", "seq": 10**30})))
+        @example(("impl", ("presence", {"v": 2, "peer": "impl", "state": "left", "member": "m",
+                                        "since": now().isoformat(), "hb": "9999-12-31T23:59:59.999999+00:00"})))
+        @example(("impl", ("presence", {"v": 2, "peer": "impl", "state": "online", "member": "m",
+                                        "since": now().isoformat(), "hb": now().isoformat(), "seq": 10**30})))
+        @given(st.sampled_from(["impl", "tests", "mallory"]).flatmap(lambda p: st.tuples(st.just(p), _hostile(p))))
+        def take(drawn: tuple[str, tuple[str, dict[str, Any]]]) -> None:
+            peer, (what, obj) = drawn
+            topic = {"msg": topics.msg(peer), "presence": topics.presence(peer),
+                     "repair": topics.repair("tests", peer)}[what]
+            payload = json.dumps(obj, default=str).encode()
+            sealed = topics.seal.seal(topic, payload) if topics.seal else payload
+            live._absorb(live._link, [Incoming(topic, sealed, 0, 0)])  # as if the broker delivered it
+
+        take()
+        live.poll(0.5)
+    sent = impl.send("genuine, after the storm")
+    got = tests.fetch()
+    assert sent.id in [m.envelope.id for m in got.messages]
+    tests.mark_read(got)
+    assert tests.status().me == "tests"
