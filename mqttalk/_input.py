@@ -124,14 +124,17 @@ def typed_fields(kind: str, body: str, *, subject: str | None, rev: int | None, 
         verb = "does" if len(stray) == 1 else "do"
         raise BadMessage(f"{', '.join(stray)} {verb} not apply to a {kind}",
                          f"a {kind} takes {', '.join(flag + name for name in takes)}")
+    data: dict[str, Any] = {}
     if kind == "spec":
         first = body.strip().splitlines()[0][:200] if body.strip() else None
-        return {"subject": subject or first, "rev": rev, "state": state}
-    if kind == "status":
+        data = {"subject": subject or first, "rev": rev, "state": state}
+    elif kind == "status":
         if state is None:
             raise BadMessage(f"a status needs {flag}state", "one of red, green, blocked, working, done")
-        return {"state": state, "commit": commit}
-    return {}
+        data = {"state": state, "commit": commit}
+    if not body.strip() and all(value is None for value in data.values()):  # (as the envelope judges it)
+        raise BadMessage("empty message", "give the text as an argument, with --file PATH, or '-' for stdin")
+    return data
 
 
 def check_id(value: str | None, flag: str = "--re") -> str | None:

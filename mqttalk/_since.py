@@ -22,6 +22,7 @@ from ._errors import UsageError
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _CLOCK = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
 _RELATIVE = re.compile(r"(\d{1,9})\s*(s|sec|m|min|h|d|w)")
+_LOOKS_LIKE_TIME = re.compile(r"\d{4}-\d{1,2}-\d{1,2}(?!\d)|\d{1,2}:\d{2}(?!\d)|\d+\s*[a-z]+$")  # a time mistyped
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 FORMS = "an ISO time (2026-11-25T12:00, ...Z or +02:00), HH:MM today (UTC), 10m / 2h / 3d ago, or a message id"
@@ -59,6 +60,6 @@ def normalise(value: str) -> str:
     moment = parse_time(value)
     if moment is not None:
         return stamp(moment)
-    if ID_PATTERN.fullmatch(value):
+    if ID_PATTERN.fullmatch(value) and not _LOOKS_LIKE_TIME.match(value):
         return value
     raise UsageError(f"--since {value!r} is not a time or a message id", f"give {FORMS}")

@@ -31,10 +31,18 @@ def private_dir(path: Path) -> Path:
 
 
 def private_file(path: Path) -> Path:
-    """Create ``path`` if missing, 0600 whatever the umask; an existing file is made 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    """Create ``path`` if missing, 0600 whatever the umask; an existing file is made 0600.
+
+    An existing file is changed by its path, never opened: closing any descriptor of a database file
+    drops every POSIX lock this process holds on it, SQLite's included (another thread's connection
+    would go on as if it held them, and other processes would take it for gone)."""
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    except FileExistsError:
+        _chmod(path, FILE_MODE)
+        return path
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:  # the umask took more than it should
             os.fchmod(fd, FILE_MODE)
     finally:
         os.close(fd)

@@ -68,7 +68,8 @@ def test_guide_names_me_my_peers_and_the_commands_for_my_role(sessions: tuple[Se
     assert "Your part (tests)" in text  # the peer name picks the part by default
     as_impl = tests.ok("guide", "--role", "impl").out
     assert "Your part (impl)" in as_impl and "Your part (tests)" not in as_impl
-    assert "Your part:" in tests.ok("guide", "--role", "something else").out
+    unknown = tests.run("guide", "--role", "something else")  # a typo is refused, not read as the general part
+    assert unknown.code == 2 and "unknown role 'something else'" in unknown.err and "tests, impl, review" in unknown.err
     assert "MESSAGE" not in text and "hello" in tests.ok("recv").out  # the guide reads nothing
 
 
