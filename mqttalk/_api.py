@@ -58,7 +58,7 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
     Returns the channel and the peers present (empty if none showed up in time)."""
     settings = settings or Settings.load()
     cwd = (cwd or Path.cwd()).resolve()
-    join_url = url if isinstance(url, JoinURL) else JoinURL.parse(url)
+    join_url = _wake(settings, url if isinstance(url, JoinURL) else JoinURL.parse(url))
     name = check_peer(as_ or peer_from_directory(cwd.name))
     member, joined = os.urandom(16).hex(), None
     previous = _bindings.find(settings.state_dir, cwd)
@@ -89,6 +89,7 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
             check_peer(settings.peer)
             # The membership this machine recorded for the channel and name; the first command claims the
             # name (refused if another machine or state directory holds it: see Channel.member).
+            _wake(settings, url)
             return Channel(url, settings.peer, member=None, settings=settings, on_event=on_event), None
     binding = _bindings.require(binding)
     if binding.ca_file and settings.ca_file is None:
@@ -97,11 +98,20 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
     if settings.peer and settings.peer != binding.peer:
         raise UsageError(f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
                          "drop --as, or give --channel URL too")
-    channel = Channel(JoinURL.parse(binding.url), peer, member=binding.member, role=binding.role,
+    url = _wake(settings, JoinURL.parse(binding.url))
+    channel = Channel(url, peer, member=binding.member, role=binding.role,
                       settings=settings,
                       joined=datetime.fromisoformat(binding.joined) if binding.joined else None,
                       on_event=on_event)
     return channel, binding
+
+
+def _wake(settings: Settings, url: JoinURL) -> JoinURL:
+    """A channel on the recorded embedded broker: start the broker again if it died (same port, same database)."""
+    from . import _embedded
+
+    _embedded.revive(settings.state_dir, url.broker)
+    return url
 
 
 def forget(settings: Settings, binding: _bindings.Binding | None) -> None:
