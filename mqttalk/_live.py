@@ -437,7 +437,7 @@ class Live:
                         self._drop(item.topic, item.payload, "dropped",
                                    f"message from {env.sender}, who never joined")
                 held = set()
-            stored = self._store([(env, data) for env, data, item in messages if id(item) not in held])
+            self._store([(env, data) for env, data, item in messages if id(item) not in held])
         # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
         # message (amqtt does), and the sync waits for that. Were this process to die before they are
         # stored, the sender's sequence shows the hole and repair brings them back.
@@ -449,8 +449,7 @@ class Live:
             if self._synced:
                 self._answer(note)
         if self._synced:
-            if stored:
-                self._write_notes()
+            self._write_notes()  # a message filled a hole, or a presence showed one
             self._report_gaps()
 
     def _take(self, incoming: list[Any], mine: str, at: Any, messages: list[tuple[Envelope, bytes, Any]],
