@@ -98,9 +98,6 @@ class Broker:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        if os.environ.get("BENCH_DUMP"):
-            time.sleep(8)
-            self.proc.send_signal(signal.SIGUSR2)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
