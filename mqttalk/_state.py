@@ -96,6 +96,8 @@ def store_error(exc: BaseException, path: Path | None = None) -> StoreError | No
                           f"free space on the disk that holds {directory}, or set MQTTALK_STATE_DIR elsewhere")
     if ("readonly" in low or "read-only" in low or "permission" in low or "unable to open" in low
             or isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == 30)):
+        if _read_only(path):
+            reason = f"{directory} is on a read-only file system"
         return StoreError(f"cannot write {where}: {reason}",
                           f"make {directory} writable by you, or set MQTTALK_STATE_DIR to a directory that is")
     if "i/o" in low:
@@ -121,3 +123,13 @@ def _full(path: Path | None, room: int = 1 << 20) -> bool:
     except OSError:
         return False
     return fs.f_bavail * fs.f_frsize < room
+
+
+def _read_only(path: Path | None) -> bool:
+    """Whether the file system holding ``path`` is mounted read-only."""
+    if path is None:
+        return False
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -239,7 +239,7 @@ def test_a_read_only_or_full_state_directory_is_one_line(sessions: tuple[Session
         shutil.copytree(saved, state, dirs_exist_ok=True)
         subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
         for args in (("send", "x"), ("log",)):
-            one_clear_line(impl.run(*args), 1, str(store), "Read-only", "MQTTALK_STATE_DIR")
+            one_clear_line(impl.run(*args), 1, str(store), "read-only file system", "MQTTALK_STATE_DIR")
         subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
         with open(state / "filler", "wb") as filler, pytest.raises(OSError):  # fill it to its last byte
             filler.write(b"\0" * (1 << 20))
