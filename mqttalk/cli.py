@@ -479,7 +479,7 @@ def broker(
 
     def ready() -> None:
         where = f"mqtt://{settings.embedded_host}:{settings.embedded_port}"
-        _record_broker(settings)
+        _record_broker(settings, None if memory else db)
         print(f"mqttalk: broker listening on {where}" + (f" and ws://{settings.embedded_host}:{ws_port}/mqtt"
                                                           if ws_port else ""), flush=True)
 
@@ -608,12 +608,14 @@ def _private_state(settings: Any) -> None:
         private_dir(settings.state_dir)
 
 
-def _record_broker(settings: Any) -> None:
+def _record_broker(settings: Any, db: Path | None) -> None:
+    """Where this broker listens and keeps its state: a later command that finds it dead starts it again
+    from the same database (see _embedded.revive)."""
     from ._state import private_dir
 
     record = private_dir(settings.state_dir) / "broker.json"
     record.write_text(json.dumps({"host": settings.embedded_host, "port": settings.embedded_port,
-                                  "pid": os.getpid()}))
+                                  "pid": os.getpid(), "db": str(db) if db else None}))
 
 
 def _share_text(peer: str, url: str) -> str:
