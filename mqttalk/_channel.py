@@ -492,7 +492,7 @@ def _stale_after(p: Presence) -> float:
 def _judge(p: Presence, *, me: bool, paired: bool = False) -> PeerInfo:
     state = p.state
     if state == "online" and (now() - p.hb).total_seconds() > _stale_after(p):
-        state = "away"  # its will never fired (e.g. amqtt does not enforce keepalive)
+        state = "away"  # its will never fired (a broker that does not enforce keepalive, a stalled process)
     return PeerInfo(p.peer, p.role, state, p.hb, p.since, me, paired)
 
 

@@ -81,10 +81,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class EmbeddedBroker:
     """`mqttalk broker` (amqtt) as a real process on a free port; can be stopped and started again."""
 
-    def __init__(self, state_dir: Path, *, websockets: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, websockets: bool = False, memory: bool = False) -> None:
         self.port = free_port()
         self.ws_port = free_port() if websockets else None
         self.state_dir = state_dir
+        self.memory = memory  # keep nothing across restarts (`mqttalk broker --memory`)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,6 +97,7 @@ class EmbeddedBroker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.state_dir / "broker.log", "ab")
         ws = ["--ws-port", str(self.ws_port)] if self.ws_port else []
+        ws += ["--memory"] if self.memory else []
         self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port), *ws], env=env,
                                      stdout=log, stderr=log)
         log.close()
@@ -106,6 +108,31 @@ class EmbeddedBroker:
     def stop(self) -> None:
         end_process(self.proc)
         self.proc = None
+
+
+class ConfiguredEmbedded(EmbeddedBroker):
+    """The embedded broker run from a copy of broker/mqttalk-broker.yaml with ``limits`` changed."""
+
+    def __init__(self, state_dir: Path, **limits: Any) -> None:
+        super().__init__(state_dir)
+        self.limits = limits
+
+    def start(self) -> None:
+        import yaml
+        from mqttalk_broker import CONFIG_FILE
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load(CONFIG_FILE.read_text())
+        config["limits"].update(self.limits)
+        path = self.state_dir / "mqttalk-broker.yaml"
+        path.write_text(yaml.safe_dump(config))
+        script = ("import sys; from pathlib import Path; from mqttalk_broker import run; "
+                  "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))")
+        log = open(self.state_dir / "broker.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(self.port), str(path),
+                                      str(self.state_dir / "broker.sqlite3")], stdout=log, stderr=log)
+        log.close()
+        wait_listening(self.port, self.proc)
 
 
 class PrivateMosquitto:

@@ -14,17 +14,14 @@ import contextlib
 import itertools
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import EmbeddedBroker, PrivateMosquitto, running, wait_listening
+from conftest import ConfiguredEmbedded, PrivateMosquitto, running
 
 QUEUE = 30  # both brokers' queue per absent session in these tests
 MAX_PACKET = 1024 * 1024
@@ -169,30 +166,6 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
-
-
-class ConfiguredEmbedded(EmbeddedBroker):
-    """The embedded broker run from a copy of broker/mqttalk-broker.yaml with ``limits`` changed."""
-
-    def __init__(self, state_dir: Path, **limits: Any) -> None:
-        super().__init__(state_dir)
-        self.limits = limits
-
-    def start(self) -> None:
-        from mqttalk_broker import CONFIG_FILE
-
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        config = yaml.safe_load(CONFIG_FILE.read_text())
-        config["limits"].update(self.limits)
-        path = self.state_dir / "mqttalk-broker.yaml"
-        path.write_text(yaml.safe_dump(config))
-        script = ("import sys; from pathlib import Path; from mqttalk_broker import run; "
-                  "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))")
-        log = open(self.state_dir / "broker.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", script, str(self.port), str(path),
-                                      str(self.state_dir / "broker.sqlite3")], stdout=log, stderr=log)
-        log.close()
-        wait_listening(self.port, self.proc)
 
 
 @pytest.fixture(scope="module", params=["mosquitto", "amqtt"])
