@@ -19,6 +19,15 @@ from mqttalk import JoinURL
 from mqttalk._wire import new_envelope, now
 
 
+@pytest.fixture(params=["mosquitto", "amqtt", "nats", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Every attack runs against every broker of the compatibility matrix."""
+    if request.param == "mosquitto":
+        return str(request.getfixturevalue("mosquitto_url"))
+    name = {"amqtt": "amqtt_broker", "nats": "nats_broker", "rabbitmq": "rabbitmq_broker"}[request.param]
+    return str(request.getfixturevalue(name).url)
+
+
 class Attacker:
     """A raw paho client on the channel's broker: it reads everything (#) and publishes anything."""
 
@@ -30,6 +39,8 @@ class Attacker:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                                   clean_session=clean)
         self.client.on_message = lambda _c, _u, m: self.seen.append((m.topic, m.payload))
+        if join.broker.username:  # RabbitMQ wants a login; a stranger there has an account of its own
+            self.client.username_pw_set(join.broker.username, join.broker.password)
         self.client.connect(join.broker.host, join.broker.port)
         self.client.loop_start()
 
