@@ -287,8 +287,9 @@ class Live:
             known = ch.store.known_presences(ch.url.channel)
             # (At most MAX_EXACT of them, roster names first: a flood of fake presences must not make
             # every connect subscribe to thousands of topics.)
-            roster = sorted((self._roster or set()) - self._fresh - {ch.me})
-            missing = (roster + sorted(set(known) - self._fresh - {ch.me} - set(roster)))[:MAX_EXACT]
+            # Our own name included: a name check (Channel._check_name) must see who holds it.
+            roster = sorted((self._roster or set()) - self._fresh)
+            missing = (roster + sorted(set(known) - self._fresh - set(roster)))[:MAX_EXACT]
             if missing:
                 link.subscribe([ch.topics.presence(peer) for peer in missing])
                 self._sync(link)
