@@ -336,3 +336,17 @@ def paired(impl: Session, tests: Session, broker: str | None, *create_flags: str
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out, f"create --wait: {out}\n{err}"
     return url
+
+
+def pair_in_process(tmp_path: Path, broker_url: str) -> tuple[Any, Any]:
+    """impl and tests paired through the library on one broker, as on two machines (each its own state
+    directory and working directory under ``tmp_path``)."""
+    import mqttalk
+
+    made = []
+    for name in ("impl", "tests"):
+        (tmp_path / name).mkdir()
+        made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
+    impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
+    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
+    return impl, tests

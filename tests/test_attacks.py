@@ -10,7 +10,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Session, channel_topics, join_url, paired
+from conftest import Session, channel_topics, join_url, pair_in_process, paired
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -271,15 +271,9 @@ def test_decoded_extremes_through_the_whole_receive_path_never_stop_delivery(tmp
     (huge or negative numbers, names with newlines, times at the ends of the calendar, maps too big)
     and a reader's live connection takes them in as if the broker delivered them: nothing raises, and
     a genuine message sent afterwards is stored and read as usual."""
-    import mqttalk
     from mqttalk._transport import Incoming
 
-    made = []
-    for name in ("impl", "tests"):
-        (tmp_path / name).mkdir()
-        made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
-    impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
-    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
+    impl, tests = pair_in_process(tmp_path, broker_url)
     topics = tests.topics
     with tests.live(online=False) as live:
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import pair_in_process
 
 import mqttalk
 
@@ -57,21 +58,10 @@ def test_library_errors_carry_exit_codes(tmp_path: Path) -> None:
 
 
 
-def _pair_in_process(tmp_path: Path, broker_url: str) -> tuple[mqttalk.Channel, mqttalk.Channel]:
-    """impl and tests on one broker, as two machines would be (separate state directories)."""
-    made = []
-    for name in ("impl", "tests"):
-        (tmp_path / name).mkdir()
-        made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
-    impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
-    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
-    return impl, tests
-
-
 def test_a_message_the_library_refuses_is_refused_alone_and_at_once(tmp_path: Path, broker_url: str) -> None:
     """The 51st of 100 wait=False sends holds a lone surrogate: it raises at its own call, and the other
     99 are recorded, sent and received."""
-    impl, tests = _pair_in_process(tmp_path, broker_url)
+    impl, tests = pair_in_process(tmp_path, broker_url)
     with impl.live(online=False) as live:
         for i in range(100):
             if i == 50:
@@ -89,7 +79,7 @@ def test_a_full_disk_loses_no_message_the_library_accepted(tmp_path: Path, broke
     of the batch is still there for the next write; nothing is half-written."""
     import sqlite3
 
-    impl, tests = _pair_in_process(tmp_path, broker_url)
+    impl, tests = pair_in_process(tmp_path, broker_url)
     store = impl.store
     with impl.live(online=False) as live:
         live.send("before", wait=True)
