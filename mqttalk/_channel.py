@@ -108,7 +108,7 @@ class Channel:
     def __init__(self, url: JoinURL, me: str, *, member: str | None, settings: Settings, role: str | None = None,
                  joined: datetime | None = None, on_event: Callable[[Event], None] | None = None) -> None:
         """``member``: the membership this peer holds (a binding's), or None to take the one this
-        machine recorded for the channel and name, claiming the name if it has none (see :meth:`claim`)."""
+        machine recorded for the channel and name, claiming the name if it has none (see :attr:`member`)."""
         self.url = url
         self.me = check_peer(me)
         self._member = member
@@ -143,8 +143,8 @@ class Channel:
         connection, whether the name is taken (raises :class:`NameTaken`) and whether anyone was ever
         there (:attr:`empty`).
         """
-        if check:
-            self.empty = self._check_name(self.member)
+        if check:  # (before this membership is recorded: a refused one must leave nothing behind)
+            self.empty = self._check_name(self._member)
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
@@ -318,7 +318,9 @@ class Channel:
 
     @property
     def member(self) -> str:
-        """The random id of this peer's membership (in its presence: tells a namesake from ourselves)."""
+        """The random id of this peer's membership (in its presence: tells a namesake from ourselves).
+        Acting as a name for the first time on this machine (``member=None``) claims it: refused with
+        :class:`NameTaken` if another membership holds it."""
         return self._ident()[0]
 
     @property

@@ -300,3 +300,17 @@ def test_decoded_extremes_through_the_whole_receive_path_never_stop_delivery(tmp
     assert sent.id in [m.envelope.id for m in got.messages]
     tests.mark_read(got)
     assert tests.status().me == "tests"
+
+
+def test_a_refused_name_cannot_be_used_afterwards_through_the_environment(sessions: tuple[Session, Session],
+                                                                         broker_url: str) -> None:
+    """A refused `pair --as impl` records nothing: the same machine acting as impl through
+    MQTTALK_CHANNEL/MQTTALK_PEER afterwards is refused too, and impl's sequence stays its own."""
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    intruder = Session("intruder", impl.cwd.parent)
+    assert intruder.run("pair", url, "--as", "impl").code == 2
+    intruder.env.update(MQTTALK_CHANNEL=url, MQTTALK_PEER="impl")
+    res = intruder.run("send", "I am impl")
+    assert res.code == 2 and "already used" in res.err
+    assert "I am impl" not in tests.ok("recv").out
