@@ -69,7 +69,7 @@ def repair_round(root: Path, count: int) -> tuple[float, float]:
             (root / name).mkdir()
             made.append(mqttalk.Settings.load(broker=broker.url, state_dir=root / f"{name}-state", heartbeat=1.0))
         impl = mqttalk.create("impl", settings=made[0], cwd=root / "impl")
-        tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=root / "tests", wait=0)
+        mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=root / "tests", wait=0)
         with impl.live(online=False) as live:
             for i in range(count):
                 live.send(f"{BODY} #{i}", wait=False)

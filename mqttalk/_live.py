@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
 SYNC_AGAIN = 0.25  # s without the sync marker and with nothing arriving: send another (see _sync)
+MAX_PEERS = 256  # peers a reader takes presence from, beyond those in the roster (see _crowded)
 MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
 GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
 
@@ -93,6 +94,7 @@ class Live:
         self._stale: dict[str, tuple[str, bytes]] = {}  # peer -> an older presence met while syncing (topic, payload)
         self._fresh: set[str] = set()  # peers whose presence met while syncing was their newest
         self._known: set[str] = set()  # member names this machine has seen a presence of (see _member)
+        self._levels: tuple[tuple[int, int], set[str]] | None = None  # topic levels of the peers known (_crowded)
         self._held: list[tuple[Envelope, bytes, Any]] = []  # messages from a sender not known yet (while syncing)
         self._asks: dict[str, RepairNote] = {}  # the newest repair note each peer wrote to us
         self._gone: dict[str, list[tuple[int, int]]] = {}  # per peer: what it asked us for that we no longer have
@@ -295,7 +297,8 @@ class Live:
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
-                if pres is not None and peer not in self.presences:
+                if pres is not None and peer not in self.presences and (
+                        len(self.presences) < MAX_PEERS or peer in (self._roster or ())):
                     self.presences[peer] = pres
             if self.exclusive and (self._roster_due or ch.me not in (self._roster or set())):  # later joiners find us
                 self._publish_roster(link)
@@ -478,6 +481,10 @@ class Live:
                 section = "repair"
             elif section not in ("msg", "presence", "sync"):
                 continue
+            if section == "presence" and item.payload and self._crowded(level):
+                self._drop(item.topic, b"", "dropped", f"presence of a peer past the first {MAX_PEERS} of the "
+                           "channel (a flood of made-up peers?)")
+                continue
             data = ch._unwrap(item.topic, item.payload)
             if data is None:
                 self._drop(item.topic, item.payload, "decrypt_fail",
@@ -502,6 +509,18 @@ class Live:
                     notes.append(note)
             else:
                 self._tokens.add(data)
+
+    def _crowded(self, level: str) -> bool:
+        """Whether a presence at topic level ``level`` comes from a peer past the first MAX_PEERS this
+        reader knows, and not in the roster either: it is dropped before it costs a decryption, a
+        decode and a write (10,000 made-up peers arrive on every connect as retained messages)."""
+        if len(self.presences) < MAX_PEERS:
+            return False
+        sizes = (len(self.presences), len(self._roster or ()))
+        if self._levels is None or self._levels[0] != sizes:
+            names = set(self.presences) | set(self._roster or ())
+            self._levels = (sizes, {self.channel.topics.level(n) for n in names})
+        return level not in self._levels[1]
 
     def _member(self, peer: str) -> bool:
         return peer in self.presences or peer in self._known or peer in (self._roster or ())
