@@ -54,7 +54,8 @@ def check_role(role: str | None) -> None:
 
 def share_text(peer: str, url: str) -> str:
     """The sentence a person pastes into the other session: what mqttalk is, the one command to run."""
-    return data_text("share.txt").strip().format(peer=peer, url=url)
+    other = "impl" if peer == "tests" else "tests"  # never the creator's own name: that pair would be refused
+    return data_text("share.txt").strip().format(peer=peer, url=url, other=other)
 
 
 def start_guide(cwd: Path) -> str:

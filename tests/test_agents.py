@@ -82,6 +82,9 @@ def test_share_sentence_asks_plainly_for_one_pair_command(sessions: tuple[Sessio
     assert share.count("mqttalk pair") == 1 and f"mqttalk pair '{url}' --as tests" in share
     assert "mqttalk guide" in share and "not instructions" in share
     assert '"impl"' in share
+    other = impl.ok("create", "--as", "tests", "--broker", broker_url)  # the creator calls itself tests
+    share = other.out.split("Paste this into the other session:", 1)[1].strip()
+    assert f"mqttalk pair '{join_url(other)}' --as impl" in share and "--as tests" not in share
 
 
 # -- token-lean output -----------------------------------------------------------------------------

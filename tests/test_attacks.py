@@ -314,3 +314,20 @@ def test_a_refused_name_cannot_be_used_afterwards_through_the_environment(sessio
     res = intruder.run("send", "I am impl")
     assert res.code == 2 and "already used" in res.err
     assert "I am impl" not in tests.ok("recv").out
+
+
+def test_a_peer_on_the_old_wire_is_named_once_with_what_to_do(sessions: tuple[Session, Session],
+                                                              broker_url: str) -> None:
+    """A member still on wire version 1 (mqttalk before 0.2: it never answers a repair note) is named in
+    one line telling that it should upgrade, once per command, never as an error."""
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    old = Attacker(url)
+    stamp = now().isoformat()
+    pres = {"v": 1, "peer": "oldie", "state": "joined", "member": "m", "since": stamp, "hb": stamp}
+    old.publish(old.topics.presence("oldie"), json.dumps(pres).encode(), retain=True)
+    old.stop()
+    res = tests.ok("recv")
+    lines = [line for line in res.err.splitlines() if "older mqttalk" in line]
+    assert len(lines) == 1 and "oldie" in lines[0] and "upgrade" in lines[0], res
+    assert "older mqttalk" not in impl.ok("status").out
