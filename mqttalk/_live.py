@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
 SYNC_AGAIN = 0.25  # s without the sync marker and with nothing arriving: send another (see _sync)
+REPAIR_EVERY = 2.0  # s: a sender answers one repair note of a peer at most this often
+REPAIR_MAX = 5000  # messages sent again for one note at most (the reader asks again for the rest)
 MAX_PEERS = 256  # peers a reader takes presence from, beyond those in the roster (see _crowded)
 MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
 GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
@@ -100,6 +102,7 @@ class Live:
         self._gone: dict[str, list[tuple[int, int]]] = {}  # per peer: what it asked us for that we no longer have
         self._noted: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}  # what our notes said
         self._outdated: set[str] = set()  # peers told to be running another wire version
+        self._answer_at: dict[str, float] = {}  # peer -> when its newest note may be answered (see _answer)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -389,15 +392,20 @@ class Live:
         if note.gone:
             ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout, sender=peer,
                                  gone=list(note.gone))
-        if not note.want or not ch.store.answer_once(ch.url.channel, peer, ch.me, note.ts.isoformat()):
+        if not note.want:
             return
-        from ._store import ranges_of
-
-        rows, missing = ch.store.sent_rows(ch.url.channel, ch.me, list(note.want))
+        fresh = ch.store.answer_once(ch.url.channel, peer, ch.me, note.ts.isoformat(), every=REPAIR_EVERY)
+        if fresh is None:  # answered another note of peer's moments ago: this one in a while (_routine)
+            self._answer_at[peer] = time.monotonic() + REPAIR_EVERY
+            return
+        self._answer_at.pop(peer, None)
+        if not fresh:
+            return
+        rows, gone = ch.store.sent_rows(ch.url.channel, ch.me, list(note.want), limit=REPAIR_MAX)
         if rows:
             self._queued.extend(rows)  # the original payloads and ids: a reader that has one ignores it
             self._hand()
-        gone = ranges_of(missing)[-64:]
+        gone = gone[-64:]
         if gone != self._gone.get(peer, []):
             self._gone[peer] = gone
             self._write_notes(only=peer)
@@ -600,8 +608,11 @@ class Live:
             self.channel.on_event(Event(kind, "", why))
 
     def _routine(self) -> None:
-        """Heartbeat, stale peers, and messages other processes of this peer left in the outbox."""
+        """Heartbeat, stale peers, repair notes due, and messages other processes of this peer left in the outbox."""
         mono = time.monotonic()
+        for peer, due in list(self._answer_at.items()):
+            if mono >= due and peer in self._asks:
+                self._answer(self._asks[peer])
         if self._roster_due and self._link is not None:
             self._publish_roster(self._link)
         if self._answer_due and self._announced is not None and self.exclusive:

@@ -337,27 +337,46 @@ class Store:
                     db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
                                " ?)", (channel, who, lo, hi, found if part == "open" else time.time(), part))
 
-    def sent_rows(self, channel: str, sender: str, ranges: list[tuple[int, int]]) -> tuple[list[Pending], list[int]]:
-        """``sender``'s acknowledged outbox rows with a sequence number in ``ranges`` (to send again), and
-        the numbers asked for that this store does not hold (never sent from here, or the store is newer)."""
+    def sent_rows(self, channel: str, sender: str, ranges: list[tuple[int, int]],
+                  limit: int = 5000) -> tuple[list[Pending], list[tuple[int, int]]]:
+        """``sender``'s acknowledged outbox rows with a sequence number in ``ranges`` (to send again; at
+        most ``limit``, the lowest first), and the ranges asked for that this store does not hold (never
+        sent from here, or the store is newer), up to where the rows given stop. Work is bounded by the
+        rows found, never by the width of a range: a range of 2^53 costs what its rows cost."""
         rows: list[Pending] = []
-        held: set[int] = set()
-        for first, last in ranges:
+        gone: list[tuple[int, int]] = []
+        for first, last in sorted(ranges):
+            at = first
             for n, seq, msg_id, topic, payload in self.db.execute(
                     "SELECT n, seq, id, topic, payload FROM outbox WHERE channel = ? AND sender = ? AND seq BETWEEN"
-                    " ? AND ? AND n NOT IN (SELECT n FROM unsent) ORDER BY seq", (channel, sender, first, last)):
+                    " ? AND ? AND n NOT IN (SELECT n FROM unsent) ORDER BY seq LIMIT ?",
+                    (channel, sender, first, last, limit - len(rows) + 1)):
+                if len(rows) == limit:
+                    return rows, gone  # the asker asks again for the rest
+                if seq > at:
+                    gone.append((at, seq - 1))
                 rows.append(Pending(n, msg_id, topic, payload))
-                held.add(int(seq))
-        missing = [seq for first, last in ranges for seq in range(first, min(last, first + 100_000) + 1)
-                   if seq not in held]
-        return rows, missing
+                at = seq + 1
+            if at <= last:
+                gone.append((at, last))
+        return rows, gone
 
-    def answer_once(self, channel: str, asker: str, sender: str, ts: str) -> bool:
-        """Record that ``sender`` answers ``asker``'s request stamped ``ts``; False if it already did."""
-        cur = self.db.execute("INSERT INTO answered (channel, asker, sender, ts, at) VALUES (?, ?, ?, ?, ?)"
-                              " ON CONFLICT (channel, asker, sender) DO UPDATE SET ts = excluded.ts, at = excluded.at"
-                              " WHERE excluded.ts > ts", (channel, asker, sender, ts, time.time()))
-        return cur.rowcount == 1
+    def answer_once(self, channel: str, asker: str, sender: str, ts: str, *, every: float = 0.0) -> bool | None:
+        """Record that ``sender`` answers ``asker``'s request stamped ``ts``: True; False if it already
+        answered that one (or a newer); None if it answered another less than ``every`` seconds ago (ask
+        again later: a member rewriting its note must not make a sender resend without pause)."""
+        now_ = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT ts, at FROM answered WHERE channel = ? AND asker = ? AND sender = ?",
+                             (channel, asker, sender)).fetchone()
+            if row and row[0] >= ts:
+                return False
+            if row and now_ - row[1] < every:
+                return None
+            db.execute("INSERT INTO answered (channel, asker, sender, ts, at) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                       " (channel, asker, sender) DO UPDATE SET ts = excluded.ts, at = excluded.at",
+                       (channel, asker, sender, ts, now_))
+            return True
 
     def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
                 since: str | None = None, limit: int | None = None) -> list[Envelope]:
@@ -565,17 +584,6 @@ def _cut(first: int, last: int, gone: list[tuple[int, int]]) -> list[tuple[int, 
     if at <= last:
         pieces.append((at, last, "open"))
     return pieces
-
-
-def ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
-    """Sorted sequence numbers as (first, last) runs."""
-    runs: list[tuple[int, int]] = []
-    for seq in sorted(set(seqs)):
-        if runs and seq == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], seq)
-        else:
-            runs.append((seq, seq))
-    return runs
 
 
 def _envelope(raw: bytes) -> Envelope | None:

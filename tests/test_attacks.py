@@ -331,3 +331,45 @@ def test_a_peer_on_the_old_wire_is_named_once_with_what_to_do(sessions: tuple[Se
     lines = [line for line in res.err.splitlines() if "older mqttalk" in line]
     assert len(lines) == 1 and "oldie" in lines[0] and "upgrade" in lines[0], res
     assert "older mqttalk" not in impl.ok("status").out
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_repair_notes_asking_for_everything_cost_a_sender_little(sessions: tuple[Session, Session],
+                                                                 broker_url: str) -> None:
+    """A member rewrites a note asking impl for all of seq 1..2^46, twenty times in two seconds: impl's running
+    `listen` answers at most one note every couple of seconds, each costing what its 3 messages cost
+    (wave 2's first cut listed every number asked for: minutes of CPU), and stays responsive."""
+    from mqttalk._wire import RepairNote
+
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    for i in range(3):
+        impl.ok("send", f"message {i}")
+    listener = impl.start("listen", "--timeout", "60")
+    time.sleep(2)
+    evil = Attacker(url)
+    sniff = Attacker(url).listen(f"{evil.topics.root}/msg/#")
+    for _ in range(20):
+        want = [(1, 2**40)] + [(i * 2**40 + 1, (i + 1) * 2**40) for i in range(1, 64)]  # 64 huge ranges
+        note = RepairNote(sender="tests", to="impl", ts=now(), want=want)
+        evil.publish(evil.topics.repair("impl", "tests"), note.encode(), retain=True)
+        time.sleep(0.1)
+    time.sleep(3)
+    resent = [p for t, p in sniff.stop() if t == evil.topics.msg("impl")]
+    evil.stop()
+    cpu = _cpu_seconds(listener.pid)
+    tests.ok("send", "still there?")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "still there?" not in impl.ok("log").out:
+        time.sleep(0.5)
+    listener.terminate()
+    listener.communicate(timeout=20)
+    assert "still there?" in impl.ok("log").out
+    assert cpu < 5, f"listen used {cpu:.1f} s of CPU answering 20 notes"
+    assert len(resent) <= 3 * 4, f"{len(resent)} messages sent again for 20 notes in 5 s"
