@@ -36,6 +36,7 @@ _EXPORTS = {
     "BadJoinURL": "._errors",
     "BadMessage": "._errors",
     "NameTaken": "._errors",
+    "EmptyChannel": "._errors",
     "NotBound": "._errors",
     "BrokerUnreachable": "._errors",
     "BrokerRefused": "._errors",
@@ -48,8 +49,8 @@ _EXPORTS = {
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
     "Channel", "Event", "Message", "PeerInfo", "Status", "create", "pair", "open_channel", "Settings",
     "JoinURL", "BrokerAddress", "Envelope", "Presence", "SpecData", "StatusData", "KINDS", "MqttalkError",
-    "UsageError", "BadJoinURL", "BadMessage", "NameTaken", "NotBound", "BrokerUnreachable", "BrokerRefused",
-    "TimedOut", "Queued", "Inbox", "Live",
+    "UsageError", "BadJoinURL", "BadMessage", "NameTaken", "EmptyChannel", "NotBound", "BrokerUnreachable",
+    "BrokerRefused", "TimedOut", "Queued", "Inbox", "Live",
 ]
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         BadMessage,
         BrokerRefused,
         BrokerUnreachable,
+        EmptyChannel,
         MqttalkError,
         NameTaken,
         NotBound,

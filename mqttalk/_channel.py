@@ -124,7 +124,6 @@ class Channel:
         self.topics = Topics(url.prefix, url.channel, self.seal)
         self._identity: tuple[str, bytes] | None = None
         self.unanswered: list[str] = []  # after join(): peers present that have not answered our challenge
-        self.empty = False  # after a checked join(): nobody had ever been in the channel (a wrong URL?)
         self._meta: tuple[Any, Any] | None = None
         self._store_path: Path | None = None
 
@@ -141,10 +140,16 @@ class Channel:
         :attr:`unanswered` lists those present that have not answered (yet: they answer when they
         next run). ``check`` (joining a channel someone else created) first looks, over a throwaway
         connection, whether the name is taken (raises :class:`NameTaken`) and whether anyone was ever
-        there (:attr:`empty`).
+        there (raises :class:`EmptyChannel` if not): either way nothing is joined or recorded.
         """
-        if check:  # (before this membership is recorded: a refused one must leave nothing behind)
-            self.empty = self._check_name(self._member)
+        if check and self._check_name(self._member):  # (before anything is recorded: a refusal leaves nothing)
+            from ._errors import EmptyChannel
+
+            raise EmptyChannel(
+                f"nobody has ever been in this channel on {self.url.broker.display()}, so nothing was joined: the "
+                "join URL most likely names another broker or prefix than the one the channel was created on",
+                "check it against the creator's; if that broker lost its state, the creator's next mqttalk command "
+                "puts the channel back: pair again then")
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
@@ -347,9 +352,8 @@ class Channel:
             taken = live.presences.get(self.me)
             empty = not live.presences and not live.roster
         if taken is not None and taken.member != member and taken.state != "left":
-            where = "another machine or state directory" if member is None else "another member"
-            raise NameTaken(f"peer name {self.me!r} is already used in this channel by {where}",
-                            "pick another with --as NAME")
+            raise NameTaken(f"peer name {self.me!r} is already used in this channel by another member (another "
+                            "machine, or another state directory or name binding here)", "pick another with --as NAME")
         return empty
 
     # -- internals ---------------------------------------------------------------------------------

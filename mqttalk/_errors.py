@@ -47,6 +47,12 @@ class NameTaken(UsageError):
     """Another live peer in the channel already uses this name."""
 
 
+class EmptyChannel(MqttalkError):
+    """`pair`: nobody has ever been in the channel the join URL names (nothing was joined)."""
+
+    exit_code = EXIT_EMPTY
+
+
 class NotBound(MqttalkError):
     """No channel/peer given by flag or environment, and none recorded for this directory."""
 

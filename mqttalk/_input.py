@@ -10,6 +10,7 @@ imports: the CLI imports it on every start of `send`.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -119,7 +120,8 @@ def typed_fields(kind: str, body: str, *, subject: str | None, rev: int | None, 
     takes = KIND_FIELDS.get(kind, ())
     stray = [f"{flag}{name}" for name, value in given.items() if value is not None and name not in takes]
     if stray and not takes:
-        raise BadMessage(f"{', '.join(stray)} only apply to {flag}kind spec or status, not {kind}")
+        verb = "applies" if len(stray) == 1 else "apply"
+        raise BadMessage(f"{', '.join(stray)} only {verb} to {flag}kind spec or status, not {kind}")
     if stray:
         verb = "does" if len(stray) == 1 else "do"
         raise BadMessage(f"{', '.join(stray)} {verb} not apply to a {kind}",
@@ -137,12 +139,15 @@ def typed_fields(kind: str, body: str, *, subject: str | None, rev: int | None, 
     return data
 
 
-def check_id(value: str | None, flag: str = "--re") -> str | None:
-    """A message id as given to ``flag``: the id= value of a MESSAGE header (mqttalk's are UUIDs)."""
-    from ._since import ID_PATTERN
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-    if value is None or ID_PATTERN.fullmatch(value):
-        return value
+
+def check_id(value: str | None, flag: str = "--re") -> str | None:
+    """A message id as given to ``flag``: the id= value of a MESSAGE header. mqttalk writes UUIDs (strict
+    writer); the wire accepts other ids from other writers (tolerant reader), but an answer names one
+    of ours."""
+    if value is None or _UUID.fullmatch(value.lower()):
+        return value.lower() if value else value
     hint = ("give the id alone, without 'id='" if value.startswith(("id=", "re=")) else
             "a message id is the id= value of a MESSAGE header, e.g. 0192f0c3-6a1e-7cc4-9d3e-3f1b2a4c5d6e")
     raise UsageError(f"{flag} {value[:80]!r} is not a message id", hint)

@@ -575,6 +575,8 @@ class Live:
         self._fresh.add(peer)
         if peer == ch.me:
             return
+        if not self.exclusive:
+            return  # a look over a throwaway session (a name check, status beside a live process): no more
         if pres.state in ("left", "away"):
             if pres.state == "left":
                 ch.store.forget_paired(ch.url.channel, ch.me, peer)
@@ -592,7 +594,7 @@ class Live:
             self.paired.add(peer)
             if ch.store.mark_paired(ch.url.channel, ch.me, peer):
                 ch.on_event(Event("paired", peer, pres.role or ""))
-        if self._synced and self.exclusive and pres.seq:
+        if self._synced and pres.seq:
             ch.store.expect(ch.url.channel, peer, pres.seq)
 
     def _replayed(self, peer: str, topic: str, payload: bytes) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -66,6 +67,10 @@ CREATE TABLE IF NOT EXISTS gaps (
     found REAL NOT NULL
     -- (user_version 3) state: 'open' while the sender is asked to resend them (never shown), then
     -- 'gone' (the sender no longer has them) or 'silent' (it did not answer in time): shown as a GAP
+);
+CREATE TABLE IF NOT EXISTS floors (  -- per sender: the last seq it sent before this store's peer joined, and when
+    channel TEXT NOT NULL, sender TEXT NOT NULL, seq INTEGER NOT NULL, joined TEXT NOT NULL,
+    PRIMARY KEY (channel, sender)
 );
 CREATE TABLE IF NOT EXISTS answered (  -- the newest repair request of each peer this machine answered
     channel TEXT NOT NULL, asker TEXT NOT NULL, sender TEXT NOT NULL, ts TEXT NOT NULL, at REAL NOT NULL,
@@ -230,7 +235,12 @@ class Store:
             return new
         received = time.time()
         with self._tx() as db:
+            floors = {sender: (seq, datetime.fromisoformat(joined)) for sender, seq, joined in
+                      db.execute("SELECT sender, seq, joined FROM floors WHERE channel = ?", (channel,))}
             for env, raw in items:
+                floor = floors.get(env.sender)
+                if floor and env.seq is not None and env.seq <= floor[0] and env.ts < floor[1]:
+                    continue  # sent before this store's peer joined: not ours (see start_head)
                 cur = db.execute(
                     "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw, received)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -278,8 +288,14 @@ class Store:
                            " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
 
     def start_head(self, channel: str, sender: str, seq: int) -> None:
-        """On joining: what ``sender`` sent before we were a member is not ours to miss."""
-        self.db.execute("INSERT OR IGNORE INTO heads (channel, sender, seq) VALUES (?, ?, ?)", (channel, sender, seq))
+        """On joining: what ``sender`` sent before we were a member is not ours to miss, nor ours to read
+        when it comes round again (a sender repairing an older member's gap sends to the whole channel)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO heads (channel, sender, seq) VALUES (?, ?, ?)", (channel, sender, seq))
+            if not db.execute("SELECT 1 FROM messages WHERE channel = ? AND sender = ? LIMIT 1",
+                              (channel, sender)).fetchone():  # (nothing of its here: this store joined now)
+                db.execute("INSERT OR IGNORE INTO floors (channel, sender, seq, joined) VALUES (?, ?, ?, ?)",
+                           (channel, sender, seq, _iso(time.time())))
 
     def unread(self, channel: str, peer: str) -> list[tuple[int, Envelope]]:
         """Messages for ``peer`` (from others, to all or to it) after its cursor, in arrival order."""

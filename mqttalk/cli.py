@@ -15,7 +15,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 import typer
 
-from ._errors import EXIT_EMPTY, EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
+from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
 HELP = """\
 Pair coding-agent sessions through an MQTT broker and let them exchange structured messages.
@@ -182,8 +182,8 @@ class _Printer:
                       {"event": "offline", "peer": event.peer, "detail": event.detail})
         elif event.kind == "message" and self.listening and event.envelope is not None:
             env = event.envelope
-            self.data(f"mqttalk: MESSAGE {_facts(env)}",
-                      {"event": "message", "from": env.sender, "kind": env.kind, "id": env.id})
+            self.data(f"mqttalk: MESSAGE {_facts(env)}",  # (--json: the whole message, body included)
+                      {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
         elif event.kind in ("disconnected", "reconnected") and self.listening:
             word = "BROKER_DOWN" if event.kind == "disconnected" else "BROKER_UP"
             self.data(f"mqttalk: {word} {_safe(event.detail, 300)}", {"event": event.kind, "detail": event.detail})
@@ -234,8 +234,8 @@ def create(
         {"event": "created", "url": url, "peer": channel.me, "share": share},
     )
     if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
-        out.note("this broker listens on this machine only; for a session on another machine use "
-                 "--broker mqtt://HOST:PORT (see README: Brokers)")
+        out.note("this broker is on this machine only (127.0.0.1); for a session on another machine, create "
+                 "the channel on a broker both machines reach: --broker mqtt://HOST:PORT (see README: Brokers)")
     if wait <= 0:
         out.note("to see PAIRED the moment the other side pairs, wait for it: `mqttalk recv --wait 600` "
                  "(pairing is confirmed by a challenge only a running mqttalk answers)")
@@ -268,7 +268,18 @@ def pair(
     _private_state(settings)
     if url == "-":
         url = read_url(sys.stdin)
+    from ._bindings import find
+
+    before = find(settings.state_dir, Path.cwd().resolve())
     channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
+    if before is not None and before.url != channel.url.render() and before.directory == str(Path.cwd().resolve()):
+        from ._url import JoinURL
+
+        old = JoinURL.parse(before.url)
+        if old.channel != channel.url.channel:
+            out.note(f"this directory now acts for this channel; it was bound to {old.display()} as "
+                     f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
+                     f"{_safe(before.peer, 64)}` with that URL leaves it)")
     if not others and channel.unanswered:
         names = _names(channel.unanswered)
         are, it = ("are", "them") if len(channel.unanswered) > 1 else ("is", "it")
@@ -276,12 +287,6 @@ def pair(
                  f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
                  f"SECONDS` prints PAIRED once an answer comes (their next mqttalk command gives it).")
         raise typer.Exit(EXIT_TIMEOUT)
-    if not others and channel.empty:
-        out.note(f"joined as {channel.me}, but nobody has ever been in this channel on "
-                 f"{channel.url.broker.display()}: the join URL most likely names another broker or prefix than "
-                 "the one the channel was created on (or the broker lost its retained messages). Check it against "
-                 "the creator's; `mqttalk recv --wait SECONDS` prints PAIRED if a peer comes.")
-        raise typer.Exit(EXIT_EMPTY)
     if not others:
         out.note(f"joined as {channel.me}, but no other peer is in the channel now; "
                  "`mqttalk recv --wait SECONDS` will print PAIRED when one comes.")
@@ -322,6 +327,9 @@ def send(
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
              {"event": "sent", "id": env.id, "kind": env.kind, "to": to})
+    if to is not None and to not in channel.store.known_presences(channel.url.channel):
+        out.note(f"no peer named {to} has been seen in this channel (yet): only a peer of that name will ever "
+                 "read it; `mqttalk status` lists the peers")
 
 
 @app.command()
@@ -469,10 +477,29 @@ def broker(
     db: Annotated[Path | None, typer.Option(
         help="Keep sessions, queues and retained messages here (default: STATE_DIR/broker-PORT.sqlite3).")] = None,
     memory: Annotated[bool, typer.Option("--memory", help="Keep nothing across restarts.")] = False,
+    stop: Annotated[bool, typer.Option(
+        "--stop", help="Stop the embedded broker `create` started in the background (recorded in "
+        "STATE_DIR/broker.json) instead of running one; later commands no longer restart it.")] = False,
 ) -> None:
-    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C.
+    """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C; --stop stops the one running in
+    the background.
 
     Sessions, offline queues and retained messages survive a restart (kept in SQLite)."""
+    if stop:
+        from . import _embedded
+
+        settings = _settings()
+        address = _embedded.running(settings.state_dir)
+        if not _embedded.stop(settings.state_dir):
+            print("mqttalk: no embedded broker of this user is running (nothing recorded in "
+                  f"{settings.state_dir / 'broker.json'})", file=sys.stderr)
+            raise typer.Exit(1)
+        deadline = time.monotonic() + 15  # it writes its database before it exits
+        while address is not None and _embedded._listening(address.host, address.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"mqttalk: STOPPED the embedded broker{f' on {address.display()}' if address else ''}", flush=True)
+        return
+
     import mqttalk_broker
 
     settings = _settings(embedded_host=host, embedded_port=port)

@@ -198,6 +198,8 @@ def test_pair_tells_an_empty_channel_from_one_whose_members_do_not_answer(sessio
     docs = Session("docs", impl.cwd.parent)
     empty = docs.run("pair", other, "--as", "docs", "--wait", "1")
     assert empty.code == 7 and "nobody has ever been in this channel" in empty.err, empty
+    assert "nothing was joined" in empty.err and docs.run("status").code == 4  # no binding left behind
+    assert docs.run("pair", url, "--as", "docs", "--wait", "1").code == 3  # the right URL still works
 
 
 def test_a_refused_pair_leaves_the_name_holders_queue_alone(sessions: tuple[Session, Session],

@@ -200,6 +200,25 @@ def test_messages_a_broker_lost_are_repaired_from_the_sender(
     assert messages(again.lines) == [] and "gap" not in again.out.lower()
 
 
+def test_a_late_joiner_is_not_shown_what_a_repair_sends_again(sessions: tuple[Session, Session],
+                                                              broker: MatrixBroker) -> None:
+    """A repair sends old messages to the whole channel again: a member who joined after they were
+    first sent does not get them (they were not sent to it), while the member who missed them does."""
+    impl, tests = sessions
+    url = both_paired(impl, tests, broker.url)
+    for i in range(5):
+        impl.ok("send", f"before docs {i}")
+    drop_session(broker.url, tests.channel().client_id)  # type: ignore[attr-defined]
+    docs = Session("docs", impl.cwd.parent)
+    assert docs.run("pair", url, "--as", "docs", "--wait", "2").code in (0, 3)
+    tests.ok("recv")  # asks impl for the 5
+    impl.ok("status")  # impl sends them again, to the channel
+    got = [m["body"] for m in messages(tests.ok("recv", "--json").lines)]
+    assert got == [f"before docs {i}" for i in range(5)]
+    impl.ok("send", "after docs joined")
+    assert [m["body"] for m in messages(docs.ok("recv", "--json").lines)] == ["after docs joined"]
+
+
 def test_a_listening_peer_shows_online_and_sees_the_other_leave(
         sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
     impl, tests = sessions

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import Session, join_url, paired, read_join_url, status_of
+from conftest import Session, join_url, listening, paired, read_join_url, status_of
 
 
 def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
@@ -261,3 +261,29 @@ def test_pair_refuses_a_name_a_live_peer_uses(sessions: tuple[Session, Session],
     assert res.code == 2 and "already used" in res.err
     again = tests.run("pair", url, "--as", "tests")  # pairing again from the same place is fine...
     assert again.code == 3 and "impl is in the channel but did not answer" in again.err  # (impl runs nothing)
+
+
+def test_broker_stop_stops_the_background_broker_and_says_so(sessions: tuple[Session, Session]) -> None:
+    impl, _ = sessions
+    impl.ok("create", "--as", "impl")  # no broker given: the embedded one starts in the background
+    record = json.loads((impl.state_dir / "broker.json").read_text())
+    res = impl.ok("broker", "--stop")
+    assert "STOPPED the embedded broker on mqtt://127.0.0.1:" in res.out
+    assert not listening(record["port"])
+    again = impl.run("broker", "--stop")
+    assert again.code == 1 and "no embedded broker" in again.err
+
+
+def test_send_to_a_name_nobody_has_and_listen_json_carry_what_a_program_needs(
+        sessions: tuple[Session, Session], broker_url: str) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    res = impl.ok("send", "--to", "nobody", "hello?")
+    assert "no peer named nobody has been seen" in res.err
+    assert "has been seen" not in impl.ok("send", "--to", "tests", "hi tests").err
+    listener = tests.start("listen", "--json", "--timeout", "8")
+    time.sleep(2)
+    impl.ok("send", "for the program")
+    out, _ = listener.communicate(timeout=30)
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "message" and e.get("body") == "for the program" for e in events), out
