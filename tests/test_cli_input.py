@@ -103,8 +103,8 @@ def test_text_and_file_together_are_refused(sessions: tuple[Session, Session], t
     (("--kind", "spec", "--commit", "abc123"), "--commit does not apply to a spec"),
     (("--kind", "status", "--state", "red", "--subject", "POST /users"), "--subject does not apply to a status"),
     (("--kind", "status", "--state", "red", "--rev", "2"), "--rev does not apply to a status"),
-    (("--kind", "question", "--commit", "abc123"), "only apply to --kind spec or status"),
-    (("--kind", "note", "--state", "red"), "only apply to --kind spec or status"),
+    (("--kind", "question", "--commit", "abc123"), "--commit only applies to --kind spec or status"),
+    (("--kind", "note", "--state", "red", "--rev", "2"), "--rev, --state only apply to --kind spec or status"),
 ])
 def test_fields_that_do_not_belong_to_the_kind_are_refused(sessions: tuple[Session, Session],
                                                             flags: tuple[str, ...], needle: str) -> None:
@@ -113,7 +113,7 @@ def test_fields_that_do_not_belong_to_the_kind_are_refused(sessions: tuple[Sessi
 
 
 @pytest.mark.parametrize("value", ["not an id", "id=01a226cc-c661-7b7f-8f00-a41eedc1af6f", "x" * 65, "-rf",
-                                   "a\x1b[2Jb", "<msg>"])
+                                   "a\x1b[2Jb", "<msg>", "hello", "123", "01a2", "01a226cc-c661-7b7f-8f00-a41eedc1af6"])
 def test_re_must_be_a_message_id(sessions: tuple[Session, Session], value: str) -> None:
     impl, _ = sessions
     one_clear_line(impl.run("send", "--kind", "answer", f"--re={value}", "yes"), 2, "--re", "not a message id")
