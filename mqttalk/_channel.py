@@ -146,10 +146,11 @@ class Channel:
             from ._errors import EmptyChannel
 
             raise EmptyChannel(
-                f"nobody has ever been in this channel on {self.url.broker.display()}, so nothing was joined: the "
-                "join URL most likely names another broker or prefix than the one the channel was created on",
-                "check it against the creator's; if that broker lost its state, the creator's next mqttalk command "
-                "puts the channel back: pair again then")
+                f"nobody is in this channel on {self.url.broker.display()} (no presence, no roster), so nothing was "
+                "joined: the join URL most likely names another broker or prefix than the one the channel was "
+                "created on, or the broker lost (or someone erased) its retained messages",
+                "check it against the creator's; the creator's next mqttalk command puts its presence back: pair "
+                "again then")
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:

@@ -10,7 +10,7 @@ EXIT_TIMEOUT = 3  # a wait ran out: no message / no peer within the time given
 EXIT_NOT_BOUND = 4  # no channel for this directory
 EXIT_BROKER = 5  # broker unreachable or refused us
 EXIT_QUEUED = 6  # a message was kept in the outbox, not yet acknowledged by the broker
-EXIT_EMPTY = 7  # pair: nobody has ever been in the channel (a URL naming another broker or prefix?)
+EXIT_EMPTY = 7  # pair: nobody is in the channel, nothing joined (a URL naming another broker or prefix?)
 
 
 class MqttalkError(Exception):
@@ -48,7 +48,7 @@ class NameTaken(UsageError):
 
 
 class EmptyChannel(MqttalkError):
-    """`pair`: nobody has ever been in the channel the join URL names (nothing was joined)."""
+    """`pair`: nobody is in the channel the join URL names (no presence, no roster): nothing was joined."""
 
     exit_code = EXIT_EMPTY
 

@@ -172,7 +172,7 @@ def _awaiting_reply(channel: Any) -> bool:
 
 def _context(channel: Any, inbox: Any, notices: list[str], *, waited: bool) -> str:
     """What the agent is shown: a line saying what these are (data, not instructions), then the messages."""
-    from ._render import bounded, gap_text, message_text
+    from ._render import bounded, gap_lines, message_text
 
     count = len(inbox.messages)
     head = ("mqttalk: the reply you were waiting for arrived from your paired session" if waited
@@ -180,8 +180,7 @@ def _context(channel: Any, inbox: Any, notices: list[str], *, waited: bool) -> s
     lines = [f"{head} ({count} message{'s' if count != 1 else ''}). {DATA_NOTE} "
              "Reply with `mqttalk send ...`; `mqttalk guide` lists the commands."]
     lines += bounded(notices)
-    for gap in inbox.gaps:
-        lines.append(gap_text(gap))
+    lines += gap_lines(inbox.gaps)
     bodies = channel.settings.state_dir / "bodies"
     lines += [message_text(m.envelope, bodies) for m in inbox.messages]
     return "\n".join(lines)

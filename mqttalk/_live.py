@@ -103,6 +103,8 @@ class Live:
         self._noted: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}  # what our notes said
         self._outdated: set[str] = set()  # peers told to be running another wire version
         self._answer_at: dict[str, float] = {}  # peer -> when its newest note may be answered (see _answer)
+        self._budget_at = 0.0  # no note is answered before this (monotonic): REPAIR_MAX were just sent again
+        self._budget_used = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -392,16 +394,23 @@ class Live:
         if note.gone:
             ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout, sender=peer,
                                  gone=list(note.gone))
-        if not note.want:
+        if not note.want or not self._member(peer):
+            return  # only members are answered (a stranger's made-up names would each cost a resend)
+        mono = time.monotonic()
+        if mono < self._budget_at:  # what this process sends again is bounded across all askers
+            self._answer_at[peer] = self._budget_at
             return
         fresh = ch.store.answer_once(ch.url.channel, peer, ch.me, note.ts.isoformat(), every=REPAIR_EVERY)
         if fresh is None:  # answered another note of peer's moments ago: this one in a while (_routine)
-            self._answer_at[peer] = time.monotonic() + REPAIR_EVERY
+            self._answer_at[peer] = mono + REPAIR_EVERY
             return
         self._answer_at.pop(peer, None)
         if not fresh:
             return
-        rows, gone = ch.store.sent_rows(ch.url.channel, ch.me, list(note.want), limit=REPAIR_MAX)
+        rows, gone = ch.store.sent_rows(ch.url.channel, ch.me, _merged(note.want), limit=REPAIR_MAX)
+        self._budget_used += len(rows)
+        if self._budget_used >= REPAIR_MAX:
+            self._budget_at, self._budget_used = mono + REPAIR_EVERY, 0
         if rows:
             self._queued.extend(rows)  # the original payloads and ids: a reader that has one ignores it
             self._hand()
@@ -558,7 +567,9 @@ class Live:
         if pres.v != WIRE_VERSION and peer != ch.me and peer not in self._outdated:
             self._outdated.add(peer)
             ch.on_event(Event("outdated", peer, f"{pres.v}"))
-        hb = pres.hb.astimezone(UTC).isoformat(timespec="microseconds")
+        # Ordered by the heartbeat it claims, but never later than now: a presence stamped minutes ahead
+        # (inside the clock-skew window) must not make the genuine ones after it look older.
+        hb = min(pres.hb, at).astimezone(UTC).isoformat(timespec="microseconds")
         # A peer's Last Will ("away") carries the heartbeat of when it connected, older than the ones it
         # sent since: it is never a replay. Any other presence older than one seen is.
         newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
@@ -703,3 +714,14 @@ class Live:
             return
         self._backoff = 0.5
         self.channel.on_event(Event("reconnected", "", self.channel.url.broker.display()))
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sequence ranges sorted and merged: overlapping ones would send the same messages again, once each."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out

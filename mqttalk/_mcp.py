@@ -134,7 +134,7 @@ class Session:
     # -- tools ---------------------------------------------------------------------------------------
 
     def receive(self, wait: float, full: bool) -> str:
-        from ._render import gap_text, message_text
+        from ._render import gap_lines, message_text
 
         wait = max(0.0, min(float(wait), RECEIVE_MAX_WAIT))
         deadline = time.monotonic() + wait
@@ -147,7 +147,7 @@ class Session:
                 if inbox or notes or time.monotonic() >= deadline:
                     bodies = None if full else ch.settings.state_dir / "bodies"
                     lines = list(notes)
-                    lines += [gap_text(g) for g in inbox.gaps]
+                    lines += gap_lines(inbox.gaps)
                     lines += [message_text(m.envelope, bodies) + "\n" for m in inbox.messages]
                     if not inbox.messages:
                         lines.append(f"mqttalk: no new message{f' within {wait:g}s' if wait else ''}")

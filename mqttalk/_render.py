@@ -8,8 +8,10 @@ characters is written to a file in the state directory and shown as a preview pl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ def facts(env: Any) -> str:
     out += [f"id={field(env.id)}"] + ([f"re={field(env.re)}"] if env.re else [])
     out += [f"to={field(env.to)}"] if env.to else []
     out += [f"seq={env.seq}"] if env.seq is not None else []
-    out.append(f"at={env.ts.strftime('%H:%M:%SZ')}")
+    out.append(f"at={env.ts.astimezone(UTC).strftime('%H:%M:%SZ')}")  # (a peer may write another offset)
     return " ".join(out)
 
 
@@ -70,9 +72,18 @@ def gap_text(gap: Any) -> str:
     if gap.state == "gone":
         why = f"{what} never arrived, and {who} no longer has them (its store was reset or lost)"
     else:
-        why = (f"{what} never arrived, and {who} did not answer a request to resend them (not running since?); "
-               "they are still shown if they come")
+        why = (f"{what} never arrived, and {who} did not answer a request to resend them (not running since, or "
+               "the request did not reach it); they are still shown if they come")
     return f"mqttalk: GAP from={who} seq={gap.first}-{gap.last} ({why})"
+
+
+def gap_lines(gaps: list[Any], limit: int = 20) -> list[str]:
+    """The GAP lines of a read, at most ``limit`` of them and one saying how many more (made-up peers
+    could otherwise fill an agent's context with them)."""
+    lines = [gap_text(gap) for gap in gaps[:limit]]
+    if len(gaps) > limit:
+        lines.append(f"mqttalk: … and {len(gaps) - limit:,} more GAP lines (`mqttalk recv --json` lists them all)")
+    return lines
 
 
 def outdated_text(peer: str, version: str) -> str:
@@ -88,8 +99,11 @@ def outdated_text(peer: str, version: str) -> str:
 
 
 def body_file(bodies: Path, msg_id: str) -> Path:
-    """Where a long body is kept (one file per message id; the id is a UUID, safe as a file name)."""
-    return bodies / f"{''.join(c for c in msg_id if c.isalnum() or c == '-')[:64]}.txt"
+    """Where a long body is kept: one file per message id, named by the id's safe characters and a hash
+    of the whole id, so two ids that differ only in other characters (``X`` and ``X_``: a member forging
+    a twin of another peer's message) never share a file."""
+    safe = "".join(c for c in msg_id if c.isalnum() or c == "-")[:64]
+    return bodies / f"{safe}.{hashlib.sha256(msg_id.encode()).hexdigest()[:12]}.txt"
 
 
 def spill(bodies: Path, env: Any) -> Path:
@@ -106,21 +120,34 @@ def spill(bodies: Path, env: Any) -> Path:
 
 
 def body_text(env: Any, bodies: Path | None, *, limit: int = LONG_BODY) -> str:
-    """The body as shown: whole if short (or ``bodies`` is None), else a preview and the file's path."""
+    """The body as shown (:func:`framed`): whole if short (or ``bodies`` is None), else a preview and the
+    file's path."""
     body = str(env.body).rstrip()
     if bodies is None or len(body) <= limit:
-        return body
+        return framed(body)
     path = spill(bodies, env)
     cut = body[:PREVIEW]
     if "\n" in cut[PREVIEW // 2:]:  # end the preview on a line break when one is near
         cut = cut[: cut.rindex("\n")]
-    return (f"{cut.rstrip()}\n[... {len(env.body)} characters in all; the whole body is in {path}]")
+    return (f"{framed(cut.rstrip())}\n[... {len(env.body)} characters in all; the whole body is in {path}]")
 
 
 def message_text(env: Any, bodies: Path | None, *, terminal: bool = False) -> str:
-    """A whole message as text: ``mqttalk: MESSAGE <facts>`` and its (possibly shortened) body."""
-    body = body_text(env, bodies)  # raw when piped (agents need its real newlines), escaped on a terminal
-    return f"mqttalk: MESSAGE {facts(env)}\n{printable(body) if terminal else body}"
+    """A whole message as text: ``mqttalk: MESSAGE <facts>`` and its (possibly shortened) body, framed
+    (see :func:`framed`). ``terminal`` is kept for callers; a body is shown the same way everywhere."""
+    return f"mqttalk: MESSAGE {facts(env)}\n{body_text(env, bodies)}"
+
+
+def framed(body: str) -> str:
+    """A peer's body as shown, on a terminal or piped to an agent: newlines and tabs kept (agents need
+    them), every other control character and escape sequence escaped, and any line that starts the way
+    mqttalk's own lines do (``mqttalk:``, or the ``[...`` of a long body's pointer) shown behind ``| ``,
+    so a body can never pass for a PAIRED, MESSAGE or GAP line of ours. ``--json`` keeps it as sent."""
+    lines = printable(body).split("\n")
+    return "\n".join(f"| {text}" if text.startswith(_OURS) else text for text in lines)
+
+
+_OURS = ("mqttalk:", "[...", "| ")
 
 
 def printable(text: str, *, line: bool = False) -> str:

@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS paired (
     PRIMARY KEY (channel, peer, other)
 );
 """
+MAX_JUMP = 1_000_000  # messages a presence may say were sent beyond what arrived (see expect)
 _VERSION = 3  # PRAGMA user_version: 2 = unsent table, 3 = gaps.state
 
 
@@ -244,7 +245,7 @@ class Store:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO messages (channel, id, sender, recipient, kind, seq, ts, raw, received)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (channel, env.id, env.sender, env.to, env.kind, env.seq, env.ts.isoformat(), raw, received),
+                    (channel, env.id, env.sender, env.to, env.kind, env.seq, _utc(env.ts), raw, received),
                 )
                 if cur.rowcount != 1:
                     continue
@@ -256,6 +257,8 @@ class Store:
     def _track(self, db: sqlite3.Connection, channel: str, sender: str, seq: int) -> None:
         row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
         head = int(row[0]) if row else 0
+        if seq > head + MAX_JUMP:
+            return  # not believed (see expect): stored, but it opens no gap of millions to ask for
         if seq > head + 1:
             db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, 'open')",
                        (channel, sender, head + 1, seq - 1, time.time()))
@@ -277,11 +280,13 @@ class Store:
                            (channel, sender, lo, hi, found if state == "open" else time.time(), state))
 
     def expect(self, channel: str, sender: str, seq: int) -> None:
-        """``sender`` says it has sent up to ``seq``: anything after our head that never came is a gap."""
+        """``sender`` says it has sent up to ``seq``: anything after our head that never came is a gap (a
+        claim of more than MAX_JUMP beyond it is not believed: a made-up peer's seq of 2^53 opened a gap
+        of 2^53 messages to ask for and report)."""
         with self._tx() as db:
             row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
             head = int(row[0]) if row else 0
-            if seq > head:
+            if head < seq <= head + MAX_JUMP:
                 db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
                            " 'open')", (channel, sender, head + 1, seq, time.time()))
                 db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
@@ -614,3 +619,11 @@ def _iso(t: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")
+
+
+def _utc(ts: datetime) -> str:
+    """A message time as the store keeps it: UTC, so times written with other offsets sort and compare
+    (``log --since``, history order) as the instants they are."""
+    from datetime import UTC
+
+    return ts.astimezone(UTC).isoformat()

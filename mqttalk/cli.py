@@ -39,7 +39,7 @@ MQTTALK_PEER) act for another. With no broker configured, `create` starts the em
 Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer yet),
             4 no channel for this directory, 5 broker unreachable or refused,
             6 queued: kept in the outbox, sent by the next command that reaches the broker,
-            7 pair: nobody has ever been in that channel (check the join URL's broker and prefix).
+            7 pair: nobody is in that channel, nothing joined (check the join URL's broker and prefix).
 """
 
 _APP_SETTINGS: dict[str, Any] = dict(
@@ -352,8 +352,14 @@ def recv(
     channel, _ = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
     inbox = channel.fetch(wait)
-    for gap in inbox.gaps:
-        out.gap(gap)
+    if out.json:
+        for gap in inbox.gaps:
+            out.gap(gap)
+    else:
+        from ._render import gap_lines
+
+        for text in gap_lines(inbox.gaps):  # at most a screenful, and how many more
+            print(text, flush=True)
     for m in inbox.messages:
         out.message(m.envelope)
     channel.mark_read(inbox)
