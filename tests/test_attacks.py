@@ -414,3 +414,65 @@ def test_a_twin_id_cannot_overwrite_another_peers_long_body(sessions: tuple[Sess
     from pathlib import Path
 
     assert Path(path).read_text() == genuine
+
+
+def test_a_presence_stamped_minutes_ahead_does_not_hide_the_genuine_ones(sessions: tuple[Session, Session],
+                                                                        broker_url: str) -> None:
+    """A member writes impl's presence as left, stamped 590 s ahead (inside the clock-skew window): the
+    genuine presence impl writes next still counts, and impl shows as there, not left."""
+    from datetime import timedelta
+
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    evil = Attacker(url)
+    ahead = (now() + timedelta(seconds=590)).isoformat()
+    pres = {"v": 2, "peer": "impl", "state": "left", "member": "x" * 32, "since": ahead, "hb": ahead}
+    evil.publish(evil.topics.presence("impl"), json.dumps(pres).encode(), retain=True)
+    evil.stop()
+    tests.ok("status")  # takes the forged one in (it is well-formed and in the window)
+    impl.ok("status")  # impl's genuine presence comes after it
+    res = tests.ok("status")
+    assert "impl: joined" in res.out and "replayed" not in res.err, res
+
+
+def test_strangers_repair_notes_make_a_sender_send_nothing_again(sessions: tuple[Session, Session],
+                                                                broker_url: str) -> None:
+    """Fifty made-up names each ask impl for everything, in 64 overlapping ranges: only members are
+    answered, so impl sends nothing again and its next command takes as long as usual."""
+    from mqttalk._wire import RepairNote
+
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    for i in range(5):
+        impl.ok("send", f"message {i}")
+    evil = Attacker(url)
+    sniff = Attacker(url).listen(f"{evil.topics.root}/msg/#")
+    for i in range(50):
+        note = RepairNote(sender=f"ghost{i}", to="impl", ts=now(), want=[(1, 2**53)] * 64)
+        evil.publish(evil.topics.repair("impl", f"ghost{i}"), note.encode(), retain=True)
+    started = time.monotonic()
+    impl.ok("recv")
+    took = time.monotonic() - started
+    time.sleep(1)
+    resent = [p for t, p in sniff.stop() if t == evil.topics.msg("impl")]
+    for i in range(50):
+        evil.publish(evil.topics.repair("impl", f"ghost{i}"), b"", retain=True, sealed=False)
+    evil.stop()
+    assert resent == [] and took < 10, (len(resent), took)
+
+
+def test_a_made_up_peer_claiming_2_53_messages_opens_no_gap(sessions: tuple[Session, Session],
+                                                            broker_url: str) -> None:
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    evil = Attacker(url)
+    stamp = now().isoformat()
+    for i in range(3):
+        pres = {"v": 2, "peer": f"fk{i}", "state": "online", "member": "m", "since": stamp, "hb": stamp,
+                "every": 10, "seq": 2**53}
+        evil.publish(evil.topics.presence(f"fk{i}"), json.dumps(pres).encode(), retain=True)
+    evil.stop()
+    quick = {"MQTTALK_REPAIR_TIMEOUT": "0"}
+    tests.ok("recv", env=quick)
+    res = tests.ok("recv", env=quick)
+    assert "GAP" not in res.out + res.err, res
