@@ -476,3 +476,27 @@ def test_a_made_up_peer_claiming_2_53_messages_opens_no_gap(sessions: tuple[Sess
     tests.ok("recv", env=quick)
     res = tests.ok("recv", env=quick)
     assert "GAP" not in res.out + res.err, res
+
+
+def test_a_flood_of_made_up_peers_is_capped_and_the_real_ones_stay(sessions: tuple[Session, Session],
+                                                                   broker_url: str) -> None:
+    """300 made-up peers' presences: a reader takes in those of the first 256 peers it knows (the real ones
+    first: it knew them before), drops the rest unopened with one summary line, and still pairs and reads."""
+    impl, tests = sessions
+    url = paired(impl, tests, broker_url)
+    evil = Attacker(url)
+    stamp = now().isoformat()
+    for i in range(300):
+        pres = {"v": 2, "peer": f"fake{i}", "state": "online", "member": "m", "since": stamp, "hb": stamp,
+                "every": 3600}
+        evil.publish(evil.topics.presence(f"fake{i}"), json.dumps(pres).encode(), retain=True)
+    evil.stop()
+    res = tests.ok("status", "--json")
+    status = next(obj for obj in map(json.loads, res.lines) if obj.get("event") == "status")
+    names = {p["name"] for p in status["peers"]}
+    from mqttalk._live import MAX_PEERS
+
+    assert {"impl", "tests"} <= names and len(names) <= MAX_PEERS + 2, len(names)  # (+ the roster's members)
+    impl.ok("send", "still delivered")
+    got = tests.ok("recv")
+    assert "still delivered" in got.out and got.err.count("DROPPED") <= 1, got

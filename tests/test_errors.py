@@ -81,7 +81,7 @@ def test_bad_messages_are_refused_before_connecting(sessions: tuple[Session, Ses
     one_clear_line(impl.run("send", "--kind", "status", "x"), 2, "needs --state")
     one_clear_line(impl.run("send", "--kind", "status", "--state", "purple", "x"), 2, "state")
     one_clear_line(impl.run("send", "--kind", "answer", "x"), 2, "--re")
-    one_clear_line(impl.run("send", "--state", "red", "x"), 2, "only apply")
+    one_clear_line(impl.run("send", "--state", "red", "x"), 2, "only applies")
     one_clear_line(impl.run("send", "--to", "Bad Name", "x"), 2, "peer name")
     one_clear_line(impl.run("send", "--file", "/no/such/file"), 2, "cannot read")
     one_clear_line(impl.run("send", "-", input="x" * 300_000), 2, "limit")

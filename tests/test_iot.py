@@ -15,6 +15,8 @@ import pytest
 from conftest import MOSQUITTO_PORT, Session, channel_topics, paired
 from paho.mqtt.enums import CallbackAPIVersion
 
+from mqttalk._wire import WIRE_VERSION
+
 
 def test_a_plain_channel_is_readable_json_for_mosquitto_sub(sessions: tuple[Session, Session]) -> None:
     if shutil.which("mosquitto_sub") is None:
@@ -22,7 +24,7 @@ def test_a_plain_channel_is_readable_json_for_mosquitto_sub(sessions: tuple[Sess
     impl, tests = sessions
     url = paired(impl, tests, f"mqtt://127.0.0.1:{MOSQUITTO_PORT}", "--plain")
     topics: Any = channel_topics(url)
-    assert topics.msg("tests") == f"mqttalk/v1/{url.rsplit('/', 1)[1]}/msg/tests"  # readable names
+    assert topics.msg("tests") == f"mqttalk/v1/{url.rsplit('/', 1)[1].split('#')[0]}/msg/tests"  # readable names
     sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(MOSQUITTO_PORT), "-v", "-C", "1",
                             "-W", "20", "-t", topics.all_msg], stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -66,7 +68,7 @@ def test_mqtt5_publishes_carry_content_type_user_property_and_presence_expiry(
         assert props is not None
         assert props.ContentType == ("application/json" if plain else "application/octet-stream")
         assert getattr(props, "PayloadFormatIndicator", 0) == (1 if plain else 0)
-        assert ("mqttalk", "1") in props.UserProperty
+        assert ("mqttalk", str(WIRE_VERSION)) in props.UserProperty
         pprops = presence.properties
         assert pprops is not None and presence.retain
         # the broker counts the expiry down: about 8 days left (the 7-day session expiry, plus one)
