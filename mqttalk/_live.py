@@ -322,7 +322,7 @@ class Live:
         """Send ourselves a marker and wait for it: then everything the broker had for us is in.
 
         A broker whose queue for this client overflows (Mosquitto keeps 1,000 by default: a flood of
-        retained presence fills it) drops the marker: after a quiet second another one is sent."""
+        retained presence fills it) drops the marker: after a quiet SYNC_AGAIN another one is sent."""
         ch = self.channel
         topic = ch.topics.sync(link.client_id)
         tokens: set[bytes] = set()
