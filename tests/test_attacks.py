@@ -54,6 +54,13 @@ class Attacker:
             payload = self.topics.seal.seal(topic, payload)
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
+    def presences(self, names: list[str], **fields: Any) -> None:
+        """A retained, well-formed "online" presence for each made-up name, with ``fields`` on top."""
+        stamp = now().isoformat()
+        for name in names:
+            pres = {"v": 2, "peer": name, "state": "online", "member": "m", "since": stamp, "hb": stamp, **fields}
+            self.publish(self.topics.presence(name), json.dumps(pres).encode(), retain=True)
+
     def stop(self) -> list[tuple[str, bytes]]:
         time.sleep(0.3)
         self.client.loop_stop()
@@ -466,11 +473,7 @@ def test_a_made_up_peer_claiming_2_53_messages_opens_no_gap(sessions: tuple[Sess
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     evil = Attacker(url)
-    stamp = now().isoformat()
-    for i in range(3):
-        pres = {"v": 2, "peer": f"fk{i}", "state": "online", "member": "m", "since": stamp, "hb": stamp,
-                "every": 10, "seq": 2**53}
-        evil.publish(evil.topics.presence(f"fk{i}"), json.dumps(pres).encode(), retain=True)
+    evil.presences([f"fk{i}" for i in range(3)], every=10, seq=2**53)
     evil.stop()
     quick = {"MQTTALK_REPAIR_TIMEOUT": "0"}
     tests.ok("recv", env=quick)
@@ -485,11 +488,7 @@ def test_a_flood_of_made_up_peers_is_capped_and_the_real_ones_stay(sessions: tup
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     evil = Attacker(url)
-    stamp = now().isoformat()
-    for i in range(300):
-        pres = {"v": 2, "peer": f"fake{i}", "state": "online", "member": "m", "since": stamp, "hb": stamp,
-                "every": 3600}
-        evil.publish(evil.topics.presence(f"fake{i}"), json.dumps(pres).encode(), retain=True)
+    evil.presences([f"fake{i}" for i in range(300)], every=3600)
     evil.stop()
     res = tests.ok("status", "--json")
     status = next(obj for obj in map(json.loads, res.lines) if obj.get("event") == "status")
