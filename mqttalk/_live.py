@@ -328,19 +328,21 @@ class Live:
         tokens: set[bytes] = set()
         # The backlog may be long: the wait runs out only after a quiet connect_timeout.
         deadline = time.monotonic() + ch.settings.connect_timeout
-        again = 0.0
-        while not tokens & self._tokens:
-            now_ = time.monotonic()
-            if now_ >= deadline:
-                raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
-                               f"within {ch.settings.connect_timeout:g}s")
-            if now_ >= again:
+        again = 0.0  # when to send another marker: after SYNC_AGAIN with nothing arriving
+        while True:
+            if time.monotonic() >= again:
                 token = os.urandom(16).hex().encode()
                 tokens.add(token)
-                link.publish(topic, ch._wrap(topic, token))
-            again = now_ + SYNC_AGAIN
-            if link.pump(min(deadline, again) - time.monotonic()):
+                link.publish(topic, ch._wrap(topic, token))  # (its wait for the PUBACK may take it in)
+                again = time.monotonic() + SYNC_AGAIN
+            if tokens & self._tokens:
+                return
+            if time.monotonic() >= deadline:
+                raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
+                               f"within {ch.settings.connect_timeout:g}s")
+            if link.pump(max(0.0, min(deadline, again) - time.monotonic())):
                 deadline = time.monotonic() + ch.settings.connect_timeout
+                again = time.monotonic() + SYNC_AGAIN
 
     def _after_sync(self) -> None:
         """The backlog is in: report replayed presence; compare what each peer says it sent with what arrived."""
