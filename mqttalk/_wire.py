@@ -10,7 +10,7 @@ import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -155,13 +155,8 @@ class RepairNote(BaseModel):
 
 def decode_note(payload: bytes, *, at: datetime) -> RepairNote | None:
     """A repair note from wire bytes, or None (never raises); ranges must run forwards."""
-    if not payload or len(payload) > 16 * 1024:
-        return None
-    try:
-        note = RepairNote.model_validate_json(payload)
-    except (ValidationError, ValueError):
-        return None
-    ok = in_window(note.ts, at) and all(a <= b for a, b in (*note.want, *note.gone))
+    note = _parse(RepairNote, payload, 16 * 1024)
+    ok = note is not None and in_window(note.ts, at) and all(a <= b for a, b in (*note.want, *note.gone))
     return note if ok else None
 
 
@@ -205,30 +200,32 @@ def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | No
     return env
 
 
-def decode_envelope(payload: bytes, *, at: datetime | None = None) -> Envelope | None:
-    """An envelope from wire bytes, or None if the payload is not one (never raises). With ``at``
-    (now, for what just came off the wire), also None if its time is outside the window around it."""
-    if len(payload) > MAX_PAYLOAD:
-        return None
-    try:
-        env = Envelope.model_validate_json(payload)
-    except (ValidationError, ValueError):
-        return None
-    return env if at is None or in_window(env.ts, at) else None
+def decode_envelope(payload: bytes) -> Envelope | None:
+    """An envelope from wire bytes, or None if the payload is not one (never raises). Its time is judged
+    by the reader (:func:`in_window`), which says why it dropped one."""
+    return _parse(Envelope, payload, MAX_PAYLOAD)
 
 
 def decode_presence(payload: bytes, *, at: datetime | None = None) -> Presence | None:
-    """A presence from wire bytes, or None (never raises); ``at`` as for :func:`decode_envelope`,
-    for its heartbeat and start times."""
-    if not payload or len(payload) > 16 * 1024:
-        return None
-    try:
-        pres = Presence.model_validate_json(payload)
-    except (ValidationError, ValueError):
-        return None
-    if at is not None and not (in_window(pres.hb, at) and pres.since <= pres.hb + _SKEW):
+    """A presence from wire bytes, or None (never raises); with ``at`` (now, for what just came off the
+    wire), also None if its heartbeat is outside the time window around it or it started after it."""
+    pres = _parse(Presence, payload, 16 * 1024)
+    if pres is not None and at is not None and not (in_window(pres.hb, at) and pres.since <= pres.hb + _SKEW):
         return None
     return pres
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _parse(model: type[_M], payload: bytes, limit: int) -> _M | None:
+    """``model`` from JSON bytes of at most ``limit``, or None: the one place wire bytes become a value."""
+    if not payload or len(payload) > limit:
+        return None
+    try:
+        return model.model_validate_json(payload)
+    except (ValidationError, ValueError):
+        return None
 
 
 _SKEW = timedelta(seconds=MAX_AHEAD)
