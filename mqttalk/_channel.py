@@ -512,17 +512,3 @@ def _ago(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600} h"
     return f"{s // 86400} d"
-
-
-def read_body(text: str | None, file: Path | None, stdin: IO[str]) -> str:
-    """The message text: an argument, ``-`` for stdin, or a file (read untouched)."""
-    if file is not None:
-        from ._errors import UsageError
-
-        try:
-            return file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read message file {file}: {exc}") from None
-    if text == "-":
-        return stdin.read()
-    return text or ""
