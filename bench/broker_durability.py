@@ -74,7 +74,7 @@ class Home:
     def channel(self) -> Any:
         import mqttalk
 
-        return mqttalk.open_channel(mqttalk.Settings(state_dir=self.state_dir), cwd=self.cwd)[0]
+        return mqttalk.open_channel(mqttalk.Settings(state_dir=self.state_dir), cwd=self.cwd)
 
 
 class Broker:

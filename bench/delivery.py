@@ -61,7 +61,7 @@ def channel_of(env: Env, cwd: Path) -> Any:
     import mqttalk
 
     return mqttalk.open_channel(mqttalk.Settings(state_dir=Path(env.env["XDG_STATE_HOME"]) / "mqttalk"),
-                                cwd=cwd)[0]
+                                cwd=cwd)
 
 
 def library_send(channel: Any, count: int) -> float:

@@ -81,7 +81,7 @@ def repair_round(root: Path, count: int) -> tuple[float, float]:
         stop = threading.Event()
 
         def sender() -> None:  # impl's live process: it reconnects, says how many it sent, answers notes
-            ch = mqttalk.open_channel(made[0], cwd=root / "impl")[0]
+            ch = mqttalk.open_channel(made[0], cwd=root / "impl")
             with ch.live(online=True, reconnect=True) as live:
                 live.announce("online")
                 while not stop.is_set():
@@ -90,7 +90,7 @@ def repair_round(root: Path, count: int) -> tuple[float, float]:
         thread = threading.Thread(target=sender)
         thread.start()
         try:
-            reader = mqttalk.open_channel(made[1], cwd=root / "tests")[0]
+            reader = mqttalk.open_channel(made[1], cwd=root / "tests")
             with reader.live(online=True, reconnect=True) as live:
                 live.announce("online")
                 while reader.store.unread_count(reader.url.channel, "tests") < count:

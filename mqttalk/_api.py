@@ -46,16 +46,17 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
     url = JoinURL(address, prefix, channel_id_for(key) if key else new_channel_id(), key)
     channel = Channel(url, name, member=os.urandom(16).hex(), role=role, settings=settings, on_event=on_event)
     channel.join(wait)
-    _record(settings, cwd, channel)
+    channel.binding = _record(settings, cwd, channel)
     return channel
 
 
 def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
          settings: Settings | None = None, cwd: Path | None = None, wait: float = 10.0,
-         on_event: Callable[[Event], None] | None = None) -> tuple[Channel, list[str]]:
-    """Join the channel of a join URL as ``as_``; wait up to ``wait`` s to see another peer.
+         on_event: Callable[[Event], None] | None = None) -> Channel:
+    """Join the channel of a join URL as ``as_``; wait up to ``wait`` s for another peer to pair.
 
-    Returns the channel and the peers present (empty if none showed up in time)."""
+    Returns the channel: :attr:`Channel.paired` lists the peers that paired (empty if none did in
+    time), :attr:`Channel.unanswered` those present that did not answer the pairing challenge."""
     settings = settings or Settings.load()
     cwd = (cwd or Path.cwd()).resolve()
     join_url = _wake(settings, url if isinstance(url, JoinURL) else JoinURL.parse(url))
@@ -67,15 +68,16 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
         member, joined = previous.member, previous.joined  # pairing again from the same place: same member
     channel = Channel(join_url, name, member=member, role=role, settings=settings,
                       joined=datetime.fromisoformat(joined) if joined else None, on_event=on_event)
-    others = channel.join(wait, new_member=not again, check=True)
-    _record(settings, cwd, channel)
-    return channel, others
+    channel.join(wait, new_member=not again, check=True)
+    channel.binding = _record(settings, cwd, channel)
+    return channel
 
 
 def open_channel(settings: Settings | None = None, cwd: Path | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> tuple[Channel, _bindings.Binding | None]:
+                 on_event: Callable[[Event], None] | None = None) -> Channel:
     """The channel to act on: ``settings.channel``/``settings.peer`` (flags, environment), else the
-    binding of ``cwd`` or its nearest bound ancestor. Raises :class:`NotBound` if there is none."""
+    binding of ``cwd`` or its nearest bound ancestor (kept as :attr:`Channel.binding`). Raises
+    :class:`NotBound` if there is none."""
     settings = settings or Settings.load()
     cwd = (cwd or Path.cwd()).resolve()
     binding = _bindings.find(settings.state_dir, cwd)
@@ -90,7 +92,7 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
             # The membership this machine recorded for the channel and name; the first command claims the
             # name (refused if another machine or state directory holds it: see Channel.member).
             _wake(settings, url)
-            return Channel(url, settings.peer, member=None, settings=settings, on_event=on_event), None
+            return Channel(url, settings.peer, member=None, settings=settings, on_event=on_event)
     binding = _bindings.require(binding)
     if binding.ca_file and settings.ca_file is None:
         settings = settings.model_copy(update={"ca_file": Path(binding.ca_file)})
@@ -102,8 +104,8 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
     channel = Channel(url, peer, member=binding.member, role=binding.role,
                       settings=settings,
                       joined=datetime.fromisoformat(binding.joined) if binding.joined else None,
-                      on_event=on_event)
-    return channel, binding
+                      on_event=on_event, binding=binding)
+    return channel
 
 
 def _wake(settings: Settings, url: JoinURL) -> JoinURL:
@@ -114,13 +116,15 @@ def _wake(settings: Settings, url: JoinURL) -> JoinURL:
     return url
 
 
-def forget(settings: Settings, binding: _bindings.Binding | None) -> None:
-    if binding is not None and binding.directory:
-        _bindings.forget(settings.state_dir, binding.directory)
+def forget(channel: Channel) -> None:
+    """Unbind the directory ``channel`` was opened from (nothing if it came from --channel/--as)."""
+    if channel.binding is not None and channel.binding.directory:
+        _bindings.forget(channel.settings.state_dir, channel.binding.directory)
 
 
-def _record(settings: Settings, cwd: Path, channel: Channel) -> None:
-    _bindings.record(settings.state_dir, cwd, _bindings.Binding(
+def _record(settings: Settings, cwd: Path, channel: Channel) -> _bindings.Binding:
+    binding = _bindings.Binding(
         url=channel.url.render(), peer=channel.me, member=channel.member, role=channel.role,
         joined=(channel.joined or now()).isoformat(),
-        ca_file=str(settings.ca_file.resolve()) if settings.ca_file else None))
+        ca_file=str(settings.ca_file.resolve()) if settings.ca_file else None)
+    return _bindings.record(settings.state_dir, cwd, binding)

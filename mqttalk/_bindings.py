@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ._errors import NotBound, UsageError
@@ -69,11 +69,13 @@ def find(state_dir: Path, cwd: Path) -> Binding | None:
     return None
 
 
-def record(state_dir: Path, cwd: Path, binding: Binding) -> None:
+def record(state_dir: Path, cwd: Path, binding: Binding) -> Binding:
+    """Bind ``cwd`` to ``binding``'s channel and name; returns the binding as recorded (with its directory)."""
     with _locked(state_dir) as data:
         entry = asdict(binding)
         entry.pop("directory")
         data[str(cwd)] = {k: v for k, v in entry.items() if v is not None}
+    return replace(binding, directory=str(cwd))
 
 
 def forget(state_dir: Path, directory: str) -> None:

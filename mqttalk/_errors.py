@@ -71,6 +71,10 @@ class BrokerRefused(MqttalkError):
     exit_code = EXIT_BROKER
 
 
+class SessionBusy(BrokerRefused):
+    """Another process of this peer holds its broker session (a live `recv --wait`, `listen`, ...)."""
+
+
 class TimedOut(MqttalkError):
     """A bounded wait ran out."""
 

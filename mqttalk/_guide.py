@@ -99,9 +99,10 @@ def guide(settings: Any, cwd: Path, role: str | None = None, on_event: Any = Non
     from ._errors import MqttalkError, NotBound
 
     try:
-        channel, binding = open_channel(settings, cwd, on_event=on_event)
+        channel = open_channel(settings, cwd, on_event=on_event)
     except NotBound:
         return start_guide(cwd)
+    binding = channel.binding
     where = Path(binding.directory) if binding is not None and binding.directory else cwd
     try:
         status = channel.status()

@@ -24,7 +24,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._peer import Event, Inbox
 
 EVENTS = ("UserPromptSubmit", "PostToolUse", "Stop")
 POST_TOOL_EVERY = 15.0  # seconds: PostToolUse fires after every tool call; look at most this often
@@ -110,14 +114,14 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
     settings = settings.model_copy(update={"connect_timeout": min(settings.connect_timeout, HOOK_CONNECT_TIMEOUT)})
     notices: list[str] = []
 
-    def note(ev: Any) -> None:
+    def note(ev: Event) -> None:
         if ev.kind == "paired":  # (a name and role are the peer's words: escaped, see _render.line)
-            from ._render import line
+            from ._render import notice_text
 
-            notices.append(f"mqttalk: PAIRED with {line(ev.peer)}" + (f" ({line(ev.detail)})" if ev.detail else ""))
+            notices.append(notice_text(ev) or "")
 
     try:
-        channel, _ = open_channel(settings, cwd, on_event=note)
+        channel = open_channel(settings, cwd, on_event=note)
     except NotBound:
         return None  # this project has no channel: nothing to say
     if event == "PostToolUse" and not _due(settings.state_dir, channel.client_id, every):
@@ -139,7 +143,7 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
             lambda: channel.mark_read(inbox))
 
 
-def _news(inbox: Any) -> bool:
+def _news(inbox: Inbox) -> bool:
     """Messages or gaps to show (a pairing the fetch saw is reported by the PAIRED notice instead)."""
     return bool(inbox.messages or inbox.gaps)
 
@@ -156,7 +160,7 @@ def _due(state_dir: Path, client_id: str, every: float) -> bool:
     return True
 
 
-def _awaiting_reply(channel: Any) -> bool:
+def _awaiting_reply(channel: Channel) -> bool:
     """Mid-negotiation: the last message in the channel is ours and asks for an answer (a question,
     or a spec still proposed)."""
     last = channel.history(limit=1)
@@ -170,7 +174,7 @@ def _awaiting_reply(channel: Any) -> bool:
     return env.kind == "spec" and str(env.data.get("state", "proposed")) == "proposed"
 
 
-def _context(channel: Any, inbox: Any, notices: list[str], *, waited: bool) -> str:
+def _context(channel: Channel, inbox: Inbox, notices: list[str], *, waited: bool) -> str:
     """What the agent is shown: a line saying what these are (data, not instructions), then the messages."""
     from ._render import bounded, gap_lines, message_text
 

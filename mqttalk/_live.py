@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import deque
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._channel import _NETWORK_ERRORS, WINDOW, Event, SessionBusy, _FileLock, _judge, _stale_after
-from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
+from ._errors import BrokerRefused, BrokerUnreachable, Queued, SessionBusy, TimedOut
+from ._locks import FileLock
+from ._outbox import Outbox
+from ._peer import Event, Peer, judge, stale_after
 from ._topics import check_peer
 from ._wire import (
     WIRE_VERSION,
@@ -34,7 +35,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from ._channel import Channel
+    from ._transport import Incoming, Link
 
 BACKOFF_MAX = 30.0  # longest wait between reconnect attempts
 OUTBOX_POLL = 0.2  # how often a live process looks for messages other processes queued
@@ -43,7 +44,7 @@ REPAIR_EVERY = 2.0  # s: a sender answers one repair note of a peer at most this
 REPAIR_MAX = 5000  # messages sent again for one note at most (the reader asks again for the rest)
 MAX_PEERS = 256  # peers a reader takes presence from, beyond those in the roster (see _crowded)
 MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
-GROUP = 100  # messages sent with wait=False are recorded in the outbox this many at a time
+_NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 
 class Live:
@@ -59,18 +60,18 @@ class Live:
     hold the session because a live one does).
     """
 
-    def __init__(self, channel: Channel, *, online: bool = True, reconnect: bool = False,
+    def __init__(self, peer: Peer, *, online: bool = True, reconnect: bool = False,
                  new_member: bool = False, exclusive: bool = True) -> None:
-        self.channel = channel
+        self.peer = peer
         self.online = online
         self.reconnect = reconnect
         self.new_member = new_member
         self.exclusive = exclusive
         self.presences: dict[str, Presence] = {}
         self.protocol = 0
-        self._session_lock = _FileLock(channel._lock_path("session"))
-        self._outbox_lock = _FileLock(channel._lock_path("outbox"))
-        self._link: Any = None
+        self._session_lock = FileLock(peer.lock_path("session"))
+        self._outbox = Outbox(peer)
+        self._link: Link | None = None
         self._tokens: set[bytes] = set()
         self._dropped: set[tuple[str, int]] = set()
         self.dropped = 0  # payloads dropped (malformed, stale, or not opening with the key)
@@ -81,10 +82,6 @@ class Live:
         self._next_outbox = 0.0
         self._backoff = 0.5
         self._retry_at = 0.0
-        self._inflight: deque[tuple[int, Any]] = deque()  # (outbox row, paho message info), in order
-        self._handed = 0  # highest outbox row taken from the store for the current connection
-        self._queued: deque[Any] = deque()  # taken from the store, waiting for room in the window
-        self._batch: list[Envelope] = []  # sent with wait=False, not yet recorded in the outbox
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
@@ -97,7 +94,7 @@ class Live:
         self._fresh: set[str] = set()  # peers whose presence met while syncing was their newest
         self._known: set[str] = set()  # member names this machine has seen a presence of (see _member)
         self._levels: tuple[tuple[int, int], set[str]] | None = None  # topic levels of the peers known (_crowded)
-        self._held: list[tuple[Envelope, bytes, Any]] = []  # messages from a sender not known yet (while syncing)
+        self._held: list[tuple[Envelope, bytes, Incoming]] = []  # messages from a sender not known yet (while syncing)
         self._asks: dict[str, RepairNote] = {}  # the newest repair note each peer wrote to us
         self._gone: dict[str, list[tuple[int, int]]] = {}  # per peer: what it asked us for that we no longer have
         self._noted: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}  # what our notes said
@@ -112,13 +109,13 @@ class Live:
         """Connect (a :class:`Live` used in a ``with`` block opens itself)."""
         if self._link is not None:
             return self
-        ch = self.channel
-        self._known = set(ch.store.known_presences(ch.url.channel))
+        us = self.peer
+        self._known = set(us.store.known_presences(us.url.channel))
         if self.exclusive and not self._session_lock.acquire():
             raise SessionBusy("another mqttalk process of this peer holds its broker session",
                               "stop it, or let it receive: `mqttalk recv` reads what it stores")
-        self._gap_mark = max((g.n for g in ch.store.new_gaps(ch.url.channel, ch.me)), default=0)
-        self._nonce = ch.nonce
+        self._gap_mark = max((g.n for g in us.store.new_gaps(us.url.channel, us.me)), default=0)
+        self._nonce = us.nonce
         try:
             self._connect()
         except BaseException:
@@ -136,10 +133,9 @@ class Live:
         """Leave presence ``joined`` (if it was ``online``, or to tell what we sent), disconnect
         cleanly, release the locks."""
         try:
-            if self._batch:
-                self._record_batch()  # recorded even if it cannot go out now: sent later
+            self._outbox.flush_batch()  # recorded even if it cannot go out now: sent later
             if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more
-                                                              or self._inflight):
+                                                              or self._outbox.busy):
                 with contextlib.suppress(*_NETWORK_ERRORS):
                     self.drain()
                     self.announce("joined")
@@ -150,7 +146,7 @@ class Live:
             self._release()
 
     def _release(self) -> None:
-        self._outbox_lock.release()
+        self._outbox.release()
         self._session_lock.release()
 
     @property
@@ -164,7 +160,7 @@ class Live:
 
     def others(self) -> list[str]:
         """Peers present in the channel (by their presence, which may be stale: see :meth:`paired_peers`)."""
-        return sorted(p for p, pres in self.presences.items() if p != self.channel.me and pres.state != "left")
+        return sorted(p for p, pres in self.presences.items() if p != self.peer.me and pres.state != "left")
 
     def paired_peers(self) -> list[str]:
         """Peers that answered this peer's current pairing challenge (and have not left since)."""
@@ -175,11 +171,11 @@ class Live:
     def announce(self, state: Literal["joined", "online", "left"]) -> None:
         """Publish this peer's presence (``online`` also starts the heartbeat). It carries the highest
         sequence number sent, so readers can tell when the last messages never reached them."""
-        self.presences[self.channel.me] = self.channel._announce(self._live_link(), state)
+        self.presences[self.peer.me] = self.peer.announce(self._live_link(), state)
         self._announced = state
         self._sent_more = False
         self._answer_due = False
-        self._next_beat = time.monotonic() + self.channel.settings.heartbeat
+        self._next_beat = time.monotonic() + self.peer.settings.heartbeat
 
     def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
              to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
@@ -192,10 +188,9 @@ class Live:
         """
         if to is not None:
             check_peer(to)
-        env = new_envelope(self.channel.me, kind, body, data=data, to=to, re=re)
-        self._batch.append(env)
-        if wait or len(self._batch) >= GROUP:
-            self._record_batch()
+        env = new_envelope(self.peer.me, kind, body, data=data, to=to, re=re)
+        self._outbox.record([env], later=not wait)
+        if not self._outbox.batched:  # recorded now (a whole group, or this one): publish
             self._publish_pending()
             if not wait and self._link is not None:
                 try:  # take in the acknowledgements that came meanwhile: keeps the in-flight window moving
@@ -204,30 +199,22 @@ class Live:
                 except _NETWORK_ERRORS as exc:
                     self._lost(exc)
         if wait:
-            if self._link is None or not self._outbox_lock.held:
+            if self._link is None or not self._outbox.sender:
                 raise Queued(env.id, "not connected to the broker" if self._link is None
                              else "another mqttalk process of this peer is sending")
             self.drain()
-            if not self.channel.store.is_sent(self.channel.url.channel, self.channel.me, env.seq):
+            if not self.peer.store.is_sent(self.peer.url.channel, self.peer.me, env.seq):
                 raise Queued(env.id, "the broker did not acknowledge it")
         return env
-
-    def _record_batch(self) -> None:
-        """Write the messages sent with wait=False to the outbox, in one transaction. If the write fails
-        (a full disk), every one of them stays in the batch for the next write and the error is raised:
-        none is lost, none half-written."""
-        ch = self.channel
-        ch.store.enqueue(ch.url.channel, ch.me, ch.topics.msg(ch.me), self._batch)
-        self._batch = []
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed to the network was acknowledged (``timeout`` 0: send what is
         pending and take in the acknowledgements already there, without waiting)."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.channel.settings.connect_timeout)
-        if self._batch:
-            self._record_batch()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.peer.settings.connect_timeout)
+        if self._outbox.batched:
+            self._outbox.flush_batch()
             self._publish_pending()
-        while (self._inflight or self._queued) and self._link is not None:
+        while self._outbox.busy and self._link is not None:
             left = deadline - time.monotonic()
             try:
                 self._link.pump(max(0.0, min(left, 0.05)))
@@ -250,7 +237,7 @@ class Live:
             now_ = time.monotonic()
             if self._link is None:
                 if not self.reconnect:
-                    raise BrokerUnreachable(f"lost the connection to {self.channel.url.broker.display()}")
+                    raise BrokerUnreachable(f"lost the connection to {self.peer.url.broker.display()}")
                 if now_ >= self._retry_at:
                     self._try_reconnect()
                     continue
@@ -271,41 +258,42 @@ class Live:
     def _connect(self) -> None:
         from ._transport import Will
 
-        ch = self.channel
-        will_topic = ch.topics.presence(ch.me)
-        will = Will(will_topic, ch._wrap(will_topic, ch._presence("away").encode())) if self.online else None
-        link: Any = None
-        link = ch._link(client_id=ch.client_id if self.exclusive else None, persistent=self.exclusive, will=will,
-                        on_messages=lambda batch: self._absorb(link, batch))
+        us = self.peer
+        will_topic = us.topics.presence(us.me)
+        will = Will(will_topic, us.wrap(will_topic, us.presence("away").encode())) if self.online else None
+        made: list[Link] = []  # (the receiver needs the link it is given to)
+        link = us.link(client_id=us.client_id if self.exclusive else None, persistent=self.exclusive, will=will,
+                       on_messages=lambda batch: self._absorb(made[0], batch))
+        made.append(link)
         link.open()
         try:
             self._synced = False
             self._stale.clear()
             self._fresh.clear()
-            topics = [ch.topics.all_presence, ch.topics.roster, ch.topics.sync(link.client_id)]
+            topics = [us.topics.all_presence, us.topics.roster, us.topics.sync(link.client_id)]
             if self.exclusive:
-                topics += [ch.topics.all_msg, ch.topics.repairs_for(ch.me)]
-            link.subscribe(topics, no_local=frozenset({ch.topics.all_msg}))
+                topics += [us.topics.all_msg, us.topics.repairs_for(us.me)]
+            link.subscribe(topics, no_local=frozenset({us.topics.all_msg}))
             self._sync(link)
             # A broker that sends no retained message to a wildcard subscription (RabbitMQ) left out the
             # presence of members we know by name (from the roster, or seen before on this machine):
             # subscribe to those exactly, which every broker answers with the retained presence. (Those
             # we only met in stale copies from our queue too: the retained one tells a replay from them.)
-            known = ch.store.known_presences(ch.url.channel)
+            known = us.store.known_presences(us.url.channel)
             # (At most MAX_EXACT of them, roster names first: a flood of fake presences must not make
             # every connect subscribe to thousands of topics.)
             # Our own name included: a name check (Channel._check_name) must see who holds it.
             roster = sorted((self._roster or set()) - self._fresh)
             missing = (roster + sorted(set(known) - self._fresh - set(roster)))[:MAX_EXACT]
             if missing:
-                link.subscribe([ch.topics.presence(peer) for peer in missing])
+                link.subscribe([us.topics.presence(peer) for peer in missing])
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
                 if pres is not None and peer not in self.presences and (
                         len(self.presences) < MAX_PEERS or peer in (self._roster or ())):
                     self.presences[peer] = pres
-            if self.exclusive and (self._roster_due or ch.me not in (self._roster or set())):  # later joiners find us
+            if self.exclusive and (self._roster_due or us.me not in (self._roster or set())):  # later joiners find us
                 self._publish_roster(link)
         except BaseException:
             link.close()
@@ -318,35 +306,35 @@ class Live:
         if self.exclusive:
             self._publish_pending()
 
-    def _sync(self, link: Any) -> None:
+    def _sync(self, link: Link) -> None:
         """Send ourselves a marker and wait for it: then everything the broker had for us is in.
 
         A broker whose queue for this client overflows (Mosquitto keeps 1,000 by default: a flood of
         retained presence fills it) drops the marker: after a quiet SYNC_AGAIN another one is sent."""
-        ch = self.channel
-        topic = ch.topics.sync(link.client_id)
+        us = self.peer
+        topic = us.topics.sync(link.client_id)
         tokens: set[bytes] = set()
         # The backlog may be long: the wait runs out only after a quiet connect_timeout.
-        deadline = time.monotonic() + ch.settings.connect_timeout
+        deadline = time.monotonic() + us.settings.connect_timeout
         again = 0.0  # when to send another marker: after SYNC_AGAIN with nothing arriving
         while True:
             if time.monotonic() >= again:
                 token = os.urandom(16).hex().encode()
                 tokens.add(token)
-                link.publish(topic, ch._wrap(topic, token))  # (its wait for the PUBACK may take it in)
+                link.publish(topic, us.wrap(topic, token))  # (its wait for the PUBACK may take it in)
                 again = time.monotonic() + SYNC_AGAIN
             if tokens & self._tokens:
                 return
             if time.monotonic() >= deadline:
-                raise TimedOut(f"broker at {ch.url.broker.display()} did not deliver the channel "
-                               f"within {ch.settings.connect_timeout:g}s")
+                raise TimedOut(f"broker at {us.url.broker.display()} did not deliver the channel "
+                               f"within {us.settings.connect_timeout:g}s")
             if link.pump(max(0.0, min(deadline, again) - time.monotonic())):
-                deadline = time.monotonic() + ch.settings.connect_timeout
+                deadline = time.monotonic() + us.settings.connect_timeout
                 again = time.monotonic() + SYNC_AGAIN
 
     def _after_sync(self) -> None:
         """The backlog is in: report replayed presence; compare what each peer says it sent with what arrived."""
-        ch = self.channel
+        us = self.peer
         # A session's queue holds the presence updates published while it was away, older than the
         # retained presence it also gets: stale copies the broker hands over in any order, no replay. A
         # replay is when nothing newer came: the retained presence itself was put back to an old one.
@@ -363,38 +351,38 @@ class Live:
                 if not self._member(env.sender):
                     self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
         for peer, pres in self.presences.items():
-            if peer == ch.me or not pres.seq:
+            if peer == us.me or not pres.seq:
                 continue
             if self.new_member:
-                ch.store.start_head(ch.url.channel, peer, pres.seq)
+                us.store.start_head(us.url.channel, peer, pres.seq)
             else:
-                ch.store.expect(ch.url.channel, peer, pres.seq)
+                us.store.expect(us.url.channel, peer, pres.seq)
         if self.new_member:  # what this machine stored before we joined is not ours to read
             self.new_member = False
-            ch.store.advance(ch.url.channel, ch.me, *ch.store.marks(ch.url.channel))
-            self._gap_mark = ch.store.marks(ch.url.channel)[1]
+            us.store.advance(us.url.channel, us.me, *us.store.marks(us.url.channel))
+            self._gap_mark = us.store.marks(us.url.channel)[1]
         for note in list(self._asks.values()):
             self._answer(note)
         self._write_notes(every=True)
         self._report_gaps()
 
     def _report_gaps(self) -> None:
-        ch = self.channel
-        ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout)
-        for gap in ch.store.new_gaps(ch.url.channel, ch.me):
+        us = self.peer
+        us.store.settle_gaps(us.url.channel, timeout=us.settings.repair_timeout)
+        for gap in us.store.new_gaps(us.url.channel, us.me):
             if gap.n > self._gap_mark:
                 self._gap_mark = gap.n
-                self.channel.on_event(Event("gap", gap.sender, f"{gap.first}-{gap.last}", gap=gap))
+                self.peer.on_event(Event("gap", gap.sender, gap=gap))
 
     # -- repair: a reader asks the sender for what never arrived; the sender sends it again ----------
 
     def _answer(self, note: RepairNote) -> None:
         """``note.sender`` wrote to us: mark what it says is gone, and send again what it misses (once per
         version of its note), or tell it which of those we no longer have."""
-        ch = self.channel
+        us = self.peer
         peer = note.sender
         if note.gone:
-            ch.store.settle_gaps(ch.url.channel, timeout=ch.settings.repair_timeout, sender=peer,
+            us.store.settle_gaps(us.url.channel, timeout=us.settings.repair_timeout, sender=peer,
                                  gone=list(note.gone))
         if not note.want or not self._member(peer):
             return  # only members are answered (a stranger's made-up names would each cost a resend)
@@ -402,20 +390,19 @@ class Live:
         if mono < self._budget_at:  # what this process sends again is bounded across all askers
             self._answer_at[peer] = self._budget_at
             return
-        fresh = ch.store.answer_once(ch.url.channel, peer, ch.me, note.ts.isoformat(), every=REPAIR_EVERY)
+        fresh = us.store.answer_once(us.url.channel, peer, us.me, note.ts.isoformat(), every=REPAIR_EVERY)
         if fresh is None:  # answered another note of peer's moments ago: this one in a while (_routine)
             self._answer_at[peer] = mono + REPAIR_EVERY
             return
         self._answer_at.pop(peer, None)
         if not fresh:
             return
-        rows, gone = ch.store.sent_rows(ch.url.channel, ch.me, _merged(note.want), limit=REPAIR_MAX)
+        rows, gone = us.store.sent_rows(us.url.channel, us.me, _merged(note.want), limit=REPAIR_MAX)
         self._budget_used += len(rows)
         if self._budget_used >= REPAIR_MAX:
             self._budget_at, self._budget_used = mono + REPAIR_EVERY, 0
-        if rows:
-            self._queued.extend(rows)  # the original payloads and ids: a reader that has one ignores it
-            self._hand()
+        if rows and self._link is not None:  # the original payloads and ids: a reader that has one ignores it
+            self._outbox.resend(rows, self._link)
         gone = gone[-64:]
         if gone != self._gone.get(peer, []):
             self._gone[peer] = gone
@@ -424,31 +411,31 @@ class Live:
     def _write_notes(self, *, only: str | None = None, every: bool = False) -> None:
         """Publish our note to each peer whose want or gone changed (``every``: to each with something
         to say, as on a new connection, whose requests may have been lost with the broker's state)."""
-        ch, link = self.channel, self._link
+        us, link = self.peer, self._link
         if link is None or not self.exclusive:
             return
-        wants = ch.store.open_gaps(ch.url.channel)
-        for peer in sorted((set(wants) | set(self._gone) | set(self._noted)) - {ch.me}):
+        wants = us.store.open_gaps(us.url.channel)
+        for peer in sorted((set(wants) | set(self._gone) | set(self._noted)) - {us.me}):
             if only is not None and peer != only:
                 continue
             said = (wants.get(peer, [])[:64], self._gone.get(peer, []))
             if said == self._noted.get(peer, ([], [])) and not (every and (said[0] or said[1])):
                 continue
             self._noted[peer] = said
-            topic = ch.topics.repair(peer, ch.me)
-            note = RepairNote(sender=ch.me, to=peer, ts=now(), want=said[0], gone=said[1])
-            payload = ch._wrap(topic, note.encode()) if said[0] or said[1] else b""
+            topic = us.topics.repair(peer, us.me)
+            note = RepairNote(sender=us.me, to=peer, ts=now(), want=said[0], gone=said[1])
+            payload = us.wrap(topic, note.encode()) if said[0] or said[1] else b""
             link.publish(topic, payload, retain=True, wait=False)
 
-    def _absorb(self, link: Any, incoming: list[Any]) -> None:
+    def _absorb(self, link: Link, incoming: list[Incoming]) -> None:
         """Store messages (one transaction per batch), track presence, announce pairings; then ack
         each, so a crash before the commit makes the broker deliver them again."""
-        ch = self.channel
-        messages: list[tuple[Envelope, bytes, Any]] = []
+        us = self.peer
+        messages: list[tuple[Envelope, bytes, Incoming]] = []
         notes: list[RepairNote] = []
-        mine = ch.topics.level(ch.me)
+        mine = us.topics.level(us.me)
         at = now()
-        with ch.store.transaction():  # one commit for the batch's presence, gaps and messages
+        with us.store.transaction():  # one commit for the batch's presence, gaps and messages
             self._take(incoming, mine, at, messages, notes)
             # A sender must be a member, known by its presence (taken in first: it may be in this batch).
             held = {id(item) for env, _, item in messages if not self._member(env.sender)}
@@ -475,22 +462,22 @@ class Live:
             self._write_notes()  # a message filled a hole, or a presence showed one
             self._report_gaps()
 
-    def _take(self, incoming: list[Any], mine: str, at: Any, messages: list[tuple[Envelope, bytes, Any]],
+    def _take(self, incoming: list[Incoming], mine: str, at: datetime, messages: list[tuple[Envelope, bytes, Incoming]],
               notes: list[RepairNote]) -> None:
         """Sort a batch: presence and roster taken in at once, messages and repair notes collected, the
         rest dropped (and reported once)."""
-        ch = self.channel
+        us = self.peer
         for item in incoming:
-            if item.topic == ch.topics.roster:
-                opened = ch._unwrap(item.topic, item.payload)
+            if item.topic == us.topics.roster:
+                opened = us.unwrap(item.topic, item.payload)
                 if opened:
                     names = decode_roster(opened)
                     self._roster = (self._roster or set()) | names
                     # Two members joining at once each publish the roster they read plus themselves: the
                     # later one wins. The one left out puts itself (and all it knows) back, in _routine.
-                    self._roster_due = self.exclusive and ch.me not in names
+                    self._roster_due = self.exclusive and us.me not in names
                 continue
-            where = ch.topics.split(item.topic)
+            where = us.topics.split(item.topic)
             section, level = where if where else ("", "")
             if section == "msg" and level == mine:
                 continue  # our own message, echoed by the broker: already in our history since we sent it
@@ -504,13 +491,13 @@ class Live:
                 self._drop(item.topic, b"", "dropped", f"presence of a peer past the first {MAX_PEERS} of the "
                            "channel (a flood of made-up peers?)")
                 continue
-            data = ch._unwrap(item.topic, item.payload)
+            data = us.unwrap(item.topic, item.payload)
             if data is None:
                 self._drop(item.topic, item.payload, "decrypt_fail",
                            f"payload on {item.topic} does not open with this channel's key")
             elif section == "msg":
                 env = decode_envelope(data)
-                if env is None or ch.topics.level(env.sender) != level:
+                if env is None or us.topics.level(env.sender) != level:
                     self._drop(item.topic, item.payload, "dropped", f"malformed message on {item.topic}")
                 elif not in_window(env.ts, at):
                     self._drop(item.topic, item.payload, "dropped",
@@ -522,7 +509,7 @@ class Live:
                 self._see_presence(item.topic, level, data, at)
             elif section == "repair":
                 note = decode_note(data, at=at)
-                if note is None or ch.topics.level(note.sender) != level or note.to != ch.me:
+                if note is None or us.topics.level(note.sender) != level or note.to != us.me:
                     self._drop(item.topic, item.payload, "dropped", f"malformed repair note on {item.topic}")
                 else:
                     notes.append(note)
@@ -538,43 +525,43 @@ class Live:
         sizes = (len(self.presences), len(self._roster or ()))
         if self._levels is None or self._levels[0] != sizes:
             names = set(self.presences) | set(self._roster or ())
-            self._levels = (sizes, {self.channel.topics.level(n) for n in names})
+            self._levels = (sizes, {self.peer.topics.level(n) for n in names})
         return level not in self._levels[1]
 
     def _member(self, peer: str) -> bool:
         return peer in self.presences or peer in self._known or peer in (self._roster or ())
 
     def _store(self, messages: list[tuple[Envelope, bytes]]) -> int:
-        ch = self.channel
-        new = ch.store.add_many(ch.url.channel, messages)
+        us = self.peer
+        new = us.store.add_many(us.url.channel, messages)
         for env in new:
             self._handled += 1
-            if env.sender != ch.me:
-                ch.on_event(Event("message", env.sender, envelope=env))
+            if env.sender != us.me:
+                us.on_event(Event("message", env.sender, envelope=env))
         return len(new)
 
-    def _see_presence(self, topic: str, level: str, payload: bytes, at: Any) -> None:
-        ch = self.channel
+    def _see_presence(self, topic: str, level: str, payload: bytes, at: datetime) -> None:
+        us = self.peer
         if not payload:  # retained presence cleared
-            for name in [p for p in self.presences if ch.topics.level(p) == level]:
+            for name in [p for p in self.presences if us.topics.level(p) == level]:
                 del self.presences[name]
             return
         pres = decode_presence(payload, at=at)
-        if pres is None or ch.topics.level(pres.peer) != level:
+        if pres is None or us.topics.level(pres.peer) != level:
             self._drop(topic, payload, "dropped", f"malformed presence (or one stamped outside the time window) "
                        f"on {topic}")
             return
         peer = pres.peer
         self._known.add(peer)
-        if pres.v != WIRE_VERSION and peer != ch.me and peer not in self._outdated:
+        if pres.v != WIRE_VERSION and peer != us.me and peer not in self._outdated:
             self._outdated.add(peer)
-            ch.on_event(Event("outdated", peer, f"{pres.v}"))
+            us.on_event(Event("outdated", peer, version=pres.v))
         # Ordered by the heartbeat it claims, but never later than now: a presence stamped minutes ahead
         # (inside the clock-skew window) must not make the genuine ones after it look older.
         hb = min(pres.hb, at).astimezone(UTC).isoformat(timespec="microseconds")
         # A peer's Last Will ("away") carries the heartbeat of when it connected, older than the ones it
         # sent since: it is never a replay. Any other presence older than one seen is.
-        newest = None if pres.state == "away" else ch.store.newest_presence(ch.url.channel, peer, hb, payload)
+        newest = None if pres.state == "away" else us.store.newest_presence(us.url.channel, peer, hb, payload)
         if newest is not None:
             if self._synced:
                 self._replayed(peer, topic, payload)
@@ -586,29 +573,29 @@ class Live:
             return
         self.presences[peer] = pres
         self._fresh.add(peer)
-        if peer == ch.me:
+        if peer == us.me:
             return
         if not self.exclusive:
             return  # a look over a throwaway session (a name check, status beside a live process): no more
         if pres.state in ("left", "away"):
             if pres.state == "left":
-                ch.store.forget_paired(ch.url.channel, ch.me, peer)
+                us.store.forget_paired(us.url.channel, us.me, peer)
                 self.paired.discard(peer)
             if peer not in self._offline and self._synced:
                 self._offline.add(peer)
-                ch.on_event(Event("offline", peer, pres.state))
+                us.on_event(Event("offline", peer, pres.state))
             return
         self._offline.discard(peer)
-        if pres.nonce and ch.store.see_nonce(ch.url.channel, peer, pres.nonce):
+        if pres.nonce and us.store.see_nonce(us.url.channel, peer, pres.nonce):
             self._answer_due = True  # our presence answers it at the next chance (see _routine)
         # Present is not paired: only a presence answering our current challenge proves the peer holds
         # the key now. A stale, replayed or forged presence never yields PAIRED.
-        if pres.answers_for(ch.me, self._nonce):
+        if pres.answers_for(us.me, self._nonce):
             self.paired.add(peer)
-            if ch.store.mark_paired(ch.url.channel, ch.me, peer):
-                ch.on_event(Event("paired", peer, pres.role or ""))
+            if us.store.mark_paired(us.url.channel, us.me, peer):
+                us.on_event(Event("paired", peer, role=pres.role))
         if self._synced and pres.seq:
-            ch.store.expect(ch.url.channel, peer, pres.seq)
+            us.store.expect(us.url.channel, peer, pres.seq)
 
     def _replayed(self, peer: str, topic: str, payload: bytes) -> None:
         self._drop(topic, payload, "dropped", f"an old presence of {peer} was replayed on {topic}")
@@ -620,7 +607,7 @@ class Live:
         if key not in self._dropped:
             self._dropped.add(key)
             self.dropped += 1
-            self.channel.on_event(Event(kind, "", why))
+            self.peer.on_event(Event(kind, detail=why))
 
     def _routine(self) -> None:
         """Heartbeat, stale peers, repair notes due, and messages other processes of this peer left in the outbox."""
@@ -633,77 +620,47 @@ class Live:
         if self._answer_due and self._announced is not None and self.exclusive:
             self.announce(self._announced)  # answer new challenges at once: the peer may be waiting on it
         if mono >= self._next_beat:
-            if self._announced == "online" or (self._sent_more and not self._inflight):
+            if self._announced == "online" or (self._sent_more and not self._outbox.busy):
                 self.announce(self._announced or "joined")
-            self._next_beat = mono + self.channel.settings.heartbeat
+            self._next_beat = mono + self.peer.settings.heartbeat
             for peer, pres in self.presences.items():
-                if _judge(pres, me=False).state == "away" and pres.state == "online" \
-                        and peer != self.channel.me and peer not in self._offline:
+                if judge(pres, me=False).state == "away" and pres.state == "online" \
+                        and peer != self.peer.me and peer not in self._offline:
                     self._offline.add(peer)
-                    self.channel.on_event(Event("offline", peer, f"no heartbeat for {_stale_after(pres):g}s"))
+                    self.peer.on_event(Event("offline", peer, f"no heartbeat for {stale_after(pres):g}s"))
         if mono >= self._next_outbox:
             self._next_outbox = mono + OUTBOX_POLL
-            if self._batch:
-                self._record_batch()
+            self._outbox.flush_batch()
             self._publish_pending()
 
-    def _publish_roster(self, link: Any) -> None:
-        ch = self.channel
-        self._roster = (self._roster or set()) | {ch.me}
+    def _publish_roster(self, link: Link) -> None:
+        us = self.peer
+        self._roster = (self._roster or set()) | {us.me}
         self._roster_due = False
-        link.publish(ch.topics.roster, ch._wrap(ch.topics.roster, encode_roster(self._roster)), retain=True)
+        link.publish(us.topics.roster, us.wrap(us.topics.roster, encode_roster(self._roster)), retain=True)
 
     def _publish_pending(self) -> None:
         """Hand pending outbox messages to the network (if this process is the peer's sender)."""
-        ch = self.channel
-        if self._link is None or not self.exclusive or not self._outbox_lock.acquire():
-            return
-        pending = ch.store.pending(ch.url.channel, ch.me, after=self._handed)
-        if pending:
-            self._queued.extend(pending)
-            self._handed = max(row.n for row in pending)
-        self._hand()
-
-    def _hand(self) -> None:
-        """Publish queued rows while the window has room (mqttalk keeps its own window: paho's walks
-        every message it holds on each PUBACK)."""
-        if self._link is None:
-            return
-        ch, queued, inflight = self.channel, self._queued, self._inflight
-        meta = ch.meta[0]
-        if not queued or len(inflight) >= WINDOW:
-            return
-        with self._link.burst():
-            while queued and len(inflight) < WINDOW:
-                row = queued.popleft()
-                inflight.append((row.n, self._link.publish(row.topic, ch._wrap(row.topic, row.payload), wait=False,
-                                                           meta=meta)))
+        if self._link is not None and self.exclusive:
+            self._outbox.pull(self._link)
 
     def _collect_acks(self) -> None:
-        done = []
-        while self._inflight and self._inflight[0][1].is_published():
-            done.append(self._inflight.popleft()[0])
-        if done:
-            self.channel.store.mark_sent(*done)
+        if self._link is not None and self._outbox.collect(self._link):
             self._sent_more = True
-            if self._queued:
-                self._hand()
 
-    def _live_link(self) -> Any:
+    def _live_link(self) -> Link:
         if self._link is None:
-            raise BrokerUnreachable(f"not connected to {self.channel.url.broker.display()}")
+            raise BrokerUnreachable(f"not connected to {self.peer.url.broker.display()}")
         return self._link
 
     def _lost(self, exc: Exception) -> None:
         if self._link is not None:
             self._link.close()
         self._link = None
-        self._inflight.clear()  # unacknowledged: still pending in the outbox, sent again on reconnect
-        self._queued.clear()
-        self._handed = 0
+        self._outbox.reset()  # unacknowledged: still pending in the outbox, sent again on reconnect
         self._backoff = 0.5
         self._retry_at = time.monotonic() + self._backoff
-        self.channel.on_event(Event("disconnected", "", str(exc)))
+        self.peer.on_event(Event("disconnected", detail=str(exc)))
         if not self.reconnect:
             raise exc
 
@@ -715,7 +672,7 @@ class Live:
             self._retry_at = time.monotonic() + self._backoff
             return
         self._backoff = 0.5
-        self.channel.on_event(Event("reconnected", "", self.channel.url.broker.display()))
+        self.peer.on_event(Event("reconnected", broker=self.peer.url.broker.display()))
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -18,12 +18,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
-from ._channel import SessionBusy
-from ._errors import MqttalkError, Queued, UsageError
+from ._errors import MqttalkError, Queued, SessionBusy, UsageError
+
+if TYPE_CHECKING:
+    from ._peer import Event
 
 RECEIVE_MAX_WAIT = 55.0  # seconds one receive call may wait: MCP clients time tool calls out around 60 s
 HISTORY_DEFAULT = 20
@@ -63,7 +65,7 @@ class Session:
         if self._channel is None:
             from ._api import open_channel
 
-            self._channel, _ = open_channel(self.settings, self.cwd)
+            self._channel = open_channel(self.settings, self.cwd)
             self._start_live()
         return self._channel
 
@@ -85,7 +87,7 @@ class Session:
         backoff = 1.0
         while not self._stop.is_set():
             try:
-                channel, _ = open_channel(self.settings, self.cwd, on_event=self._on_event)
+                channel = open_channel(self.settings, self.cwd, on_event=self._on_event)
                 with channel.live(online=True, reconnect=True) as live:
                     live.announce("online")
                     self.link_state = "online (this server holds the session and stores messages as they arrive)"
@@ -105,17 +107,14 @@ class Session:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 30.0)
 
-    def _on_event(self, event: Any) -> None:
+    def _on_event(self, event: Event) -> None:
         """Called in the live thread: only hand over (notes, a wake-up), decide nothing here."""
         if event.kind == "message":
             self._arrived.set()
         elif event.kind in ("paired", "offline", "outdated"):
-            from ._render import line, outdated_text
+            from ._render import notice_text
 
-            word = "PAIRED with" if event.kind == "paired" else "OFFLINE"
-            note = f"mqttalk: {word} {line(event.peer)}" + (f" ({line(event.detail)})" if event.detail else "")
-            if event.kind == "outdated":
-                note = f"mqttalk: {outdated_text(event.peer, event.detail)}"
+            note = notice_text(event) or ""
             with self._notes_lock:
                 if len(self._notes) < NOTES_KEPT:  # a flood of made-up peers: counted, not kept
                     self._notes.append(note)
@@ -158,7 +157,9 @@ class Session:
 
     def send(self, text: str, kind: str, to: str | None, re: str | None, subject: str | None, rev: int | None,
              state: str | None, commit: str | None) -> str:
-        data = typed_data(kind, text, subject=subject, rev=rev, state=state, commit=commit)
+        from ._input import typed_fields
+
+        data = typed_fields(kind, text, subject=subject, rev=rev, state=state, commit=commit, flag="")
         with self._lock:
             ch = self.channel()
             try:
@@ -203,30 +204,22 @@ class Session:
 
         events: list[str] = []
 
-        def note(ev: Any) -> None:
-            if ev.kind == "paired":
-                from ._render import line
+        from ._render import MCP, alone_text, bounded, notice_text, paired_text, unanswered_text
 
-                events.append(f"mqttalk: PAIRED with {line(ev.peer)}" + (f" ({line(ev.detail)})" if ev.detail else ""))
+        def note(ev: Event) -> None:
+            if ev.kind == "paired":
+                events.append(notice_text(ev) or "")
 
         with self._lock:
             self._refuse_if_bound()
-            ch, others = pair(url.strip(), name, role=role, settings=self.settings, cwd=self.cwd,
-                              wait=max(0.0, min(wait, RECEIVE_MAX_WAIT)), on_event=note)
+            ch = pair(url.strip(), name, role=role, settings=self.settings, cwd=self.cwd,
+                      wait=max(0.0, min(wait, RECEIVE_MAX_WAIT)), on_event=note)
             self._channel = ch
             self._start_live()
-        from ._render import bounded, line
-
-        if not others and ch.unanswered:
-            names = " and ".join(line(n) for n in ch.unanswered[:5]) + (
-                f" and {len(ch.unanswered) - 5:,} more" if len(ch.unanswered) > 5 else "")
-            return (f"mqttalk: joined as {ch.me}; {names} in the channel but not answering the "
-                    "pairing challenge yet (not running now?); `receive` will say PAIRED once an answer comes, and "
-                    "messages sent meanwhile wait for it")
-        if not others:
-            return (f"mqttalk: joined as {ch.me}, but no other peer is in the channel yet; "
-                    "`receive` will say PAIRED when one comes")
-        return "\n".join(bounded(events) or [f"mqttalk: PAIRED with {', '.join(line(o) for o in others[:20])}"])
+        if not ch.paired:
+            return "mqttalk: " + (unanswered_text(ch.me, ch.unanswered, MCP) if ch.unanswered
+                                  else alone_text(ch.me, MCP))
+        return "\n".join(bounded(events) or [paired_text(o, None) for o in ch.paired[:20]])
 
     def leave(self) -> str:
         from ._api import forget, open_channel
@@ -234,9 +227,9 @@ class Session:
         with self._lock:
             ch = self.channel()
             self.stop()
-            channel, binding = open_channel(self.settings, self.cwd)
+            channel = open_channel(self.settings, self.cwd)
             channel.leave()
-            forget(self.settings, binding)
+            forget(channel)
             self._channel = None
             self.link_state = "no channel (left)"
         return f"mqttalk: LEFT channel {ch.url.display()} as {ch.me}"
@@ -246,19 +239,10 @@ class Session:
         from ._errors import NotBound
 
         try:
-            ch, _ = open_channel(self.settings, self.cwd)
+            ch = open_channel(self.settings, self.cwd)
         except NotBound:
             return
         raise UsageError(f"this directory is already in a channel, as {ch.me}", "use `leave` first")
-
-
-def typed_data(kind: str, body: str, *, subject: str | None, rev: int | None, state: str | None,
-               commit: str | None) -> dict[str, Any]:
-    """A kind's typed fields from flat arguments (as `mqttalk send` takes them); the envelope validates them.
-    A field that does not belong to the kind is refused (see _input.typed_fields)."""
-    from ._input import typed_fields
-
-    return typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit, flag="")
 
 
 def build(session: Session) -> Any:
@@ -266,7 +250,7 @@ def build(session: Session) -> Any:
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
 
-    from . import __version__
+    from ._version import __version__
 
     server: MCPServer[Any] = MCPServer("mqttalk", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
 

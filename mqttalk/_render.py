@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._peer import Event
+    from ._store import Gap
 
 LONG_BODY = 600  # characters: a longer body is shown as a preview and written to a file
 PREVIEW = 300  # characters of a long body shown inline
@@ -58,10 +63,12 @@ def field(value: Any) -> str:
     return printable(repr(text), line=True)
 
 
-def line(text: Any) -> str:
+def line(text: Any, limit: int = 0) -> str:
     """Text a peer controls, shown inside one line of ours (a name, a role, a reason): control
-    characters, newlines and escape sequences escaped, everywhere (not only on a terminal)."""
-    return printable(str(text), line=True)
+    characters, newlines and escape sequences escaped, everywhere (not only on a terminal);
+    ``limit``: at most that many characters."""
+    shown = printable(str(text), line=True)
+    return shown if not limit or len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def gap_text(gap: Any) -> str:
@@ -86,16 +93,104 @@ def gap_lines(gaps: list[Any], limit: int = 20) -> list[str]:
     return lines
 
 
-def outdated_text(peer: str, version: str) -> str:
+def outdated_text(peer: str, version: int | None) -> str:
     """A peer speaks another wire version than this mqttalk (see :data:`mqttalk._wire.WIRE_VERSION`)."""
     from ._wire import WIRE_VERSION
 
     who = line(peer)
-    if version.isdigit() and int(version) < WIRE_VERSION:
-        return (f"{who} runs an older mqttalk (wire v{line(version)}, this one v{WIRE_VERSION}): ask {who} to "
+    if version is not None and version < WIRE_VERSION:
+        return (f"{who} runs an older mqttalk (wire v{version}, this one v{WIRE_VERSION}): ask {who} to "
                 "upgrade (pip install -U mqttalk); until then messages it misses cannot be resent to it")
-    return (f"{who} runs a newer mqttalk (wire v{line(version)}, this one v{WIRE_VERSION}): upgrade this one "
+    return (f"{who} runs a newer mqttalk (wire v{version}, this one v{WIRE_VERSION}): upgrade this one "
             "(pip install -U mqttalk)")
+
+
+# -- the voice: how a sentence tells its reader what to do next --------------------------------------
+
+
+@dataclass(frozen=True)
+class Voice:
+    """The words for the reader's next step: commands for a shell (the CLI, the hooks), tool calls for
+    an MCP client. Every sentence below that suggests an action takes one."""
+
+    wait: str  # how to wait for a pairing or a message
+    send: str  # how to send
+
+
+CLI = Voice(wait="`mqttalk recv --wait SECONDS`", send="`mqttalk send`")
+MCP = Voice(wait="calling `receive` with a wait", send="calling `send`")
+
+
+def paired_text(peer: str, role: str | None) -> str:
+    return f"mqttalk: PAIRED with {line(peer, 64)}" + (f" ({line(role, 200)})" if role else "")
+
+
+def offline_text(peer: str, why: str) -> str:
+    return f"mqttalk: OFFLINE {line(peer, 64)} ({line(why, 200)})"
+
+
+def link_text(down: bool, detail: str) -> str:
+    return f"mqttalk: {'BROKER_DOWN' if down else 'BROKER_UP'} {line(detail, 300)}"
+
+
+_NOTICES: dict[str, Callable[[Event], str]] = {
+    "paired": lambda e: paired_text(e.peer, e.role),
+    "offline": lambda e: offline_text(e.peer, e.detail),
+    "outdated": lambda e: f"mqttalk: {outdated_text(e.peer, e.version)}",
+    "gap": lambda e: gap_text(e.gap) if e.gap is not None else "",
+    "disconnected": lambda e: link_text(True, e.detail),
+    "reconnected": lambda e: link_text(False, e.broker),
+}
+
+
+def notice_text(event: Event) -> str | None:
+    """The one line for a pairing, a peer gone offline, another wire version, a gap, or the broker
+    link going down or up; None for the events that are not notices (messages, drops, waits)."""
+    word = _NOTICES.get(event.kind)
+    return word(event) or None if word else None
+
+
+_DATA: dict[str, Callable[[Event], dict[str, Any]]] = {
+    "paired": lambda e: {"event": "paired", "peer": e.peer, "role": e.role},
+    "offline": lambda e: {"event": "offline", "peer": e.peer, "detail": e.detail},
+    "outdated": lambda e: {"event": "outdated", "peer": e.peer, "version": e.version},
+    "gap": lambda e: gap_data(e.gap) if e.gap is not None else {"event": "gap"},
+    "message": lambda e: {"event": "message", **(e.envelope.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                                 if e.envelope is not None else {})},
+    "reconnected": lambda e: {"event": "reconnected", "detail": e.broker},
+}
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """An event as one JSON object (``--json``): the same facts as its line, as fields."""
+    shape = _DATA.get(event.kind)
+    return shape(event) if shape else {"event": event.kind, "detail": event.detail}
+
+
+def gap_data(gap: Gap) -> dict[str, Any]:
+    return {"event": "gap", "peer": gap.sender, "first": gap.first, "last": gap.last, "why": gap.state}
+
+
+def names_text(names: list[str], limit: int = 5) -> str:
+    """``a and b``, or ``a, b, c and 9,997 more``: peer names, bounded and made safe."""
+    shown = [line(n, 64) for n in names[:limit]]
+    if len(names) > limit:
+        return ", ".join(shown) + f" and {len(names) - limit:,} more"
+    return " and ".join(shown)
+
+
+def unanswered_text(me: str, names: list[str], voice: Voice, wait: float | None = None) -> str:
+    """Joined, and peers are there, but none answered the pairing challenge (in ``wait`` s)."""
+    are, it = ("are", "them") if len(names) > 1 else ("is", "it")
+    within = f" within {wait:g}s" if wait is not None else ""
+    return (f"joined as {line(me)}; {names_text(names)} {are} in the channel but did not answer the pairing challenge"
+            f"{within} (not running now?). Messages you send wait for {it}; {voice.wait} shows PAIRED once an "
+            "answer comes (their next mqttalk command gives it).")
+
+
+def alone_text(me: str, voice: Voice) -> str:
+    """Joined, and nobody else is in the channel now."""
+    return f"joined as {line(me)}, but no other peer is in the channel now; {voice.wait} shows PAIRED when one comes."
 
 
 def body_file(bodies: Path, msg_id: str) -> Path:
@@ -161,10 +256,6 @@ def printable(text: str, *, line: bool = False) -> str:
 def _escape(c: str) -> str:
     code = ord(c)
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
-def on_terminal() -> bool:
-    return sys.stdout.isatty()
 
 
 SCREENFUL = 20  # peers listed at most by `status`, the guide and MCP's status; the rest are counted

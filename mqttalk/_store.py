@@ -526,26 +526,28 @@ class Store:
 
     # -- identity ----------------------------------------------------------------------------------
 
-    def identity(self, channel: str, peer: str, member: str | None = None, *,
-                 peek: bool = False) -> tuple[str, bytes, bool] | None:
-        """This machine's membership of ``channel`` as ``peer``: (member id, secret, minted now).
+    def recorded_identity(self, channel: str, peer: str) -> tuple[str, bytes] | None:
+        """This machine's membership of ``channel`` as ``peer`` (member id, secret), if it has one."""
+        row = self.db.execute("SELECT member, secret FROM identities WHERE channel = ? AND peer = ?",
+                              (channel, peer)).fetchone()
+        return (str(row[0]), bytes(row[1])) if row else None
+
+    def identity(self, channel: str, peer: str, member: str | None = None) -> tuple[str, bytes]:
+        """This machine's membership of ``channel`` as ``peer``: (member id, secret).
 
         ``member`` names the membership the caller holds (a binding's); a different one, or none
         recorded, mints a new secret (a new membership gets a broker session of its own). With
-        ``member`` None the recorded membership is used, or a new one minted. ``peek``: the recorded
-        one or None, minting nothing."""
+        ``member`` None the recorded membership is used, or a new one minted."""
         with self._tx() as db:
             row = db.execute("SELECT member, secret FROM identities WHERE channel = ? AND peer = ?",
                              (channel, peer)).fetchone()
             if row and (member is None or row[0] == member):
-                return str(row[0]), bytes(row[1]), False
-            if peek:
-                return None
+                return str(row[0]), bytes(row[1])
             fresh = (member or os.urandom(16).hex(), os.urandom(32))
             db.execute("INSERT INTO identities (channel, peer, member, secret) VALUES (?, ?, ?, ?)"
                        " ON CONFLICT (channel, peer) DO UPDATE SET member = excluded.member, secret = excluded.secret",
                        (channel, peer, *fresh))
-            return fresh[0], fresh[1], True
+            return fresh
 
     # -- pairing announcements ---------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,18 @@ class Meta:
     utf8: bool = False  # Payload Format Indicator: the payload is UTF-8 text
     expiry: int | None = None  # Message Expiry Interval, seconds
     user: tuple[tuple[str, str], ...] = ()
+
+
+class Sent:
+    """A QoS 1 publish handed to the network; :meth:`acked` once the broker acknowledged it."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def acked(self) -> bool:
+        return self._info.is_published()
 
 
 class _Packed(Properties):
@@ -184,7 +196,7 @@ class Link:
                 raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}", hint)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                wait: bool = True, meta: Meta | None = None) -> mqtt.MQTTMessageInfo:
+                wait: bool = True, meta: Meta | None = None) -> Sent:
         """Publish; with ``wait`` return only once the broker acknowledged it (PUBACK). ``meta`` goes
         along as MQTT 5 properties when the broker speaks MQTT 5."""
         client = self._live()
@@ -197,12 +209,13 @@ class Link:
         self._check(info.rc)
         if qos > 0:
             self._publishing[info.mid] = topic
+        sent = Sent(info)
         if wait and qos > 0:
-            self.wait_published(info)
-        return info
+            self.wait_published(sent)
+        return sent
 
     @contextlib.contextmanager
-    def burst(self) -> Any:
+    def burst(self) -> Iterator[None]:
         """Publishes made inside go out together: the socket is corked (Linux TCP_CORK) until the end,
         so a burst costs a few TCP segments instead of one per message (and the broker wakes up less)."""
         raw = None if self._client is None else _tcp(self._client.socket())
@@ -219,8 +232,9 @@ class Link:
                 with contextlib.suppress(OSError):
                     raw.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
-    def wait_published(self, info: mqtt.MQTTMessageInfo) -> None:
-        self._wait(info.is_published, "publish")
+    def wait_published(self, sent: Sent) -> None:
+        """Pump until the broker acknowledged ``sent`` (raises if it refused it, or on a timeout)."""
+        self._wait(sent.acked, "publish")
         self._raise_refused()
 
     def _raise_refused(self) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NoReturn
 
 # pydantic scans installed packages' entry points for plugins the first time a model validates
 # (~15 ms of importlib.metadata). The CLI uses none, and every command pays for that start-up.
@@ -16,6 +16,10 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer
 
 from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
+
+if TYPE_CHECKING:
+    from ._peer import Event
+    from ._store import Gap
 
 HELP = """\
 Pair coding-agent sessions through an MQTT broker and let them exchange structured messages.
@@ -78,20 +82,10 @@ def _settings(**flags: Any) -> Any:
 
 
 def _safe(text: Any, limit: int = 0) -> str:
-    """Text a peer controls (a name, a role, a reason) made safe for one line of ours (see _render.line);
-    ``limit``: at most that many characters."""
+    """Text a peer controls (a name, a role, a reason) made safe for one line of ours (see _render.line)."""
     from ._render import line
 
-    shown = line(text)
-    return shown if not limit or len(shown) <= limit else shown[: limit - 1] + "…"
-
-
-def _names(names: list[str], limit: int = 5) -> str:
-    """``a and b``, or ``a, b, c and 9,997 more``: a list of peer names, bounded and made safe."""
-    shown = [_safe(n, 64) for n in names[:limit]]
-    if len(names) > limit:
-        return ", ".join(shown) + f" and {len(names) - limit:,} more"
-    return " and ".join(shown)
+    return line(text, limit)
 
 
 class _Drops:
@@ -158,37 +152,28 @@ class _Printer:
 
             print(message_text(env, self.bodies, terminal=sys.stdout.isatty()) + "\n", flush=True)
 
-    def gap(self, gap: Any) -> None:
-        from ._render import gap_text
+    def gap(self, gap: Gap) -> None:
+        from ._render import gap_data, gap_text
 
-        self.data(gap_text(gap), {"event": "gap", "peer": gap.sender, "first": gap.first, "last": gap.last,
-                                  "why": gap.state})
+        self.data(gap_text(gap), gap_data(gap))
 
-    def event(self, event: Any) -> None:
-        if event.kind == "paired":
-            role = f" ({_safe(event.detail, 200)})" if event.detail else ""
-            self.data(f"mqttalk: PAIRED with {_safe(event.peer, 64)}{role}",
-                      {"event": "paired", "peer": event.peer, "role": event.detail or None})
+    def event(self, event: Event) -> None:
+        """Show an event as it happens: pairings, waits and other wire versions always; `listen` also shows
+        messages, peers gone offline, gaps and the broker link (a read prints the gaps it fetched)."""
+        from ._render import event_data, notice_text
+
+        if event.kind in ("dropped", "decrypt_fail"):
+            _DROPS.add(event.kind, event.detail)
         elif event.kind == "waiting":
             self.note(f"waiting {_safe(event.detail, 300)}...")
-        elif event.kind == "gap" and self.listening and event.gap is not None:  # recv prints the gaps it fetched
-            self.gap(event.gap)
         elif event.kind == "outdated":
-            from ._render import outdated_text
-
-            self.note(outdated_text(event.peer, event.detail))
-        elif event.kind == "offline" and self.listening:
-            self.data(f"mqttalk: OFFLINE {_safe(event.peer, 64)} ({_safe(event.detail, 200)})",
-                      {"event": "offline", "peer": event.peer, "detail": event.detail})
+            self.note((notice_text(event) or "").removeprefix("mqttalk: "))
         elif event.kind == "message" and self.listening and event.envelope is not None:
-            env = event.envelope
-            self.data(f"mqttalk: MESSAGE {_facts(env)}",  # (--json: the whole message, body included)
-                      {"event": "message", **env.model_dump(mode="json", by_alias=True, exclude_none=True)})
-        elif event.kind in ("disconnected", "reconnected") and self.listening:
-            word = "BROKER_DOWN" if event.kind == "disconnected" else "BROKER_UP"
-            self.data(f"mqttalk: {word} {_safe(event.detail, 300)}", {"event": event.kind, "detail": event.detail})
-        elif event.kind in ("dropped", "decrypt_fail"):
-            _DROPS.add(event.kind, event.detail)
+            self.data(f"mqttalk: MESSAGE {_facts(event.envelope)}", event_data(event))  # (--json: body included)
+        elif event.kind == "paired" or self.listening:
+            text = notice_text(event)
+            if text is not None:
+                self.data(text, event_data(event))
 
 
 @app.command()
@@ -271,7 +256,7 @@ def pair(
     from ._bindings import find
 
     before = find(settings.state_dir, Path.cwd().resolve())
-    channel, others = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
+    channel = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
     if before is not None and before.url != channel.url.render() and before.directory == str(Path.cwd().resolve()):
         from ._url import JoinURL
 
@@ -280,16 +265,11 @@ def pair(
             out.note(f"this directory now acts for this channel; it was bound to {old.display()} as "
                      f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
                      f"{_safe(before.peer, 64)}` with that URL leaves it)")
-    if not others and channel.unanswered:
-        names = _names(channel.unanswered)
-        are, it = ("are", "them") if len(channel.unanswered) > 1 else ("is", "it")
-        out.note(f"joined as {channel.me}; {names} {are} in the channel but did not answer the pairing challenge "
-                 f"within {wait:g}s (not running now?). Messages you send wait for {it}; `mqttalk recv --wait "
-                 f"SECONDS` prints PAIRED once an answer comes (their next mqttalk command gives it).")
-        raise typer.Exit(EXIT_TIMEOUT)
-    if not others:
-        out.note(f"joined as {channel.me}, but no other peer is in the channel now; "
-                 "`mqttalk recv --wait SECONDS` will print PAIRED when one comes.")
+    if not channel.paired:
+        from ._render import CLI, alone_text, unanswered_text
+
+        out.note(unanswered_text(channel.me, channel.unanswered, CLI, wait) if channel.unanswered
+                 else alone_text(channel.me, CLI))
         raise typer.Exit(EXIT_TIMEOUT)
 
 
@@ -323,7 +303,7 @@ def send(
     check_id(re, "--re")
     body = read_body(text, file, sys.stdin)
     data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
-    channel, _ = _open(channel_url, as_, out)
+    channel = _open(channel_url, as_, out)
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
              {"event": "sent", "id": env.id, "kind": env.kind, "to": to})
@@ -349,7 +329,7 @@ def recv(
 
     check_seconds(wait, "--wait")
     out = _Printer(as_json)
-    channel, _ = _open(channel_url, as_, out)
+    channel = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
     inbox = channel.fetch(wait)
     if out.json:
@@ -390,7 +370,7 @@ def listen(
 
     check_seconds(timeout, "--timeout")
     out = _Printer(as_json, listening=True)
-    channel, _ = _open(channel_url, as_, out)
+    channel = _open(channel_url, as_, out)
 
     def stop(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -437,7 +417,7 @@ def log(
 
         check_peer(peer)
     out = _Printer(as_json)
-    channel, _ = _open(channel_url, as_, out)
+    channel = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
     for env in channel.history(peer=peer, kind=kind, since=since, limit=limit):
         out.message(env)
@@ -447,7 +427,7 @@ def log(
 def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False) -> None:
     """Show the channel, its peers and their presence (online / last seen / left), and your unread count."""
     out = _Printer(as_json)
-    channel, _ = _open(channel_url, as_, out)
+    channel = _open(channel_url, as_, out)
     st = channel.status()
     if as_json:
         out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
@@ -468,9 +448,9 @@ def leave(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = 
 
     out = _Printer(as_json)
     settings = _settings(channel=channel_url, peer=as_)
-    channel, binding = open_channel(settings, on_event=out.event)
+    channel = open_channel(settings, on_event=out.event)
     channel.leave()
-    forget(settings, binding)
+    forget(channel)
     out.data(f"mqttalk: LEFT channel {channel.url.display()} as {channel.me}",
              {"event": "left", "url": channel.url.display(), "peer": channel.me})
 
@@ -666,7 +646,7 @@ def _facts(env: Any) -> str:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from ._version import __version__
 
         print(f"mqttalk {__version__}")
         raise typer.Exit()

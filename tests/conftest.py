@@ -279,7 +279,7 @@ class Session:
         """The library's Channel for this session's directory binding."""
         import mqttalk
 
-        return mqttalk.open_channel(self.settings(), cwd=self.cwd)[0]  # type: ignore[arg-type]
+        return mqttalk.open_channel(self.settings(), cwd=self.cwd)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -348,5 +348,5 @@ def pair_in_process(tmp_path: Path, broker_url: str) -> tuple[Any, Any]:
         (tmp_path / name).mkdir()
         made.append(mqttalk.Settings.load(broker=broker_url, state_dir=tmp_path / f"{name}-state"))
     impl = mqttalk.create("impl", settings=made[0], cwd=tmp_path / "impl")
-    tests, _ = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
+    tests = mqttalk.pair(impl.url.render(), "tests", settings=made[1], cwd=tmp_path / "tests", wait=0)
     return impl, tests

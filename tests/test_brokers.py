@@ -246,13 +246,13 @@ def _retained_roster(channel: Any) -> set[str]:
     from mqttalk._wire import decode_roster
 
     got: list[Any] = []
-    with channel._link(on_messages=got.extend) as link:
+    with channel.link(on_messages=got.extend) as link:
         link.subscribe([channel.topics.roster])
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             link.pump(0.2)
     assert got, "no retained roster"
-    return decode_roster(channel._unwrap(got[-1].topic, got[-1].payload) or b"")
+    return decode_roster(channel.unwrap(got[-1].topic, got[-1].payload) or b"")
 
 
 def test_a_member_left_out_of_the_roster_by_a_concurrent_joiner_puts_itself_back(
@@ -269,8 +269,8 @@ def test_a_member_left_out_of_the_roster_by_a_concurrent_joiner_puts_itself_back
     try:
         wait_state(tests, "impl", "online")
         writer: Any = tests.channel()
-        with writer._link() as link:  # what a joiner that read the roster before impl was in it writes
-            link.publish(writer.topics.roster, writer._wrap(writer.topics.roster, encode_roster({"tests", "late"})),
+        with writer.link() as link:  # what a joiner that read the roster before impl was in it writes
+            link.publish(writer.topics.roster, writer.wrap(writer.topics.roster, encode_roster({"tests", "late"})),
                          retain=True)
         deadline = time.monotonic() + 15
         roster = _retained_roster(tests.channel())

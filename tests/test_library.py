@@ -23,10 +23,11 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
     waiting = threading.Thread(target=lambda: waited.append(impl.join(20, new_challenge=False)))
     waiting.start()
     time.sleep(0.5)
-    tests, others = mqttalk.pair(impl.url.render(), "tests", settings=settings, cwd=b_dir, on_event=events.append)
+    tests = mqttalk.pair(impl.url.render(), "tests", settings=settings, cwd=b_dir, on_event=events.append)
     waiting.join(30)
-    assert others == ["impl"] and waited == [["tests"]]
-    assert [(e.kind, e.peer, e.detail) for e in events] == [("paired", "impl", "api")]
+    assert tests.paired == ["impl"] and waited == [["tests"]]
+    assert [(e.kind, e.peer, e.role) for e in events] == [("paired", "impl", "api")]
+    assert tests.binding is not None and tests.binding.directory == str(b_dir.resolve())
 
     sent = impl.send("tests written?", kind="question")
     spec = impl.send("v2", kind="spec", data={"subject": "POST /users", "rev": 2})
@@ -40,8 +41,8 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
     assert not tests.fetch()
 
     (b_dir / "sub").mkdir()
-    bound, binding = mqttalk.open_channel(settings, cwd=b_dir / "sub")  # nearest bound ancestor
-    assert bound.me == "tests" and binding is not None and binding.directory == str(b_dir.resolve())
+    bound = mqttalk.open_channel(settings, cwd=b_dir / "sub")  # nearest bound ancestor
+    assert bound.me == "tests" and bound.binding is not None and bound.binding.directory == str(b_dir.resolve())
 
     with pytest.raises(mqttalk.BadMessage):
         impl.send("x", kind="status", data={"state": "purple"})
