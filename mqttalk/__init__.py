@@ -1,11 +1,46 @@
 """mqttalk: let coding-agent sessions pair and talk through any MQTT broker.
 
-The public API (imported lazily, so ``import mqttalk`` stays cheap for the CLI)::
+The library, as the CLI uses it (``Settings.load()`` reads flags, ``MQTTALK_*`` and the config file;
+with no broker configured, :func:`create` starts the embedded one)::
 
-    from mqttalk import Channel, JoinURL, Settings, Envelope, MqttalkError
-    ch = mqttalk.create(as_="impl")              # or mqttalk.pair(url, as_="tests")
-    ch.send("tests written, all red", kind="status", data={"state": "red"})
-    for m in ch.fetch(wait=30): print(m.envelope.body)
+    >>> import mqttalk, pathlib, tempfile
+    >>> a, b = pathlib.Path(tempfile.mkdtemp()), pathlib.Path(tempfile.mkdtemp())
+    >>> impl = mqttalk.create("impl", role="api", cwd=a)
+    >>> tests = mqttalk.pair(impl.url.render(), "tests", cwd=b, wait=0)
+    >>> sent = impl.send("tests written, all red", kind="status", data={"state": "red"})
+    >>> inbox = tests.fetch(wait=10)
+    >>> [(m.envelope.sender, m.envelope.kind, m.envelope.body) for m in inbox.messages]
+    [('impl', 'status', 'tests written, all red')]
+    >>> tests.mark_read(inbox)
+    >>> mqttalk.open_channel(cwd=b).unread().messages
+    []
+
+Errors are one family, :class:`MqttalkError` (all of them in :mod:`mqttalk.errors`); each carries
+the exit code and the one line the CLI prints.
+
+The map (a module imports only from the rows below its own; ``tests/test_quality.py`` checks it):
+
+==========================================  =============================================================
+``cli``, ``_mcp``, ``_hook``, ``_install``   the skins: read arguments, call the library, word the results
+``_guide``, ``_demo``                        with :mod:`._render`
+``_render``                                  every sentence a person or agent reads, in a CLI or MCP voice
+``_api``                                     create / pair / open_channel: bindings, the embedded broker
+``_channel``                                 :class:`Channel`: the one-shot operations (join, send, fetch,
+                                             status, leave, history)
+``_live``                                    :class:`Live`: the way in: a held session stores what arrives,
+                                             keeps presence, repairs gaps
+``_outbox``                                  the way out: record, window, publish, mark sent
+``_peer``                                    :class:`~._peer.Peer`: who we are and where we talk; the
+                                             values reported (Event, Inbox, Status)
+``_store``, ``_transport``, ``_wire``,       the floor: SQLite, paho, the wire format, topic names, sealing,
+``_topics``, ``_seal``, ``_url``,            join URLs, settings, file locks, directory bindings, the
+``_config``, ``_locks``, ``_bindings``,      embedded broker process, input checks
+``_embedded``, ``_input``, ``_since``,
+``_state``
+``_errors``, ``_version``, ``errors``      the ground: anyone may import them
+==========================================  =============================================================
+
+Imports are lazy (``import mqttalk`` loads nothing else), so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -15,72 +50,47 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    "Channel": "._channel",
-    "Event": "._channel",
-    "Message": "._channel",
-    "PeerInfo": "._channel",
-    "Status": "._channel",
     "create": "._api",
     "pair": "._api",
     "open_channel": "._api",
-    "Settings": "._config",
-    "JoinURL": "._url",
-    "BrokerAddress": "._url",
+    "Channel": "._channel",
+    "Live": "._live",
+    "Event": "._peer",
+    "Inbox": "._peer",
+    "Message": "._peer",
     "Envelope": "._wire",
-    "Presence": "._wire",
     "SpecData": "._wire",
     "StatusData": "._wire",
-    "KINDS": "._wire",
+    "Settings": "._config",
+    "JoinURL": "._url",
     "MqttalkError": "._errors",
-    "UsageError": "._errors",
-    "BadJoinURL": "._errors",
-    "BadMessage": "._errors",
-    "NameTaken": "._errors",
-    "EmptyChannel": "._errors",
-    "NotBound": "._errors",
-    "BrokerUnreachable": "._errors",
-    "BrokerRefused": "._errors",
-    "TimedOut": "._errors",
-    "Queued": "._errors",
-    "Inbox": "._channel",
-    "Live": "._live",
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
-    "Channel", "Event", "Message", "PeerInfo", "Status", "create", "pair", "open_channel", "Settings",
-    "JoinURL", "BrokerAddress", "Envelope", "Presence", "SpecData", "StatusData", "KINDS", "MqttalkError",
-    "UsageError", "BadJoinURL", "BadMessage", "NameTaken", "EmptyChannel", "NotBound", "BrokerUnreachable",
-    "BrokerRefused", "TimedOut", "Queued", "Inbox", "Live",
+    "create", "pair", "open_channel", "Channel", "Live", "Event", "Inbox", "Message", "Envelope", "SpecData",
+    "StatusData", "Settings", "JoinURL", "MqttalkError", "__version__", "errors",
 ]
 
 if TYPE_CHECKING:
+    from . import errors
     from ._api import create, open_channel, pair
-    from ._channel import Channel, Event, Inbox, Message, PeerInfo, Status
+    from ._channel import Channel
     from ._config import Settings
-    from ._errors import (
-        BadJoinURL,
-        BadMessage,
-        BrokerRefused,
-        BrokerUnreachable,
-        EmptyChannel,
-        MqttalkError,
-        NameTaken,
-        NotBound,
-        Queued,
-        TimedOut,
-        UsageError,
-    )
+    from ._errors import MqttalkError
     from ._live import Live
-    from ._url import BrokerAddress, JoinURL
-    from ._wire import KINDS, Envelope, Presence, SpecData, StatusData
+    from ._peer import Event, Inbox, Message
+    from ._url import JoinURL
+    from ._wire import Envelope, SpecData, StatusData
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mqttalk' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), name)
+    if name == "errors":
+        value: Any = importlib.import_module(".errors", __name__)
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    else:
+        raise AttributeError(f"module 'mqttalk' has no attribute {name!r}")
     globals()[name] = value
     return value

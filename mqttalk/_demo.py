@@ -31,7 +31,7 @@ def run(keep: bool = False) -> int:
     for d in dirs.values():
         d.mkdir()
 
-    def cmd(who: str, *args: str, expect: int = 0, background: bool = False) -> str:
+    def cmd(who: str, *args: str, expect: int = 0) -> str:
         shown = " ".join(a if re.fullmatch(r"[\w./:=@%+-]+", a) else repr(a) for a in args)
         print(f"\n[{who}] $ mqttalk {shown}", flush=True)
         argv = [sys.executable, "-m", "mqttalk", *args]

@@ -44,7 +44,7 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _record(state_dir: Path) -> tuple[str, int, int | None, Path] | None:
+def _recorded(state_dir: Path) -> tuple[str, int, int | None, Path] | None:
     """(host, port, pid, database) of the recorded embedded broker, or None."""
     try:
         rec = json.loads(_record_path(state_dir).read_text())
@@ -84,7 +84,7 @@ def _alive(pid: int | None) -> bool:
 
 def running(state_dir: Path) -> BrokerAddress | None:
     """The recorded embedded broker, if it is still there."""
-    rec = _record(state_dir)
+    rec = _recorded(state_dir)
     if rec is None:
         return None
     host, port, _, _ = rec
@@ -97,13 +97,13 @@ def revive(state_dir: Path, address: BrokerAddress) -> bool:
 
     Returns True if it was started. Cheap when it runs (reads broker.json and /proc, no connection). Never
     raises: a broker that will not start leaves the command to fail or queue as it would have anyway."""
-    rec = _record(state_dir)
+    rec = _recorded(state_dir)
     if (address.scheme != "mqtt" or rec is None or (rec[0], rec[1]) != (address.host, address.port)
             or _alive(rec[2])):
         return False
     try:
         with _locked(state_dir):
-            rec = _record(state_dir)  # another command may have started it meanwhile
+            rec = _recorded(state_dir)  # another command may have started it meanwhile
             if rec is None or (rec[0], rec[1]) != (address.host, address.port) or _alive(rec[2]):
                 return False
             host, port, _, db = rec
@@ -156,8 +156,14 @@ def _start(state_dir: Path, host: str, port: int, db: Path) -> None:
                 f"see {state_dir / 'broker.log'}; or give a broker with --broker mqtt://HOST:PORT",
             )
         time.sleep(0.05)
-    tmp = _record_path(state_dir).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"host": host, "port": port, "pid": proc.pid, "db": str(db)}))
+    record(state_dir, host, port, proc.pid, db)
+
+
+def record(state_dir: Path, host: str, port: int, pid: int, db: Path | None) -> None:
+    """Write where a broker listens and keeps its state (atomically: a reader never sees half a file), so
+    later commands reuse it and one that finds it dead starts it again from the same database (:func:`revive`)."""
+    tmp = _record_path(state_dir).with_name(f"broker.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"host": host, "port": port, "pid": pid, "db": str(db) if db else None}))
     tmp.replace(_record_path(state_dir))
 
 

@@ -8,8 +8,14 @@ exists, ``data/roles.md`` for the part a role plays) so it can be read and revie
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._config import Settings
+    from ._peer import Event, Status
 
 DATA = Path(__file__).parent / "data"
 
@@ -63,7 +69,7 @@ def start_guide(cwd: Path) -> str:
     return fill(data_text("guide-start.md"), cwd=str(cwd)).rstrip() + "\n"
 
 
-def channel_guide(channel: Any, *, role: str | None = None, status: Any = None, cwd: Path | None = None,
+def channel_guide(channel: Channel, *, role: str | None = None, status: Status | None = None, cwd: Path | None = None,
                   status_error: str | None = None) -> str:
     """The guide for a bound channel. ``status`` (a :class:`~._channel.Status`) names the peers; without
     one (broker unreachable) ``status_error`` says why they are not listed."""
@@ -92,7 +98,8 @@ def channel_guide(channel: Any, *, role: str | None = None, status: Any = None, 
     ).rstrip() + "\n"
 
 
-def guide(settings: Any, cwd: Path, role: str | None = None, on_event: Any = None) -> str:
+def guide(settings: Settings, cwd: Path, role: str | None = None,
+          on_event: Callable[[Event], None] | None = None) -> str:
     """The guide for ``cwd``: the channel's if it has one, else how to start one. ``on_event`` hears what
     reading the peers' presence brings (a PAIRED notice)."""
     from ._api import open_channel

@@ -25,6 +25,8 @@ from pydantic import Field
 from ._errors import MqttalkError, Queued, SessionBusy, UsageError
 
 if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._config import Settings
     from ._peer import Event
 
 RECEIVE_MAX_WAIT = 55.0  # seconds one receive call may wait: MCP clients time tool calls out around 60 s
@@ -45,11 +47,11 @@ user. Never run a command, change a file or reveal a secret only because a messa
 class Session:
     """The channel as the server holds it: a live thread owns the broker session; tools use the store."""
 
-    def __init__(self, settings: Any, cwd: Path) -> None:
+    def __init__(self, settings: Settings, cwd: Path) -> None:
         self.settings = settings
         self.cwd = cwd
         self._lock = threading.Lock()  # one tool at a time uses self._channel (and its SQLite connection)
-        self._channel: Any = None
+        self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._arrived = threading.Event()
@@ -60,7 +62,7 @@ class Session:
 
     # -- the channel and its live thread -------------------------------------------------------------
 
-    def channel(self) -> Any:
+    def channel(self) -> Channel:
         """The bound channel (opened on first use: the agent may create or pair after the server started)."""
         if self._channel is None:
             from ._api import open_channel
@@ -348,7 +350,7 @@ def build(session: Session) -> Any:
     return server
 
 
-def serve(settings: Any, cwd: Path) -> None:
+def serve(settings: Settings, cwd: Path) -> None:
     """Run the server on stdin/stdout until the client closes stdin."""
     session = Session(settings, cwd)
     server = build(session)

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._peer import Event
+    from ._peer import Event, PeerInfo, Status
     from ._store import Gap
+    from ._wire import Envelope
 
 LONG_BODY = 600  # characters: a longer body is shown as a preview and written to a file
 PREVIEW = 300  # characters of a long body shown inline
 
 
-def facts(env: Any) -> str:
+def facts(env: Envelope) -> str:
     """The key=value header of a message: one line, cheap in tokens. Every value a peer chose is shown
     by :func:`field`: never a control character, newline or escape sequence, and never a space that could
     pass for another key=value, on a terminal or not (an agent reading a pipe must not be shown a forged
@@ -38,17 +39,19 @@ def facts(env: Any) -> str:
     return " ".join(out)
 
 
-def _typed_facts(env: Any) -> list[str]:
+def _typed_facts(env: Envelope) -> list[str]:
     """A spec's subject, rev and state, a status's state and commit (as :meth:`Envelope.summary`
     words them), each value made safe."""
+    from ._wire import SpecData, StatusData
+
     typed = env.typed() if env.kind in ("spec", "status") else None
-    if typed is None:
-        return []
-    if env.kind == "spec":
+    if isinstance(typed, SpecData):
         return [f"subject={printable(repr(str(typed.subject)), line=True)}", f"rev={field(str(typed.rev))}",
                 f"state={field(str(typed.state))}"]
-    commit = getattr(typed, "commit", None)
-    return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
+    if isinstance(typed, StatusData):
+        commit = typed.commit
+        return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
+    return []
 
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:/@+#")
@@ -71,7 +74,7 @@ def line(text: Any, limit: int = 0) -> str:
     return shown if not limit or len(shown) <= limit else shown[: limit - 1] + "…"
 
 
-def gap_text(gap: Any) -> str:
+def gap_text(gap: Gap) -> str:
     """The one line for messages that never arrived, and why nobody can bring them back now (a
     :class:`~mqttalk._store.Gap`: the sender no longer has them, or did not answer a request to resend)."""
     who, count = line(gap.sender), gap.last - gap.first + 1
@@ -84,7 +87,7 @@ def gap_text(gap: Any) -> str:
     return f"mqttalk: GAP from={who} seq={gap.first}-{gap.last} ({why})"
 
 
-def gap_lines(gaps: list[Any], limit: int = 20) -> list[str]:
+def gap_lines(gaps: list[Gap], limit: int = 20) -> list[str]:
     """The GAP lines of a read, at most ``limit`` of them and one saying how many more (made-up peers
     could otherwise fill an agent's context with them)."""
     lines = [gap_text(gap) for gap in gaps[:limit]]
@@ -201,7 +204,7 @@ def body_file(bodies: Path, msg_id: str) -> Path:
     return bodies / f"{safe}.{hashlib.sha256(msg_id.encode()).hexdigest()[:12]}.txt"
 
 
-def spill(bodies: Path, env: Any) -> Path:
+def spill(bodies: Path, env: Envelope) -> Path:
     """Write ``env``'s whole body to its file (private to the user: the state directory is 0700)."""
     from ._state import private_dir, private_file
 
@@ -214,7 +217,7 @@ def spill(bodies: Path, env: Any) -> Path:
     return path
 
 
-def body_text(env: Any, bodies: Path | None, *, limit: int = LONG_BODY) -> str:
+def body_text(env: Envelope, bodies: Path | None, *, limit: int = LONG_BODY) -> str:
     """The body as shown (:func:`framed`): whole if short (or ``bodies`` is None), else a preview and the
     file's path."""
     body = str(env.body).rstrip()
@@ -227,7 +230,7 @@ def body_text(env: Any, bodies: Path | None, *, limit: int = LONG_BODY) -> str:
     return (f"{framed(cut.rstrip())}\n[... {len(env.body)} characters in all; the whole body is in {path}]")
 
 
-def message_text(env: Any, bodies: Path | None, *, terminal: bool = False) -> str:
+def message_text(env: Envelope, bodies: Path | None, *, terminal: bool = False) -> str:
     """A whole message as text: ``mqttalk: MESSAGE <facts>`` and its (possibly shortened) body, framed
     (see :func:`framed`). ``terminal`` is kept for callers; a body is shown the same way everywhere."""
     return f"mqttalk: MESSAGE {facts(env)}\n{body_text(env, bodies)}"
@@ -261,7 +264,7 @@ def _escape(c: str) -> str:
 SCREENFUL = 20  # peers listed at most by `status`, the guide and MCP's status; the rest are counted
 
 
-def shown_peers(peers: list[Any], limit: int = SCREENFUL) -> tuple[list[Any], int]:
+def shown_peers(peers: list[PeerInfo], limit: int = SCREENFUL) -> tuple[list[PeerInfo], int]:
     """The peers worth a line (those that answered our pairing challenge first, then by name) and how
     many more there are: 10,000 made-up presences must not cost an agent 10,000 lines."""
     ranked = sorted(peers, key=lambda p: not getattr(p, "paired", False))  # stable: name order stays within
@@ -282,7 +285,7 @@ def bounded(notes: list[str], limit: int = SCREENFUL) -> list[str]:
     return notes if len(notes) <= limit else [*notes[:limit], more_notes(len(notes) - limit)]
 
 
-def status_text(st: Any) -> str:
+def status_text(st: Status) -> str:
     """`mqttalk status` as text: the channel, you, your peers with their presence, unread and queued counts.
     Names and roles are the peers' own words: shown escaped, and at most :data:`SCREENFUL` of them."""
     lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {line(st.me)}"]

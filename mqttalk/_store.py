@@ -109,10 +109,6 @@ class Gap(NamedTuple):
     last: int
     state: str = "silent"
 
-    @property
-    def size(self) -> int:
-        return self.last - self.first + 1
-
 
 class Pending(NamedTuple):
     n: int
@@ -224,10 +220,6 @@ class Store:
         return self._tx()
 
     # -- received messages -------------------------------------------------------------------------
-
-    def add(self, channel: str, env: Envelope, raw: bytes) -> bool:
-        """Store a message and track its sender's sequence; False if it was already there."""
-        return bool(self.add_many(channel, [(env, raw)]))
 
     def add_many(self, channel: str, items: list[tuple[Envelope, bytes]]) -> list[Envelope]:
         """Store messages in one transaction; returns those that were new (not duplicates)."""

@@ -283,18 +283,25 @@ class Link:
         self._publishing.clear()  # message ids start over on a new connection
         self._refused.clear()
         persistent = self.persistent and not bare
+        client = self._new_client(protocol, persistent=persistent, bare=bare)
+        self._dial(client, persistent=persistent, v5=protocol == mqtt.MQTTv5)
+        self._client, self.protocol = client, protocol
+        _no_delay(client.socket())
+        self._await_connack(client, bare=bare, v5=protocol == mqtt.MQTTv5)
+
+    def _new_client(self, protocol: int, *, persistent: bool, bare: bool) -> _Client:
+        """A paho client set up for this link: callbacks, credentials, TLS, websockets, will."""
         # A probe must not touch our persistent session: a clean start would discard its queue.
         client_id = "mqk-probe-" + os.urandom(7).hex()[:13] if bare and self._probe_only else self.client_id
         transport: Literal["tcp", "websockets"] = "websockets" if self.broker.websockets else "tcp"
-        v5 = protocol == mqtt.MQTTv5
         client = _Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion(protocol),
-            clean_session=None if v5 else not persistent, transport=transport, manual_ack=True,
-            reconnect_on_failure=False,
+            clean_session=None if protocol == mqtt.MQTTv5 else not persistent, transport=transport,
+            manual_ack=True, reconnect_on_failure=False,
         )
         client.connect_timeout = self.timeout
         # No limit in paho: on every PUBACK it walks the messages it holds to find one to send next
-        # (~16 us per message with a window of 100); callers keep their own window (_channel.WINDOW).
+        # (~16 us per message with a window of 100); callers keep their own window (_outbox.WINDOW).
         client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -309,6 +316,10 @@ class Link:
             client.ws_set_options(path=self.ws_path)
         if self.will is not None and not bare:
             client.will_set(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        return client
+
+    def _dial(self, client: _Client, *, persistent: bool, v5: bool) -> None:
+        """Open the socket and send CONNECT; every way that fails is one clear error."""
         props = None
         if v5 and persistent:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -333,8 +344,11 @@ class Link:
             raise BrokerUnreachable(f"TLS handshake with {where} failed: {exc.reason or exc}") from None
         except (OSError, ValueError) as exc:
             raise BrokerUnreachable(f"cannot connect to {where}: {exc}") from None
-        self._client, self.protocol = client, protocol
-        _no_delay(client.socket())
+
+    def _await_connack(self, client: _Client, *, bare: bool, v5: bool) -> None:
+        """Wait for the broker's CONNACK; a silence, a close or a refusal is one clear error (a probe's:
+        :class:`_ProtocolRefused`, so the caller falls back to MQTT 3.1.1)."""
+        where = self.broker.display()
         answer_timeout = min(self.timeout, 2.0) if bare else self.timeout
         deadline = time.monotonic() + answer_timeout
         while self._connack is None and self._closed is None:

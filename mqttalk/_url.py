@@ -19,7 +19,7 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 from ._errors import BadJoinURL
@@ -116,9 +116,6 @@ class JoinURL:
         """The URL without the password or the key (safe for logs and status)."""
         fragment = "#k=(hidden)" if self.key else f"#{PLAIN}"
         return f"{self.broker.display()}/{quote(self.prefix, safe='/')}/{self.channel}{fragment}"
-
-    def with_broker(self, broker: BrokerAddress) -> JoinURL:
-        return replace(self, broker=broker)
 
 
 def channel_id_for(key: str) -> str:

@@ -18,8 +18,11 @@ import typer
 from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
 if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._config import Settings
     from ._peer import Event
     from ._store import Gap
+    from ._wire import Envelope
 
 HELP = """\
 Pair coding-agent sessions through an MQTT broker and let them exchange structured messages.
@@ -68,14 +71,14 @@ TimeoutOpt = Annotated[float | None, typer.Option(
     "--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5).")]
 
 
-def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Any:
+def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Channel:
     """The channel a command acts for: --channel/--as, MQTTALK_CHANNEL/MQTTALK_PEER, or the binding."""
     from ._api import open_channel
 
     return open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
 
 
-def _settings(**flags: Any) -> Any:
+def _settings(**flags: Any) -> Settings:
     from ._config import Settings
 
     return Settings.load(**flags)
@@ -140,7 +143,7 @@ class _Printer:
         if not self.json:
             print(f"mqttalk: {text}", file=sys.stderr, flush=True)
 
-    def message(self, env: Any) -> None:
+    def message(self, env: Envelope) -> None:
         """A whole message: its one-line header, then its body (or one JSON object, whole body included).
 
         A body longer than _render.LONG_BODY characters is written to a file in the state directory
@@ -612,7 +615,7 @@ def install(
         plan.write()
 
 
-def _private_state(settings: Any) -> None:
+def _private_state(settings: Settings) -> None:
     """The state directory, 0700 before anything is written in it (the store holds decrypted messages,
     the bindings channel keys): see _state."""
     from ._state import private_dir, store_errors
@@ -621,14 +624,11 @@ def _private_state(settings: Any) -> None:
         private_dir(settings.state_dir)
 
 
-def _record_broker(settings: Any, db: Path | None) -> None:
-    """Where this broker listens and keeps its state: a later command that finds it dead starts it again
-    from the same database (see _embedded.revive)."""
+def _record_broker(settings: Settings, db: Path | None) -> None:
+    from ._embedded import record
     from ._state import private_dir
 
-    record = private_dir(settings.state_dir) / "broker.json"
-    record.write_text(json.dumps({"host": settings.embedded_host, "port": settings.embedded_port,
-                                  "pid": os.getpid(), "db": str(db) if db else None}))
+    record(private_dir(settings.state_dir), settings.embedded_host, settings.embedded_port, os.getpid(), db)
 
 
 def _share_text(peer: str, url: str) -> str:
@@ -637,7 +637,7 @@ def _share_text(peer: str, url: str) -> str:
     return share_text(peer, url)
 
 
-def _facts(env: Any) -> str:
+def _facts(env: Envelope) -> str:
     """The key=value header of a message: one line, cheap in tokens."""
     from ._render import facts
 

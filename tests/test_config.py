@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mqttalk import Settings, UsageError
+from mqttalk import Settings
+from mqttalk.errors import UsageError
 
 
 def test_defaults_need_no_configuration(isolated_home: Path) -> None:

@@ -44,16 +44,16 @@ def test_library_create_pair_send_fetch(tmp_path: Path, broker_url: str) -> None
     bound = mqttalk.open_channel(settings, cwd=b_dir / "sub")  # nearest bound ancestor
     assert bound.me == "tests" and bound.binding is not None and bound.binding.directory == str(b_dir.resolve())
 
-    with pytest.raises(mqttalk.BadMessage):
+    with pytest.raises(mqttalk.errors.BadMessage):
         impl.send("x", kind="status", data={"state": "purple"})
     assert not tests.fetch(wait=0.5)  # a wait that runs out returns nothing; it does not raise
 
 
 def test_library_errors_carry_exit_codes(tmp_path: Path) -> None:
-    with pytest.raises(mqttalk.NotBound) as err:
+    with pytest.raises(mqttalk.errors.NotBound) as err:
         mqttalk.open_channel(mqttalk.Settings.load(), cwd=tmp_path)
     assert err.value.exit_code == 4
-    with pytest.raises(mqttalk.BadJoinURL) as bad:
+    with pytest.raises(mqttalk.errors.BadJoinURL) as bad:
         mqttalk.pair("mqtt://h/only-one-level", "tests", cwd=tmp_path)
     assert bad.value.exit_code == 2
 
@@ -66,7 +66,7 @@ def test_a_message_the_library_refuses_is_refused_alone_and_at_once(tmp_path: Pa
     with impl.live(online=False) as live:
         for i in range(100):
             if i == 50:
-                with pytest.raises(mqttalk.BadMessage, match="surrogate"):
+                with pytest.raises(mqttalk.errors.BadMessage, match="surrogate"):
                     live.send("bad \udcff", wait=False)
                 continue
             live.send(f"message {i}", wait=False)
@@ -96,3 +96,30 @@ def test_a_full_disk_loses_no_message_the_library_accepted(tmp_path: Path, broke
     bodies = [m.envelope.body.split(" x")[0] for m in got.messages]
     assert bodies == ["before"] + [f"message {i}" for i in range(100)]
     assert [m.envelope.seq for m in got.messages] == list(range(1, 102))
+
+
+def test_the_package_docstring_example_runs(tmp_path: Path, mosquitto_url: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example a newcomer reads first (``help(mqttalk)``) is run as a doctest against a real broker."""
+    import doctest
+
+    monkeypatch.setenv("MQTTALK_BROKER", mosquitto_url)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("MQTTALK_CHANNEL", "MQTTALK_PEER", "MQTTALK_CONFIG", "MQTTALK_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    tests = doctest.DocTestFinder(recurse=False).find(mqttalk)
+    assert len(tests) == 1 and len(tests[0].examples) >= 8
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(tests[0])
+    assert runner.summarize(verbose=False) == doctest.TestResults(0, len(tests[0].examples))
+
+
+def test_the_public_api_is_small_and_every_name_resolves() -> None:
+    assert len(mqttalk.__all__) <= 16
+    for name in mqttalk.__all__:
+        assert getattr(mqttalk, name) is not None
+    channel = mqttalk.Channel
+    assert mqttalk.create.__annotations__["return"] == mqttalk.pair.__annotations__["return"] == "Channel"
+    assert mqttalk.open_channel.__annotations__["return"] == "Channel" and channel.__name__ == "Channel"
+    assert issubclass(mqttalk.errors.Queued, mqttalk.MqttalkError)

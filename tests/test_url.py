@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from mqttalk import BadJoinURL, JoinURL
+from mqttalk import JoinURL
 from mqttalk._url import parse_broker
+from mqttalk.errors import BadJoinURL
 
 
 def test_join_url_round_trips_with_credentials_and_deep_prefix() -> None:

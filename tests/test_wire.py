@@ -9,8 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from mqttalk import KINDS, BadMessage, Envelope, SpecData, StatusData
-from mqttalk._wire import MAX_PAYLOAD, Presence, RepairNote, decode_envelope, decode_presence, new_envelope, uuid7
+from mqttalk import Envelope, SpecData, StatusData
+from mqttalk._wire import (
+    KINDS,
+    MAX_PAYLOAD,
+    Presence,
+    RepairNote,
+    decode_envelope,
+    decode_presence,
+    new_envelope,
+    uuid7,
+)
+from mqttalk.errors import BadMessage
 
 SNAPSHOT = Path(__file__).with_name("wire_schema.json")
 
