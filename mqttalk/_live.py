@@ -15,6 +15,7 @@ from collections import deque
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _handoff  # HANDOFF hook: serve commands of this peer (see _handoff)
 from ._channel import _NETWORK_ERRORS, WINDOW, Event, SessionBusy, _FileLock, _judge, _stale_after
 from ._errors import BrokerRefused, BrokerUnreachable, Queued, TimedOut
 from ._topics import check_peer
@@ -144,6 +145,7 @@ class Live:
                     self.drain()
                     self.announce("joined")
         finally:
+            _handoff.stop(self)  # HANDOFF hook: stop serving before the session lock goes
             if self._link is not None:
                 self._link.close()
                 self._link = None
@@ -254,14 +256,16 @@ class Live:
                 if now_ >= self._retry_at:
                     self._try_reconnect()
                     continue
-                time.sleep(max(0.0, min(deadline, self._retry_at) - now_))
+                _handoff.nap(self, max(0.0, min(deadline, self._retry_at) - now_))  # HANDOFF hook (was time.sleep)
             else:
                 try:
-                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_))
+                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_),
+                                    wake=_handoff.wake_fd(self))  # HANDOFF hook: wake up for a command
                     self._collect_acks()
                     self._routine()
                 except _NETWORK_ERRORS as exc:
                     self._lost(exc)
+            _handoff.serve(self)  # HANDOFF hook: run the commands other processes of this peer handed over
             if self._handled or time.monotonic() >= deadline:
                 got, self._handled = self._handled, 0
                 return got

@@ -67,8 +67,9 @@ TimeoutOpt = Annotated[float | None, typer.Option(
 def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Any:
     """The channel a command acts for: --channel/--as, MQTTALK_CHANNEL/MQTTALK_PEER, or the binding."""
     from ._api import open_channel
+    from ._handoff import served, serving_cwd  # HANDOFF hook: run by a live process, act through it
 
-    return open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    return served(open_channel(_settings(channel=channel_url, peer=as_), serving_cwd(), on_event=out.event))
 
 
 def _settings(**flags: Any) -> Any:
