@@ -34,10 +34,12 @@ import socket
 import struct
 import sys
 import threading
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # (no typing: this module is all a hand-off imports)
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
     from ._live import Live
 
 COMMANDS = ("send", "recv", "status")  # the commands a live process runs for another process
@@ -56,9 +58,35 @@ def main() -> None:
         code = _hand_over(args)
         if code is not None:
             sys.exit(code)
+    _skip_plugin_scan()
     from .cli import main as run
 
     run(args)
+
+
+def _skip_plugin_scan() -> None:
+    """pydantic imports importlib.metadata to look for plugins (~10 ms per start) even when plugins are
+    disabled, as the CLI disables them (PYDANTIC_DISABLE_PLUGINS, see cli.py): give it a loader that
+    finds none. Anything else asked of that module loads the real one."""
+    if os.environ.get("PYDANTIC_DISABLE_PLUGINS", "__all__") not in ("__all__", "1", "true"):
+        return
+    import types
+
+    name = "pydantic.plugin._loader"
+    stub = types.ModuleType(name)
+
+    def real(attr: str) -> Any:
+        if attr.startswith("__"):  # (the import system asks for __path__ and the like)
+            raise AttributeError(attr)
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+        import importlib
+
+        return getattr(importlib.import_module(name), attr)
+
+    stub.get_plugins = lambda: ()  # type: ignore[attr-defined]
+    stub.__getattr__ = real  # type: ignore[method-assign]
+    sys.modules.setdefault(name, stub)
 
 
 # -- the command's side ------------------------------------------------------------------------------
@@ -154,7 +182,7 @@ def relevant_env(env: Any) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES) or k == "HOME"}
 
 
-def locate(args: list[str], env: Any, cwd: str) -> Path | None:  # noqa: PLR0911 - each lookup may end it
+def locate(args: list[str], env: Any, cwd: str) -> str | None:  # noqa: PLR0911 - each lookup may end it
     """The socket of the live process of the peer ``args`` act for, if there is one: the same lookup as
     Settings.load and open_channel (flags > environment > config file > this directory's binding), in
     brief. Only a hint: the live process resolves the command properly and refuses one not its own."""
@@ -185,7 +213,7 @@ def locate(args: list[str], env: Any, cwd: str) -> Path | None:  # noqa: PLR0911
         return None
     url = flags.get("--channel") or setting("channel")
     peer = flags.get("--as") or setting("peer")
-    binding = _binding(Path(state), cwd)
+    binding = _binding(state, cwd)
     if url is None:
         if binding is None:
             return None
@@ -198,7 +226,7 @@ def locate(args: list[str], env: Any, cwd: str) -> Path | None:  # noqa: PLR0911
     channel = channel_of(url)
     if not channel:
         return None
-    path = socket_path(Path(state), channel, peer)
+    path = socket_path(state, channel, peer)
     st = os.lstat(path)  # (FileNotFoundError: no live process)
     import stat
 
@@ -238,21 +266,25 @@ def _config(env: Any) -> dict[str, Any] | None:
     return section if isinstance(section, dict) else None
 
 
-def _binding(state_dir: Path, cwd: str) -> dict[str, Any] | None:
-    """This directory's binding (as _bindings.find): the entry of cwd or its nearest bound ancestor."""
+def _binding(state_dir: str, cwd: str) -> dict[str, Any] | None:
+    """This directory's binding (as _bindings.find): the entry of cwd or its nearest bound ancestor.
+    (os.path, not pathlib: importing pathlib would cost a wheel install ~10 ms here.)"""
     try:
-        with open(state_dir / "bindings.json", "rb") as fh:
+        with open(os.path.join(state_dir, "bindings.json"), "rb") as fh:
             data = json.load(fh)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
         return None
-    here = Path(cwd)
-    for directory in (here, *here.parents):
-        entry = data.get(str(directory))
+    directory = cwd
+    while True:
+        entry = data.get(directory)
         if entry:
             return entry if isinstance(entry, dict) else None
-    return None
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
 
 
 def channel_of(url: str) -> str:
@@ -265,14 +297,14 @@ def channel_of(url: str) -> str:
     return levels[-1] if len(levels) >= 2 else ""
 
 
-def socket_path(state_dir: Path, channel: str, peer: str) -> Path:
+def socket_path(state_dir: str | Path, channel: str, peer: str) -> str:
     """Where the live process of ``peer`` in ``channel`` listens: next to its session lock (the same
     name as Channel._lock_path's)."""
     name = hashlib.sha256(f"{channel}\n{peer}".encode()).hexdigest()[:24]
-    return state_dir / "locks" / f"{name}.sock"
+    return os.path.join(state_dir, "locks", f"{name}.sock")
 
 
-def connect(path: Path) -> socket.socket | None:
+def connect(path: str) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(ACK_TIMEOUT)
     try:
@@ -288,16 +320,16 @@ class short_path:  # (used as a function)
     """A path a Unix socket can be bound or connected at: AF_UNIX takes ~107 bytes, and a state
     directory can be deeper than that; then the directory is reached through /proc/self/fd (Linux)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: str | Path) -> None:
+        self.path = os.fspath(path)
         self.fd: int | None = None
 
     def __enter__(self) -> str:
-        text = str(self.path)
-        if len(os.fsencode(text)) < 100 or not os.path.isdir("/proc/self/fd"):
-            return text
-        self.fd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        return f"/proc/self/fd/{self.fd}/{self.path.name}"
+        if len(os.fsencode(self.path)) < 100 or not os.path.isdir("/proc/self/fd"):
+            return self.path
+        directory, name = os.path.split(self.path)
+        self.fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        return f"/proc/self/fd/{self.fd}/{name}"
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
@@ -349,7 +381,11 @@ local = _Local()
 
 def serving_cwd() -> Path | None:
     """The directory the command being served was run in (None: not serving, use the process's own)."""
-    return None if local.serving is None else Path(local.serving.cwd)
+    if local.serving is None:
+        return None
+    from pathlib import Path
+
+    return Path(local.serving.cwd)
 
 
 def served(opened: Any) -> Any:

@@ -49,7 +49,7 @@ class Server:
     def start(cls, live: Live) -> Server | None:
         """Listen for ``live``'s peer; None if that cannot be done here (then commands run themselves)."""
         ch = live.channel
-        path = socket_path(ch.settings.state_dir, ch.url.channel, ch.me)
+        path = Path(socket_path(ch.settings.state_dir, ch.url.channel, ch.me))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
