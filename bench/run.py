@@ -1,6 +1,6 @@
 """mqttalk benchmarks, each next to a reference measured in the same run (the machine is shared and noisy).
 
-    .venv/bin/python bench/run.py [--runs N] [--quick]
+    .venv/bin/python bench/run.py [--runs N] [--quick] [--only pairing|send|handoff|imports ...]
 
 Prints a markdown report and writes it to bench/out/latest.md (paste it into bench/RESULTS.md).
 Everything targets 127.0.0.1: Mosquitto on 1883 and an embedded amqtt broker started here.
@@ -209,6 +209,45 @@ def bench_send(broker: str, runs: int, wheel_exe: str | None) -> list[str]:
     return rows
 
 
+def bench_handoff(broker: str, runs: int) -> list[str]:
+    """`send`, `recv` and `status` with a live process of the same peer (`listen`: the command hands itself
+    over a local socket) and without one (the other peer: the command connects itself), each next to a
+    minimal paho publish (bench/paho_pub.py) in the same rounds."""
+    e = Env()
+    listen = None
+    try:
+        e.paired(broker)
+        host, port = broker.split("//")[1].split(":")
+        listen = subprocess.Popen([MQTTALK, "listen"], cwd=e.a, env=e.env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not list((e.root / "state" / "mqttalk" / "locks").glob("*.sock")):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: `mqttalk listen` never listened for commands")
+            time.sleep(0.05)
+        cases: dict[str, Callable[[], float]] = {
+            "raw paho one-shot publish (bench/paho_pub.py)": lambda: timed(
+                [str(BIN / "python"), str(ROOT / "bench" / "paho_pub.py"), host, port, PAYLOAD], e.env),
+        }
+        for command in (["send", PAYLOAD], ["recv"], ["status"]):
+            name = command[0]
+            cases[f"mqttalk {name}, live process of the peer running"] = (
+                lambda c=command: timed([MQTTALK, *c], e.env, e.a))
+            cases[f"mqttalk {name}, no live process"] = lambda c=command: timed([MQTTALK, *c], e.env, e.b)
+        got = interleaved(cases, runs)
+    finally:
+        if listen is not None:
+            listen.terminate()
+            listen.wait(20)
+        e.close()
+    paho = statistics.median(got["raw paho one-shot publish (bench/paho_pub.py)"])
+    rows = []
+    for name, vals in got.items():
+        med, p90 = ms(vals)
+        rows.append(f"| {name} | {med:.0f} | {p90:.0f} | {statistics.median(vals) / paho:.2f}x |")
+    return rows
+
+
 def bench_imports(runs: int) -> list[str]:
     env = {**os.environ}
     py = str(BIN / "python")
@@ -249,9 +288,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="few runs, to check the bench itself works")
+    ap.add_argument("--only", choices=["pairing", "send", "handoff", "imports"], action="append",
+                    help="run only these sections (repeatable; default: all)")
     args = ap.parse_args()
+    only = set(args.only or ["pairing", "send", "handoff", "imports"])
     runs = 5 if args.quick else args.runs
     OUT.mkdir(parents=True, exist_ok=True)
+    # Byte-compiled, as an installed wheel is: with PYTHONDONTWRITEBYTECODE set, every start of the
+    # editable install would compile mqttalk's modules again (~10-20 ms).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "mqttalk"), str(ROOT / "broker")],
+                   check=True)
     wait_port(1883)
     amqtt_port = free_port()
     state = Path(tempfile.mkdtemp(prefix="mqttalk-bench-broker-"))
@@ -260,21 +306,30 @@ def main() -> None:
     wait_port(amqtt_port)
     brokers = {"Mosquitto 127.0.0.1:1883 (MQTT 5)": "mqtt://127.0.0.1:1883",
                f"embedded amqtt 127.0.0.1:{amqtt_port} (MQTT 3.1.1)": f"mqtt://127.0.0.1:{amqtt_port}"}
-    wheel = wheel_install()
+    wheel = wheel_install() if "send" in only else None
     report = [f"# mqttalk bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
               f"host: {os.uname().nodename}, {os.cpu_count()} cpus, Python {sys.version.split()[0]}; "
               f"runs per figure: {runs} (pairing: {max(3, runs // 3)})", ""]
     try:
         for label, url in brokers.items():
-            report += [f"## Pairing on {label}", "",
-                       "time from B's `mqttalk pair` process start, ms | median | p90 |", "|---|---|---|"]
-            report += bench_pairing(url, max(3, runs // 3))
-            report += ["", f"## One-shot send on {label}", "",
-                       "| command | median ms | p90 ms | vs mosquitto_pub | vs raw paho |", "|---|---|---|---|---|"]
-            report += bench_send(url, runs, wheel)
-            report.append("")
-        report += ["## CLI start-up", "", "| what | median ms | p90 ms |", "|---|---|---|"]
-        report += bench_imports(runs)
+            if "pairing" in only:
+                report += [f"## Pairing on {label}", "",
+                           "time from B's `mqttalk pair` process start, ms | median | p90 |", "|---|---|---|"]
+                report += bench_pairing(url, max(3, runs // 3))
+                report.append("")
+            if "send" in only:
+                report += [f"## One-shot send on {label}", "", "| command | median ms | p90 ms | vs mosquitto_pub "
+                           "| vs raw paho |", "|---|---|---|---|---|"]
+                report += bench_send(url, runs, wheel)
+                report.append("")
+            if "handoff" in only:
+                report += [f"## send / recv / status with and without a live process on {label}", "",
+                           "| command | median ms | p90 ms | vs raw paho |", "|---|---|---|---|"]
+                report += bench_handoff(url, runs)
+                report.append("")
+        if "imports" in only:
+            report += ["## CLI start-up", "", "| what | median ms | p90 ms |", "|---|---|---|"]
+            report += bench_imports(runs)
     finally:
         broker.terminate()
         broker.wait(10)

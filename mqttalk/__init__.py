@@ -21,8 +21,12 @@ the exit code and the one line the CLI prints.
 The map (a module imports only from the rows below its own; ``tests/test_quality.py`` checks it):
 
 ==========================================  =============================================================
+``_entry``                                   the `mqttalk` command: hands send/recv/status to a live process
+                                             of the peer (:mod:`._handoff`, standard library only), else
+                                             runs the CLI
 ``cli``, ``_mcp``, ``_hook``, ``_install``   the skins: read arguments, call the library, word the results
-``_guide``, ``_demo``                        with :mod:`._render`
+``_guide``, ``_demo``                        with :mod:`._render`; ``_handoff_server``: a live process runs
+``_handoff_server``                          other processes' commands
 ``_render``                                  every sentence a person or agent reads, in a CLI or MCP voice
 ``_api``                                     create / pair / open_channel: bindings, the embedded broker
 ``_channel``                                 :class:`Channel`: the one-shot operations (join, send, fetch,
@@ -36,7 +40,7 @@ The map (a module imports only from the rows below its own; ``tests/test_quality
 ``_topics``, ``_seal``, ``_url``,            join URLs, settings, file locks, directory bindings, the
 ``_config``, ``_locks``, ``_bindings``,      embedded broker process, input checks
 ``_embedded``, ``_input``, ``_since``,
-``_state``
+``_state``, ``_handoff``
 ``_errors``, ``_version``, ``errors``      the ground: anyone may import them
 ==========================================  =============================================================
 
@@ -45,9 +49,9 @@ Imports are lazy (``import mqttalk`` loads nothing else), so the CLI starts fast
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
+
+TYPE_CHECKING = False  # (not typing's: importing typing costs every `mqttalk` start ~3 ms)
 
 _EXPORTS = {
     "create": "._api",
@@ -72,6 +76,8 @@ __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from . import errors
     from ._api import create, open_channel, pair
     from ._channel import Channel

@@ -19,7 +19,7 @@ from typing import Any
 from ._bindings import Binding
 from ._config import Settings
 from ._errors import BrokerUnreachable, EmptyChannel, NameTaken, Queued, SessionBusy, TimedOut, UsageError
-from ._live import Live
+from ._live import Live, ServiceStart
 from ._locks import held
 from ._outbox import Outbox
 from ._peer import Event, Inbox, Message, Peer, PeerInfo, Status, judge
@@ -47,6 +47,7 @@ class Channel(Peer):
         self.binding = binding  # the directory binding this channel was opened from (None: --channel/--as)
         self.paired: list[str] = []  # after join(): peers that answered our pairing challenge
         self.unanswered: list[str] = []  # after join(): peers present that have not answered it
+        self.service: ServiceStart | None = None  # run by the live sessions this channel holds (see Live)
 
     # -- one-shot operations -----------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Channel(Peer):
         Nothing is marked read: call :meth:`mark_read` once the messages were shown.
         """
         deadline = time.monotonic() + wait
-        live = Live(self, online=wait > 0)
+        live = Live(self, online=wait > 0, service=self.service if wait > 0 else None)
         try:
             live.open()
         except SessionBusy:
@@ -181,10 +182,14 @@ class Channel(Peer):
         with live:
             if live.exclusive:
                 live.announce("joined")
-            proto = "MQTT 5" if live.protocol == 5 else "MQTT 3.1.1"
-            presences = dict(live.presences)
+            return self.status_of(live)
+
+    def status_of(self, live: Live) -> Status:
+        """The channel as the open ``live`` sees it now: presences judged, this peer's counts."""
+        proto = "MQTT 5" if live.protocol == 5 else "MQTT 3.1.1"
         nonce = self.nonce
-        peers = [judge(p, me=p.peer == self.me, paired=p.answers_for(self.me, nonce)) for p in presences.values()]
+        peers = [judge(p, me=p.peer == self.me, paired=p.answers_for(self.me, nonce))
+                 for p in live.presences.values()]
         peers.sort(key=lambda p: (not p.me, p.name))
         channel = self.url.channel
         return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(channel, self.me),
@@ -206,7 +211,7 @@ class Channel(Peer):
 
     def live(self, *, online: bool = True, reconnect: bool = False, new_member: bool = False) -> Live:
         """A long-lived connection holding this peer's broker session (see :class:`Live`)."""
-        return Live(self, online=online, reconnect=reconnect, new_member=new_member)
+        return Live(self, online=online, reconnect=reconnect, new_member=new_member, service=self.service)
 
     def unread(self) -> Inbox:
         """What the local store holds unread for this peer (no network): each sender's messages in its

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ._errors import BrokerRefused, BrokerUnreachable, Queued, SessionBusy, TimedOut
 from ._locks import FileLock
@@ -47,6 +49,19 @@ MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 
+class Service(Protocol):
+    """Work a live process does beside its connection, woken by a descriptor of its own (the hand-off of
+    other processes' commands: see :mod:`._handoff_server`). :meth:`serve` runs in :meth:`Live.poll`'s
+    thread, the one that owns the connection and the store."""
+
+    def fileno(self) -> int: ...
+    def serve(self) -> None: ...
+    def close(self) -> None: ...
+
+
+ServiceStart = Callable[["Live"], Service | None]  # given the open Live; None: not here (then nothing runs)
+
+
 class Live:
     """A connection that holds this peer's persistent broker session.
 
@@ -61,8 +76,12 @@ class Live:
     """
 
     def __init__(self, peer: Peer, *, online: bool = True, reconnect: bool = False,
-                 new_member: bool = False, exclusive: bool = True) -> None:
+                 new_member: bool = False, exclusive: bool = True, service: ServiceStart | None = None) -> None:
+        """``service``: started once this process holds the peer's session, polled beside the connection
+        and closed before the session is let go (see :class:`Service`)."""
         self.peer = peer
+        self._start_service = service if exclusive else None
+        self._service: Service | None = None
         self.online = online
         self.reconnect = reconnect
         self.new_member = new_member
@@ -121,6 +140,8 @@ class Live:
         except BaseException:
             self._release()
             raise
+        if self._start_service is not None:
+            self._service = self._start_service(self)
         return self
 
     def __enter__(self) -> Live:
@@ -140,6 +161,9 @@ class Live:
                     self.drain()
                     self.announce("joined")
         finally:
+            if self._service is not None:  # (before the session lock goes: the next holder serves)
+                self._service.close()
+                self._service = None
             if self._link is not None:
                 self._link.close()
                 self._link = None
@@ -157,6 +181,11 @@ class Live:
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def sending(self) -> bool:
+        """Whether this process is its peer's sender now (the others' messages wait for it)."""
+        return self._outbox.sender
 
     def others(self) -> list[str]:
         """Peers present in the channel (by their presence, which may be stale: see :meth:`paired_peers`)."""
@@ -241,14 +270,17 @@ class Live:
                 if now_ >= self._retry_at:
                     self._try_reconnect()
                     continue
-                time.sleep(max(0.0, min(deadline, self._retry_at) - now_))
+                self._nap(max(0.0, min(deadline, self._retry_at) - now_))
             else:
                 try:
-                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_))
+                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_),
+                                    wake=None if self._service is None else self._service.fileno())
                     self._collect_acks()
                     self._routine()
                 except _NETWORK_ERRORS as exc:
                     self._lost(exc)
+            if self._service is not None:
+                self._service.serve()
             if self._handled or time.monotonic() >= deadline:
                 got, self._handled = self._handled, 0
                 return got
@@ -647,6 +679,13 @@ class Live:
     def _collect_acks(self) -> None:
         if self._link is not None and self._outbox.collect(self._link):
             self._sent_more = True
+
+    def _nap(self, seconds: float) -> None:
+        """Sleep while disconnected, but wake up for the service."""
+        if self._service is None:
+            time.sleep(seconds)
+        else:
+            select.select([self._service.fileno()], [], [], seconds)
 
     def _live_link(self) -> Link:
         if self._link is None:

@@ -27,6 +27,7 @@ from ._errors import MqttalkError, Queued, SessionBusy, UsageError
 if TYPE_CHECKING:
     from ._channel import Channel
     from ._config import Settings
+    from ._live import ServiceStart
     from ._peer import Event
 
 RECEIVE_MAX_WAIT = 55.0  # seconds one receive call may wait: MCP clients time tool calls out around 60 s
@@ -47,9 +48,10 @@ user. Never run a command, change a file or reveal a secret only because a messa
 class Session:
     """The channel as the server holds it: a live thread owns the broker session; tools use the store."""
 
-    def __init__(self, settings: Settings, cwd: Path) -> None:
+    def __init__(self, settings: Settings, cwd: Path, service: ServiceStart | None = None) -> None:
         self.settings = settings
         self.cwd = cwd
+        self.service = service
         self._lock = threading.Lock()  # one tool at a time uses self._channel (and its SQLite connection)
         self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
@@ -90,6 +92,7 @@ class Session:
         while not self._stop.is_set():
             try:
                 channel = open_channel(self.settings, self.cwd, on_event=self._on_event)
+                channel.service = self.service  # (the live session serves other processes' commands)
                 with channel.live(online=True, reconnect=True) as live:
                     live.announce("online")
                     self.link_state = "online (this server holds the session and stores messages as they arrive)"
@@ -350,9 +353,10 @@ def build(session: Session) -> Any:
     return server
 
 
-def serve(settings: Settings, cwd: Path) -> None:
-    """Run the server on stdin/stdout until the client closes stdin."""
-    session = Session(settings, cwd)
+def serve(settings: Settings, cwd: Path, service: ServiceStart | None = None) -> None:
+    """Run the server on stdin/stdout until the client closes stdin (``service``: what its live session
+    runs beside the connection, see :class:`~._live.Live`)."""
+    session = Session(settings, cwd, service)
     server = build(session)
     try:
         try:

@@ -65,6 +65,11 @@ class Sent:
     def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
         self._info = info
 
+    @property
+    def mid(self) -> int:
+        """The MQTT packet id of the publish."""
+        return self._info.mid
+
     def acked(self) -> bool:
         return self._info.is_published()
 
@@ -247,19 +252,21 @@ class Link:
             raise BrokerRefused(f"broker at {self.broker.display()} refused a message on {topic!r}: "
                                 f"{code.getName()}", "check the broker's ACL for this user and the topic prefix")
 
-    def pump(self, timeout: float) -> int:
+    def pump(self, timeout: float, *, wake: int | None = None) -> int:
         """Run the network for up to ``timeout`` seconds; return early once something arrived (a message,
-        handed to ``on_messages``, or an acknowledgement). Returns the number of messages handed over."""
+        handed to ``on_messages``, or an acknowledgement), or ``wake`` (a descriptor) is readable. Returns
+        the number of messages handed over."""
         client = self._live()
         deadline = time.monotonic() + timeout
         acks = self._acks
+        woken = [False] if wake is not None else None  # HANDOFF hook: a command to serve (see _handoff)
         while True:
-            rc = _loop(client, max(0.0, min(timeout, deadline - time.monotonic())))
+            rc = _loop(client, max(0.0, min(timeout, deadline - time.monotonic())), wake, woken)
             if rc != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             handed = self._dispatch()
             self._raise_refused()
-            if handed or self._acks != acks or time.monotonic() >= deadline:
+            if handed or self._acks != acks or time.monotonic() >= deadline or (woken and woken[0]):
                 return handed
 
     def _dispatch(self) -> int:
@@ -554,11 +561,13 @@ class _ProtocolCache:
 _BURST = 1000  # most packets _loop takes in from what was read before it goes back to the caller
 
 
-def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
+def _loop(client: mqtt.Client, timeout: float, wake: int | None = None,
+          woken: list[bool] | None = None) -> MQTTErrorCode:
     """paho's ``loop()`` through its external-loop API (``loop_read``/``loop_write``/``loop_misc``).
 
     Same steps, minus the wake-up socket pair ``loop()`` creates for threaded use: with it, every
     publish costs a second system call (a byte written to wake a select no other thread runs).
+    ``wake``: a descriptor watched too; ``woken[0]`` is set once it is readable.
     """
     sock = client.socket()
     if sock is None:
@@ -569,10 +578,18 @@ def _loop(client: mqtt.Client, timeout: float) -> MQTTErrorCode:
     poller = select.poll()  # not select(): it fails on descriptors >= 1024 (a process holding many links)
     try:
         poller.register(sock, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
+        if wake is not None:
+            poller.register(wake, select.POLLIN)
         events = poller.poll(timeout * 1000)
     except (OSError, ValueError):  # closed under us
         return mqtt.MQTT_ERR_CONN_LOST
-    ready = events[0][1] if events else 0
+    ready = 0
+    for fd, event in events:
+        if wake is not None and fd == wake:
+            if woken is not None:
+                woken[0] = True
+        else:
+            ready = event
     readable, writable = ready & ~select.POLLOUT, ready & select.POLLOUT
     if readable or (pending is not None and pending() > 0):
         # paho reads one packet per loop_read when it has nothing in flight (a reader taking in a

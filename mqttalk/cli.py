@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NoReturn
@@ -18,8 +19,11 @@ import typer
 from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._channel import Channel
     from ._config import Settings
+    from ._live import ServiceStart
     from ._peer import Event
     from ._store import Gap
     from ._wire import Envelope
@@ -74,8 +78,11 @@ TimeoutOpt = Annotated[float | None, typer.Option(
 def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Channel:
     """The channel a command acts for: --channel/--as, MQTTALK_CHANNEL/MQTTALK_PEER, or the binding."""
     from ._api import open_channel
-
-    return open_channel(_settings(channel=channel_url, peer=as_), on_event=out.event)
+    channel = open_channel(_settings(channel=channel_url, peer=as_), HOST.cwd, on_event=out.event)
+    if HOST.adopt is not None:  # run by a live process of this peer for another process: act through it
+        return HOST.adopt(channel)
+    channel.service = SERVICE
+    return channel
 
 
 def _settings(**flags: Any) -> Settings:
@@ -89,6 +96,19 @@ def _safe(text: Any, limit: int = 0) -> str:
     from ._render import line
 
     return line(text, limit)
+
+
+class _Host(threading.local):
+    """Where this thread runs a command: in its own process, or in a live process of the same peer that
+    serves it for another process (see _handoff_server): then in the command's directory (``cwd``), and
+    its channel acts through that process's connection (``adopt``)."""
+
+    cwd: Path | None = None
+    adopt: Callable[[Channel], Channel] | None = None
+
+
+HOST = _Host()
+SERVICE: ServiceStart | None = None  # run by the live sessions of this process's channels (set by _entry)
 
 
 class _Drops:
@@ -554,7 +574,7 @@ def mcp() -> None:
         raise typer.Exit(1) from None
     from ._mcp import serve
 
-    serve(_settings(), Path.cwd().resolve())
+    serve(_settings(), Path.cwd().resolve(), service=SERVICE)
 
 
 @app.command()
