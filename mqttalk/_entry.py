@@ -16,7 +16,11 @@ def main() -> None:
     from ._handoff import DISABLE, eligible, hand_over
 
     if eligible(args, os.environ):
-        code = hand_over(args)
+        try:
+            code = hand_over(args)
+        except KeyboardInterrupt:
+            print("mqttalk: interrupted", file=sys.stderr)
+            sys.exit(130)
         if code is not None:
             sys.exit(code)
     from . import cli

@@ -44,7 +44,7 @@ ACK_TIMEOUT = 1.0  # s the client waits for a live process to take its command b
 ANSWER_TIMEOUT = 150.0  # s the client waits for the result once handed over (a send waits <= 120 s for its ack)
 MAX_FRAME = 4 * 1024 * 1024  # a request: argv (a message of up to 256 KiB, escaped) plus stdin, in base64
 STDIN_LIMIT = 256 * 1024 + 1  # what `send -` reads at most (_wire.MAX_PAYLOAD + 1, as _input.read_body)
-ENV_PREFIXES = ("MQTTALK_", "XDG_")  # with HOME: the environment that decides settings and paths
+MAX_RESULT = 1 << 30  # what a command printed (a `recv --json` of many long bodies is megabytes)
 DISABLE = "MQTTALK_HANDOFF"  # =0: never hand a command over (nor serve one)
 
 
@@ -69,7 +69,7 @@ def hand_over(args: list[str]) -> int | None:
         cwd = os.path.realpath(os.getcwd())
         path = locate(args, os.environ, cwd)
         # (maybe the message on stdin: read as `send -` would read it, and kept for running it here)
-        stdin = _read_stdin() if path is not None and "-" in args else None
+        stdin = _read_stdin() if path is not None and _body_on_stdin(args) else None
     except (OSError, ValueError):
         return None  # (run here, the command says what is wrong)
     sock = connect(path) if path is not None else None
@@ -93,8 +93,8 @@ def _answer(sock: socket.socket) -> int | None:
     """Print what the live process answered and confirm it; its exit code (None: it did nothing)."""
     try:
         sock.settimeout(ANSWER_TIMEOUT)
-        answer = read_frame(sock)
-    except (OSError, ValueError) as exc:
+        answer = read_frame(sock, limit=MAX_RESULT)
+    except (OSError, ValueError, RecursionError) as exc:
         why = "ended" if isinstance(exc, (ValueError, ConnectionError)) else "did not answer"
         print(f"mqttalk: error: the live mqttalk process of this peer took the command and {why} before "
               "answering (`mqttalk log` shows whether a message was recorded; MQTTALK_HANDOFF=0 runs "
@@ -105,10 +105,14 @@ def _answer(sock: socket.socket) -> int | None:
     try:
         for stream, text in answer["out"]:
             target = sys.stdout if stream == 1 else sys.stderr
-            target.write(text)
-            target.flush()
+            if target is not None:  # (closed: print() writes nothing there either)
+                target.write(text)
+                target.flush()
     except BrokenPipeError:
         return 1  # as the command run here: exit 1, and nothing confirmed (nothing marked read)
+    except (OSError, UnicodeError) as exc:  # a full disk, an encoding that cannot show the text
+        print(f"mqttalk: error: cannot write the output: {exc}", file=sys.stderr)
+        return 1  # nothing confirmed: nothing marked read
     if answer.get("confirm"):
         with contextlib.suppress(OSError):
             write_frame(sock, {"t": "printed"})
@@ -137,8 +141,30 @@ def _isatty(stream: Any) -> bool:
 
 
 def relevant_env(env: Any) -> dict[str, str]:
-    """The environment that decides settings and paths (both sides must agree on it)."""
-    return {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES) or k == "HOME"}
+    """The environment that decides settings and paths (both sides must agree on it): MQTTALK_* (but the
+    switches of this hand-off and of tracebacks), XDG_CONFIG_HOME, XDG_STATE_HOME and HOME."""
+    return {k: v for k, v in env.items()
+            if (k.startswith("MQTTALK_") and k not in (DISABLE, "MQTTALK_DEBUG")) or k in _PATH_ENV}
+
+
+_PATH_ENV = ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "HOME")
+_SEND_VALUES = frozenset({"--kind", "-k", "--to", "--re", "--subject", "--rev", "--state", "--commit", "--as",
+                          "--channel", "--connect-timeout", "--ca"})  # options of `send` that take a value
+
+
+def _body_on_stdin(args: list[str]) -> bool:
+    """Whether ``args`` is a `send` whose message is ``-`` (read from stdin), not an option's value."""
+    if args[0] != "send":
+        return False
+    it = iter(args[1:])
+    for arg in it:
+        if arg == "--":
+            return next(it, None) == "-"
+        if arg in _SEND_VALUES:
+            next(it, None)
+        elif not arg.startswith("-") or arg == "-":
+            return arg == "-"
+    return False
 
 
 def locate(args: list[str], env: Any, cwd: str) -> str | None:  # noqa: PLR0911 - each lookup may end it

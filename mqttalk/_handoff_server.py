@@ -18,26 +18,30 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._channel import Channel
-from ._handoff import COMMANDS, read_frame, relevant_env, short_path, socket_path, write_frame
+from ._handoff import COMMANDS, eligible, read_frame, relevant_env, short_path, socket_path, write_frame
 
 if TYPE_CHECKING:
     from ._live import Live
     from ._peer import Event, Inbox, Status
     from ._wire import Envelope
 
-READ_TIMEOUT = 0.5  # s a client may take to send its request, its "go", or confirm it printed
-CONFIRM_TIMEOUT = 2.0  # s recv waits for the client to say it printed (else nothing is marked read)
+READ_TIMEOUT = 0.5  # s a client may take to send its request or its "go"
+WRITE_TIMEOUT = 5.0  # s a client may take to read the result (a big `recv --json`)
+CONFIRM_TIMEOUT = 600.0  # s a recv's client may take to print (a slow pipe, a pager) before saying so
 PER_SERVE = 8  # commands answered at most per call (then the live loop goes on)
+MAX_CONFIRMING = 64  # recv results waiting for their client to say it printed them (the oldest go first)
 
 
 class Fallback(BaseException):  # (not an error: "run it yourself")
@@ -61,6 +65,9 @@ class Server:
         self.sock = sock
         self.path = path
         self._inode = os.stat(path).st_ino
+        # recv results handed over, marked read once their client says it printed them (it may take
+        # long: a slow pipe, a pager), looked at without blocking on every serve(), before new commands
+        self._confirming: list[tuple[socket.socket, list[Callable[[], None]], float]] = []
 
     @classmethod
     def start(cls, live: Live) -> Server | None:
@@ -90,46 +97,111 @@ class Server:
             if os.stat(self.path).st_ino == self._inode:  # (never another process's socket)
                 self.path.unlink()
         self.sock.close()
+        for conn, _, _ in self._confirming:
+            conn.close()
+        self._confirming.clear()
 
     def serve(self) -> None:
         """Answer the commands waiting (never while serving one: a served command may poll the link)."""
         if local.serving is not None:
             return
+        self._confirmations()  # (first: a recv that printed is marked read before the next recv reads)
         for _ in range(PER_SERVE):
             try:
                 conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # (none waiting, or the socket is gone)
                 return
-            except OSError:
-                return
-            # (a client gone, slow or speaking nonsense: dropped, nothing done)
-            with conn, contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                self._handle(conn)
+            try:
+                kept = self._handle(conn)
+            except Exception:  # noqa: BLE001 - a client gone, slow or speaking nonsense (even JSON nested
+                kept = False  # deep enough to exhaust the parser) is dropped: nothing done, the live process goes on
+            if not kept:
+                conn.close()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _confirmations(self) -> None:
+        """Mark read what each waiting recv's client says it printed; drop those gone or too slow."""
+        waiting, self._confirming = self._confirming, []
+        for conn, steps, deadline in waiting:
+            said = _peek_frame(conn)
+            if said is None and time.monotonic() < deadline:
+                self._confirming.append((conn, steps, deadline))  # not yet
+                continue
+            conn.close()
+            if said == {"t": "printed"}:
+                for step in steps:
+                    step()
+
+    def _handle(self, conn: socket.socket) -> bool:
+        """Serve one connection; whether it is kept (a recv waiting for its client to say it printed)."""
         conn.setblocking(True)
         conn.settimeout(READ_TIMEOUT)
         if not _same_user(conn):
             write_frame(conn, {"t": "refused", "why": "another user"})
-            return
+            return False
         req = Request.parse(read_frame(conn), self.live)
         if req.env != relevant_env(os.environ):  # other settings, other paths: the command must run itself
             write_frame(conn, {"t": "fallback", "why": "environment"})
-            return
+            return False
         write_frame(conn, {"t": "ack", "pid": os.getpid()})
         if read_frame(conn, limit=1024).get("t") != "go":
-            return  # the client gave up waiting and runs the command itself: do nothing
+            return False  # the client gave up waiting and runs the command itself: do nothing
         try:
             code = req.run()
         except Fallback:
             write_frame(conn, {"t": "fallback", "why": "not here"})
-            return
+            return False
+        conn.settimeout(WRITE_TIMEOUT)
         write_frame(conn, {"t": "result", "out": req.out, "code": code, "confirm": bool(req.after_print)})
-        if req.after_print:
-            conn.settimeout(CONFIRM_TIMEOUT)
-            if read_frame(conn, limit=1024).get("t") == "printed":
-                for step in req.after_print:
-                    step()
+        if not req.after_print:
+            return False
+        conn.setblocking(False)
+        if len(self._confirming) >= MAX_CONFIRMING:
+            self._confirming.pop(0)[0].close()
+        self._confirming.append((conn, req.after_print, time.monotonic() + CONFIRM_TIMEOUT))
+        return True
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that come while a command is served are handled once it is done (it takes at
+    most a connect timeout): raised inside it, the command would end with 130 and this process go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signals reach the main thread only: nothing to defer in the MCP server's live thread)
+        return
+    came: list[signal.Signals] = []
+    saved = {sig: signal.signal(sig, lambda number, _f: came.append(signal.Signals(number)))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if came:
+        handler = saved[came[0]]
+        if callable(handler):
+            handler(came[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(came[0])
+
+
+def _peek_frame(conn: socket.socket) -> dict[str, Any] | None:
+    """A whole small frame waiting on a non-blocking ``conn`` (taken); None if it is not all there yet.
+    A closed or misbehaving client reads as an empty frame ({})."""
+    try:
+        head = conn.recv(4, socket.MSG_PEEK)
+        if len(head) < 4:
+            return {} if not head else None
+        size = struct.unpack(">I", head)[0]
+        if size > 1024:
+            return {}
+        if len(conn.recv(4 + size, socket.MSG_PEEK)) < 4 + size:
+            return None
+        conn.setblocking(True)
+        return read_frame(conn, limit=1024)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except (OSError, ValueError, RecursionError):
+        return {}
 
 
 def _same_user(conn: socket.socket) -> bool:
@@ -161,7 +233,7 @@ class Request:
                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
                 or not (stdin is None or isinstance(stdin, str)) or not isinstance(tty, list) or len(tty) != 2):
             raise ValueError("malformed request")
-        if argv[0] not in COMMANDS:
+        if argv[0] not in COMMANDS or not eligible(argv, {}):  # (--file: a path this process would open for it)
             raise ValueError("not a command served here")
         return cls(live, argv, cwd, env, None if stdin is None else stdin.encode("latin-1"),
                    (bool(tty[0]), bool(tty[1])))
@@ -202,7 +274,8 @@ class Request:
         cli._DROPS, channel.on_event, local.serving = mine, own_event, self
         cli.HOST.cwd, cli.HOST.adopt = Path(self.cwd), self.adopt
         try:
-            yield
+            with _signals_deferred():  # a Ctrl-C or SIGTERM meant for this process ends it, not the command
+                yield
         finally:
             local.serving = None
             cli.HOST.cwd = cli.HOST.adopt = None
@@ -263,11 +336,11 @@ class _Out:
         self._real = real
         self._stream = stream
 
-    def write(self, text: str) -> int:
+    def write(self, text: str | bytes) -> int:
         req = local.serving
         if req is None:
-            return int(self._real.write(text))
-        req.out.append((self._stream, text))
+            return int(self._real.write(text if isinstance(text, str) else text.decode(errors="replace")))
+        req.out.append((self._stream, text if isinstance(text, str) else text.decode(errors="replace")))
         return len(text)
 
     def flush(self) -> None:

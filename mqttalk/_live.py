@@ -219,21 +219,26 @@ class Live:
             check_peer(to)
         env = new_envelope(self.peer.me, kind, body, data=data, to=to, re=re)
         self._outbox.record([env], later=not wait)
-        if not self._outbox.batched:  # recorded now (a whole group, or this one): publish
-            self._publish_pending()
-            if not wait and self._link is not None:
-                try:  # take in the acknowledgements that came meanwhile: keeps the in-flight window moving
-                    self._link.pump(0)
-                    self._collect_acks()
+        try:  # (from here the message is recorded: a link lost now leaves it queued, it goes out later)
+            if not self._outbox.batched:  # recorded now (a whole group, or this one): publish
+                try:
+                    self._publish_pending()
+                    if not wait and self._link is not None:  # take in the acks that came meanwhile:
+                        self._link.pump(0)  # keeps the in-flight window moving
+                        self._collect_acks()
                 except _NETWORK_ERRORS as exc:
                     self._lost(exc)
-        if wait:
-            if self._link is None or not self._outbox.sender:
-                raise Queued(env.id, "not connected to the broker" if self._link is None
-                             else "another mqttalk process of this peer is sending")
-            self.drain()
-            if not self.peer.store.is_sent(self.peer.url.channel, self.peer.me, env.seq):
-                raise Queued(env.id, "the broker did not acknowledge it")
+            if wait:
+                if self._link is None or not self._outbox.sender:
+                    raise Queued(env.id, "not connected to the broker" if self._link is None
+                                 else "another mqttalk process of this peer is sending")
+                self.drain()
+        except _NETWORK_ERRORS as exc:
+            if wait:
+                raise Queued(env.id, exc.message) from None
+            raise
+        if wait and not self.peer.store.is_sent(self.peer.url.channel, self.peer.me, env.seq):
+            raise Queued(env.id, "the broker did not acknowledge it")
         return env
 
     def drain(self, timeout: float | None = None) -> None:

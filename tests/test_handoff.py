@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Result, Session, paired
@@ -175,8 +176,9 @@ def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tu
                 s.connect(where)
             return s
 
+        nested = b"[" * 100_000 + b"]" * 100_000  # deep enough to exhaust the JSON parser's recursion
         for junk in (b"\xff\xff\xff\xff", struct.pack(">I", 5) + b"[1,2]", struct.pack(">I", 3) + b"{{{",
-                     struct.pack(">I", 2) + b"{}", b"GET / HTTP/1.0\r\n\r\n"):
+                     struct.pack(">I", 2) + b"{}", b"GET / HTTP/1.0\r\n\r\n", struct.pack(">I", len(nested)) + nested):
             with client() as s:
                 s.sendall(junk)
                 s.shutdown(socket.SHUT_WR)
@@ -189,6 +191,18 @@ def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tu
             s.sendall(struct.pack(">I", len(data)) + data)
             size = struct.unpack(">I", s.recv(4))[0]
             assert json.loads(s.recv(size))["t"] == "fallback"
+        secret = impl.cwd / "secret.txt"
+        secret.write_text("not for the channel")
+        for argv in (["send", "--file", str(secret)], ["send", "-f", str(secret)], ["leave"], ["broker"]):
+            from mqttalk._handoff import relevant_env
+
+            request = {"v": 1, "argv": argv, "cwd": str(impl.cwd), "env": relevant_env(impl.env), "stdin": None,
+                       "tty": [False, False]}
+            data = json.dumps(request).encode()
+            with client() as s:  # a file this process would open for the caller, a command not served: dropped
+                s.sendall(struct.pack(">I", len(data)) + data)
+                with suppress(ConnectionResetError):
+                    assert s.recv(100) == b"", argv
         silent = client()  # says nothing: costs the live process a bounded wait, no more
         assert handed_over(impl, "send", "despite a silent client").code == 0
         silent.close()
@@ -224,7 +238,7 @@ def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tu
                     p.chmod(mode)
         assert proc.poll() is None
         assert handed_over(impl, "send", "still serving").code == 0
-    assert bodies(tests) == ["despite a silent client", "still serving"]
+    assert bodies(tests) == ["despite a silent client", "still serving"]  # (and not the secret file)
 
 
 def test_two_concurrent_sends_both_arrive_once(sessions: tuple[Session, Session], broker_url: str) -> None:
@@ -289,6 +303,72 @@ def test_a_recv_wait_and_an_mcp_server_serve_commands_too(sessions: tuple[Sessio
     finally:
         server.communicate(input="", timeout=30)  # stdin closed: the MCP server ends
     assert bodies(tests) == ["through the MCP server"]
+
+
+def test_a_big_recv_to_a_slow_reader_is_printed_whole_and_marked_read(sessions: tuple[Session, Session],
+                                                                     broker_url: str) -> None:
+    """Megabytes of unread messages, printed into a pipe read seconds later: all of it arrives, once, and
+    is marked read once the command printed it (not dropped as unconfirmed)."""
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    with live(impl):
+        for i in range(20):
+            tests.ok("send", "-", input=f"{i:02d}" + "x" * 220_000)
+        deadline = time.monotonic() + 30
+        while "unread:  20" not in handed_over(impl, "status").out and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reader = impl.cwd / "slow_reader.py"  # reads nothing for 3 s: the command blocks printing meanwhile
+        reader.write_text("import sys, time\ntime.sleep(3)\ndata = sys.stdin.read()\n"
+                          "print(len(data), data.count('xx\"'))\n")
+        proc = subprocess.run(f"{sys.executable} -m mqttalk recv --json | {sys.executable} {reader}",
+                              shell=True, cwd=impl.cwd, env=impl.env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        size, bodies_seen = (int(x) for x in proc.stdout.split())
+        assert size > 4 * 1024 * 1024 and bodies_seen == 20, proc.stdout
+        assert handed_over(impl, "recv").err == "mqttalk: no unread messages\n"
+
+
+def test_a_signal_that_comes_while_a_command_is_served_is_handled_after_it() -> None:
+    """A SIGTERM or Ctrl-C meant for `listen` must end `listen`, not the command it serves at that moment."""
+    from mqttalk._handoff_server import _signals_deferred
+
+    seen: list[str] = []
+
+    def handler(sig: int, _frame: object) -> None:
+        seen.append(f"handled {sig}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            seen.append("command done")
+        assert seen == ["command done", f"handled {int(signal.SIGTERM)}"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_live_send_that_loses_the_broker_is_queued_not_failed(tmp_path: Path, durable_broker: Any) -> None:
+    """A message recorded by a live connection that then loses the broker says QUEUED (exit 6), like a
+    one-shot send, not "broker unreachable": an agent that retried would send it twice."""
+    from conftest import pair_in_process
+
+    import mqttalk
+
+    impl, tests = pair_in_process(tmp_path, durable_broker.url)
+    with impl.live(online=True, reconnect=False) as live:
+        durable_broker.stop()
+        with pytest.raises(mqttalk.errors.Queued) as queued:
+            live.send("recorded, then the broker went away")
+    assert queued.value.exit_code == 6
+    durable_broker.start()
+    impl.send("after it came back")  # sends the queued one first
+    deadline, bodies_got = time.monotonic() + 20, []
+    while len(bodies_got) < 2 and time.monotonic() < deadline:  # (fetch returns all unread, read or not yet)
+        bodies_got = [m.envelope.body for m in tests.fetch(wait=2).messages]
+    assert bodies_got == ["recorded, then the broker went away", "after it came back"]
 
 
 def test_the_socket_name_is_the_session_locks(tmp_path: Path) -> None:
