@@ -56,20 +56,23 @@ class Home:
         self.cwd.mkdir(parents=True)
         home = root / f"{name}-home"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MQTTALK_")}
-        self.env.update(HOME=str(home), XDG_STATE_HOME=str(home / ".local" / "state"),
-                        XDG_CONFIG_HOME=str(home / ".config"))
+        self.env.update(
+            HOME=str(home), XDG_STATE_HOME=str(home / ".local" / "state"), XDG_CONFIG_HOME=str(home / ".config")
+        )
         self.state_dir = home / ".local" / "state" / "mqttalk"
 
     def run(self, *args: str) -> str:
-        proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=120, check=False)
+        proc = subprocess.run(
+            [MQTTALK, *args], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=120, check=False
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"mqttalk {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc.stdout
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        return subprocess.Popen(
+            [MQTTALK, *args], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
 
     def channel(self) -> Any:
         import mqttalk
@@ -87,8 +90,12 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port), "--db", str(self.db)],
-                                     env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [MQTTALK, "broker", "--port", str(self.port), "--db", str(self.db)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while not listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -129,8 +136,10 @@ def run(count: int, kill: str, reader: str, at: int, code: str | None = None) ->
             listener = None
             if reader == "live":
                 listener = tests.start("listen")
-                threading.Thread(target=lambda: shown.extend(
-                    line for line in listener.stdout or [] if "MESSAGE" in line), daemon=True).start()
+                threading.Thread(
+                    target=lambda: shown.extend(line for line in listener.stdout or [] if "MESSAGE" in line),
+                    daemon=True,
+                ).start()
                 time.sleep(1.0)
             channel = impl.channel()
             ids: list[str] = []
@@ -151,6 +160,7 @@ def run(count: int, kill: str, reader: str, at: int, code: str | None = None) ->
             acked: set[str] = set()
             restarted_at, stop_s = None, 0.0
             if kill != "none":
+
                 def progress() -> int:
                     if reader == "live":
                         return len(shown)
@@ -187,7 +197,9 @@ def run(count: int, kill: str, reader: str, at: int, code: str | None = None) ->
             if listener is None:
                 delivered_at = time.monotonic()
             return {
-                "count": count, "kill": kill, "reader": reader,
+                "count": count,
+                "kill": kill,
+                "reader": reader,
                 "acknowledged_when_killed": len(acked) if kill != "none" else None,
                 "shown_when_killed": at if kill != "none" and reader == "live" else None,
                 "lost_acknowledged": len(acked - set(got_ids)),
@@ -211,8 +223,12 @@ def main() -> None:
     parser.add_argument("--reader", choices=["live", "offline"], default="live")
     parser.add_argument("--at", type=int, default=1000, help="kill when this many were shown (live) or acked")
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--broker-code", metavar="DIR", help="run the mqttalk_broker package found in DIR "
-                        "(e.g. one exported from an older commit) instead of the installed one")
+    parser.add_argument(
+        "--broker-code",
+        metavar="DIR",
+        help="run the mqttalk_broker package found in DIR "
+        "(e.g. one exported from an older commit) instead of the installed one",
+    )
     args = parser.parse_args()
     for _ in range(args.runs):
         print(json.dumps(run(args.count, args.kill, args.reader, args.at, args.broker_code)), flush=True)

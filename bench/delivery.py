@@ -46,22 +46,31 @@ BODY = "status: 14 failing in test/users.test.ts (POST /users 409 on duplicate e
 def start_brokers(root: Path) -> tuple[dict[str, str], list[subprocess.Popen[bytes]]]:
     mport, aport = free_port(), free_port()
     conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {mport} 127.0.0.1\nallow_anonymous true\nuser root\n"
-                    "max_queued_messages 0\nmax_inflight_messages 20\n")
-    procs = [subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-             subprocess.Popen([MQTTALK, "broker", "--port", str(aport)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "MQTTALK_STATE_DIR": str(root / "amqtt")})]
+    conf.write_text(
+        f"listener {mport} 127.0.0.1\nallow_anonymous true\nuser root\n"
+        "max_queued_messages 0\nmax_inflight_messages 20\n"
+    )
+    procs = [
+        subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [MQTTALK, "broker", "--port", str(aport)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "MQTTALK_STATE_DIR": str(root / "amqtt")},
+        ),
+    ]
     wait_port(mport)
     wait_port(aport)
-    return {"Mosquitto (MQTT 5)": f"mqtt://127.0.0.1:{mport}",
-            "embedded amqtt (MQTT 3.1.1)": f"mqtt://127.0.0.1:{aport}"}, procs
+    return {
+        "Mosquitto (MQTT 5)": f"mqtt://127.0.0.1:{mport}",
+        "embedded amqtt (MQTT 3.1.1)": f"mqtt://127.0.0.1:{aport}",
+    }, procs
 
 
 def channel_of(env: Env, cwd: Path) -> Any:
     import mqttalk
 
-    return mqttalk.open_channel(mqttalk.Settings(state_dir=Path(env.env["XDG_STATE_HOME"]) / "mqttalk"),
-                                cwd=cwd)
+    return mqttalk.open_channel(mqttalk.Settings(state_dir=Path(env.env["XDG_STATE_HOME"]) / "mqttalk"), cwd=cwd)
 
 
 def library_send(channel: Any, count: int) -> float:
@@ -85,8 +94,12 @@ PROTOCOL = {"mosquitto": mqtt.MQTTv5, "amqtt": mqtt.MQTTv311}  # what mqttalk ne
 
 def paho_client(host: str, port: int, protocol: int, client_id: str = "", clean: bool = True) -> mqtt.Client:
     v5 = protocol == mqtt.MQTTv5
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion(protocol),
-                    clean_session=None if v5 else clean)
+    c = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion(protocol),
+        clean_session=None if v5 else clean,
+    )
     if v5:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -174,8 +187,9 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
         same = paho_away_reader(host, int(port), sender.topics.all_msg, protocol)
         library_send(sender, backlog)
         t = time.perf_counter()
-        out = subprocess.run([MQTTALK, "recv", "--json"], cwd=env.b, env=env.env, capture_output=True, text=True,
-                             timeout=600)
+        out = subprocess.run(
+            [MQTTALK, "recv", "--json"], cwd=env.b, env=env.env, capture_output=True, text=True, timeout=600
+        )
         ours = time.perf_counter() - t
         n = out.stdout.count('"event": "message"')
         if n != backlog:
@@ -184,10 +198,14 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
     finally:
         env.close()
     ref = paho_drain(host, int(port), backlog, protocol)
-    rows.append(f"| backlog drain, {backlog} msgs | `mqttalk recv` {ours:.2f} s ({backlog / ours:,.0f}/s) | "
-                f"raw paho {ref:.2f} s ({backlog / ref:,.0f}/s) | {ref / ours:.2f}x |")
-    rows.append(f"| backlog drain, raw paho reading the same {backlog} mqttalk messages | `mqttalk recv` "
-                f"{ours:.2f} s | raw paho {ref_same:.2f} s ({backlog / ref_same:,.0f}/s) | {ref_same / ours:.2f}x |")
+    rows.append(
+        f"| backlog drain, {backlog} msgs | `mqttalk recv` {ours:.2f} s ({backlog / ours:,.0f}/s) | "
+        f"raw paho {ref:.2f} s ({backlog / ref:,.0f}/s) | {ref / ours:.2f}x |"
+    )
+    rows.append(
+        f"| backlog drain, raw paho reading the same {backlog} mqttalk messages | `mqttalk recv` "
+        f"{ours:.2f} s | raw paho {ref_same:.2f} s ({backlog / ref_same:,.0f}/s) | {ref_same / ours:.2f}x |"
+    )
     # 2. sustained send: rounds alternate mqttalk and raw paho, and the medians are compared. Both
     # publish to a topic an absent peer's persistent session subscribes to (mqttalk: the channel's other
     # peer), so the broker queues every message in both cases.
@@ -208,12 +226,16 @@ def bench(url: str, backlog: int, stream: int, rounds: int, protocol: int) -> li
     finally:
         env.close()
     ours = statistics.median(ours_s)
-    rows.append(f"| sustained send, {stream} msgs (median of {rounds}) | library {stream / ours:,.0f} msgs/s | "
-                f"raw paho {stream / statistics.median(ref_s):,.0f} msgs/s | {paired_ratio(ours_s, ref_s)} |")
+    rows.append(
+        f"| sustained send, {stream} msgs (median of {rounds}) | library {stream / ours:,.0f} msgs/s | "
+        f"raw paho {stream / statistics.median(ref_s):,.0f} msgs/s | {paired_ratio(ours_s, ref_s)} |"
+    )
     if member_s:
-        rows.append(f"| sustained send, raw paho also subscribed to the channel (3.1.1 echoes) | library "
-                    f"{stream / ours:,.0f} msgs/s | raw paho member {stream / statistics.median(member_s):,.0f} "
-                    f"msgs/s | {paired_ratio(ours_s, member_s)} |")
+        rows.append(
+            f"| sustained send, raw paho also subscribed to the channel (3.1.1 echoes) | library "
+            f"{stream / ours:,.0f} msgs/s | raw paho member {stream / statistics.median(member_s):,.0f} "
+            f"msgs/s | {paired_ratio(ours_s, member_s)} |"
+        )
     return rows
 
 
@@ -254,10 +276,12 @@ def bench_sealing(url: str, stream: int, rounds: int) -> list[str]:
             env.close()
     sealed, plain = statistics.median(took["sealed"]), statistics.median(took["plain"])
     rs, rp = statistics.median(rtt["sealed"]) * 1000, statistics.median(rtt["plain"]) * 1000
-    return [f"| sealing, sustained send {stream} msgs (median of {rounds}) | sealed {stream / sealed:,.0f} msgs/s | "
-            f"plain {stream / plain:,.0f} msgs/s | {paired_ratio(took['sealed'], took['plain'])} |",
-            f"| sealing, one message send -> peer has it (median of 200) | sealed {rs:.2f} ms | plain {rp:.2f} ms | "
-            f"{rp / rs:.2f}x ({(rs / rp - 1) * 100:+.0f}% time) |"]
+    return [
+        f"| sealing, sustained send {stream} msgs (median of {rounds}) | sealed {stream / sealed:,.0f} msgs/s | "
+        f"plain {stream / plain:,.0f} msgs/s | {paired_ratio(took['sealed'], took['plain'])} |",
+        f"| sealing, one message send -> peer has it (median of 200) | sealed {rs:.2f} ms | plain {rp:.2f} ms | "
+        f"{rp / rs:.2f}x ({(rs / rp - 1) * 100:+.0f}% time) |",
+    ]
 
 
 def main() -> None:
@@ -268,8 +292,12 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mqttalk-bench-delivery-"))
     brokers, procs = start_brokers(root)
-    report = [f"# mqttalk delivery bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-              "| what | mqttalk | reference | ratio (mqttalk speed / reference speed) |", "|---|---|---|---|"]
+    report = [
+        f"# mqttalk delivery bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| what | mqttalk | reference | ratio (mqttalk speed / reference speed) |",
+        "|---|---|---|---|",
+    ]
     try:
         for label, url in brokers.items():
             report.append(f"| **{label}** | | | |")

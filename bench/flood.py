@@ -41,12 +41,19 @@ def session_env(root: Path, name: str) -> tuple[dict[str, str], Path]:
 def channel(root: Path, broker: str) -> tuple[str, dict[str, str], Path]:
     """A paired plain channel; returns its URL and the reader's (tests') environment and directory."""
     env, cwd = session_env(root, "impl")
-    out = subprocess.run([MQTTALK, "create", "--as", "impl", "--broker", broker, "--plain"], env=env, cwd=cwd,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [MQTTALK, "create", "--as", "impl", "--broker", broker, "--plain"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     url = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("join URL: "))
     tenv, tcwd = session_env(root, "tests")
-    subprocess.run([MQTTALK, "pair", url, "--as", "tests", "--wait", "0"], env=tenv, cwd=tcwd, capture_output=True,
-                   check=False)
+    subprocess.run(
+        [MQTTALK, "pair", url, "--as", "tests", "--wait", "0"], env=tenv, cwd=tcwd, capture_output=True, check=False
+    )
     return url, tenv, tcwd
 
 
@@ -63,8 +70,15 @@ def flood(url: str, fakes: int) -> None:
     info = None
     for i in range(fakes):
         stamp = now().isoformat()
-        pres = {"v": 2, "peer": f"fake{i}", "state": "online", "member": "m", "since": stamp, "hb": stamp,
-                "every": 3600}
+        pres = {
+            "v": 2,
+            "peer": f"fake{i}",
+            "state": "online",
+            "member": "m",
+            "since": stamp,
+            "hb": stamp,
+            "every": 3600,
+        }
         info = c.publish(topics.presence(f"fake{i}"), json.dumps(pres), qos=1, retain=True)
     if info is not None:
         info.wait_for_publish(60)
@@ -89,7 +103,8 @@ def paho_reference(url: str, fakes: int) -> float:
         "c.connect(host, port)\n"
         "c.subscribe(topic, qos=1)\n"
         "c.loop_start()\n"
-        "sys.exit(0 if done.wait(60) else 1)\n")
+        "sys.exit(0 if done.wait(60) else 1)\n"
+    )
     from mqttalk import JoinURL
     from mqttalk._topics import Topics
 
@@ -97,8 +112,9 @@ def paho_reference(url: str, fakes: int) -> float:
     topic = Topics(join.prefix, join.channel).all_presence
     version = str(mqtt.MQTTv5 if "Mosquitto" in _BROKER[0] else mqtt.MQTTv311)
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", script, join.broker.host, str(join.broker.port), topic, str(fakes),
-                    version], check=True)
+    subprocess.run(
+        [sys.executable, "-c", script, join.broker.host, str(join.broker.port), topic, str(fakes), version], check=True
+    )
     return time.perf_counter() - t
 
 
@@ -121,20 +137,34 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mqttalk-flood-"))
     mport, aport = free_port(), free_port()
-    (root / "mosquitto.conf").write_text(f"listener {mport} 127.0.0.1\nallow_anonymous true\nuser root\n"
-                                         "max_queued_messages 20000\n")
-    procs = [subprocess.Popen(["mosquitto", "-c", str(root / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL),
-             subprocess.Popen([MQTTALK, "broker", "--port", str(aport), "--memory"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "MQTTALK_STATE_DIR": str(root / "amqtt")})]
-    lines = [f"# `mqttalk recv` with {args.fakes:,} fake peers' retained presence vs a clean channel", "",
-             "| broker | flooded recv (s) | clean recv (s) | ratio | raw paho taking the 10,000 presences (s) | "
-             "flooded recv / raw paho |", "|---|---|---|---|---|---|"]
+    (root / "mosquitto.conf").write_text(
+        f"listener {mport} 127.0.0.1\nallow_anonymous true\nuser root\nmax_queued_messages 20000\n"
+    )
+    procs = [
+        subprocess.Popen(
+            ["mosquitto", "-c", str(root / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ),
+        subprocess.Popen(
+            [MQTTALK, "broker", "--port", str(aport), "--memory"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "MQTTALK_STATE_DIR": str(root / "amqtt")},
+        ),
+    ]
+    lines = [
+        f"# `mqttalk recv` with {args.fakes:,} fake peers' retained presence vs a clean channel",
+        "",
+        "| broker | flooded recv (s) | clean recv (s) | ratio | raw paho taking the 10,000 presences (s) | "
+        "flooded recv / raw paho |",
+        "|---|---|---|---|---|---|",
+    ]
     try:
         wait_port(mport)
         wait_port(aport)
-        for name, broker in (("Mosquitto 2.0", f"mqtt://127.0.0.1:{mport}"),
-                             ("embedded amqtt", f"mqtt://127.0.0.1:{aport}")):
+        for name, broker in (
+            ("Mosquitto 2.0", f"mqtt://127.0.0.1:{mport}"),
+            ("embedded amqtt", f"mqtt://127.0.0.1:{aport}"),
+        ):
             flooded_url, fenv, fcwd = channel(root / name.split()[0] / "flooded", broker)
             _, cenv, ccwd = channel(root / name.split()[0] / "clean", broker)
             flood(flooded_url, args.fakes)
@@ -147,10 +177,12 @@ def main() -> None:
                 paho.append(paho_reference(flooded_url, args.fakes))
             ratios = [f / c for f, c in zip(flooded, clean, strict=True)]
             floor = [f / p for f, p in zip(flooded, paho, strict=True)]
-            row = (f"| {name} | {statistics.median(flooded):.2f} | {statistics.median(clean):.2f} | "
-                   f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                   f"{statistics.median(paho):.2f} | "
-                   f"{statistics.median(floor):.2f}x ({min(floor):.2f}-{max(floor):.2f}) |")
+            row = (
+                f"| {name} | {statistics.median(flooded):.2f} | {statistics.median(clean):.2f} | "
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                f"{statistics.median(paho):.2f} | "
+                f"{statistics.median(floor):.2f}x ({min(floor):.2f}-{max(floor):.2f}) |"
+            )
             print(row, flush=True)
             lines.append(row)
     finally:

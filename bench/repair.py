@@ -39,8 +39,10 @@ class Broker:
     def __init__(self, root: Path) -> None:
         self.port = free_port()
         self.conf = root / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\n"
-                             "persistence false\nmax_queued_messages 0\n")
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\n"
+            "persistence false\nmax_queued_messages 0\n"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,8 +50,9 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -152,11 +155,18 @@ def main() -> None:
         rows.append((took, ref))
         print(f"round {r + 1}: repair {took:.2f} s, paho reference {ref:.3f} s, ratio {took / ref:.1f}x", flush=True)
     ratios = [t / r for t, r in rows]
-    lines = [f"# Gap repair, {args.count} messages lost by a Mosquitto restarted without persistence", "",
-             "| round | broker up -> reader has all (s) | raw paho, fresh messages (s) | ratio |", "|---|---|---|---|"]
+    lines = [
+        f"# Gap repair, {args.count} messages lost by a Mosquitto restarted without persistence",
+        "",
+        "| round | broker up -> reader has all (s) | raw paho, fresh messages (s) | ratio |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {i + 1} | {t:.2f} | {r:.3f} | {t / r:.1f}x |" for i, (t, r) in enumerate(rows)]
-    lines += ["", f"median repair {statistics.median(t for t, _ in rows):.2f} s; median ratio "
-              f"{statistics.median(ratios):.1f}x (range {min(ratios):.1f}-{max(ratios):.1f}x)"]
+    lines += [
+        "",
+        f"median repair {statistics.median(t for t, _ in rows):.2f} s; median ratio "
+        f"{statistics.median(ratios):.1f}x (range {min(ratios):.1f}-{max(ratios):.1f}x)",
+    ]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "repair.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

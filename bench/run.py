@@ -78,8 +78,9 @@ class Env:
     def __init__(self, python: Path = BIN) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mqttalk-bench-"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MQTTALK_")}
-        self.env.update(HOME=str(self.root), XDG_STATE_HOME=str(self.root / "state"),
-                        XDG_CONFIG_HOME=str(self.root / "config"))
+        self.env.update(
+            HOME=str(self.root), XDG_STATE_HOME=str(self.root / "state"), XDG_CONFIG_HOME=str(self.root / "config")
+        )
         self.a, self.b = self.root / "impl", self.root / "tests"
         self.a.mkdir()
         self.b.mkdir()
@@ -96,8 +97,14 @@ class Env:
 
     def paired(self, broker: str, *flags: str) -> str:
         """Create as impl, waiting (so it answers the pairing challenge), and pair as tests; the join URL."""
-        a = subprocess.Popen([MQTTALK, "create", "--as", "impl", "--broker", broker, "--wait", "30", *flags],
-                             cwd=self.a, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        a = subprocess.Popen(
+            [MQTTALK, "create", "--as", "impl", "--broker", broker, "--wait", "30", *flags],
+            cwd=self.a,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert a.stdout is not None
         url = ""
         for line in a.stdout:
@@ -132,15 +139,27 @@ def bench_pairing(broker: str, runs: int) -> list[str]:
         e = Env()
         try:
             url = e.create(broker)
-            a = subprocess.Popen([MQTTALK, "recv", "--wait", "30"], cwd=e.a, env=e.env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True)
+            a = subprocess.Popen(
+                [MQTTALK, "recv", "--wait", "30"],
+                cwd=e.a,
+                env=e.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             time.sleep(0.8)  # A is connected and waiting
             a_seen: list[float] = []
             reader = threading.Thread(target=line_times, args=(a, "PAIRED with tests", [], a_seen))
             reader.start()
             t0 = time.perf_counter()
-            b = subprocess.Popen([MQTTALK, "pair", url, "--as", "tests"], cwd=e.b, env=e.env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            b = subprocess.Popen(
+                [MQTTALK, "pair", url, "--as", "tests"],
+                cwd=e.b,
+                env=e.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             b_seen: list[float] = []
             line_times(b, "PAIRED with impl", [], b_seen)
             b.wait(30)
@@ -156,21 +175,30 @@ def bench_pairing(broker: str, runs: int) -> list[str]:
             # presence and reads A's retained presence.
             host, port = broker.split("//")[1].split(":")
             topic = f"bench/ref/{os.getpid()}/{len(ref)}"
-            subprocess.run(["mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-r", "-t", topic + "/a", "-m", "a"],
-                           check=True)
+            subprocess.run(
+                ["mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-r", "-t", topic + "/a", "-m", "a"], check=True
+            )
             t = time.perf_counter()
-            subprocess.run(["mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-r", "-t", topic + "/b", "-m", "b"],
-                           check=True)
-            subprocess.run(["mosquitto_sub", "-h", host, "-p", port, "-q", "1", "-C", "1", "-W", "5",
-                            "-t", topic + "/a"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-r", "-t", topic + "/b", "-m", "b"], check=True
+            )
+            subprocess.run(
+                ["mosquitto_sub", "-h", host, "-p", port, "-q", "1", "-C", "1", "-W", "5", "-t", topic + "/a"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             ref.append(time.perf_counter() - t)
             for suffix in ("/a", "/b"):  # clear the retained reference topics
                 subprocess.run(["mosquitto_pub", "-h", host, "-p", port, "-r", "-n", "-t", topic + suffix], check=True)
         finally:
             e.close()
     rows = []
-    for name, vals in (("B prints PAIRED", b_times), ("A (waiting) prints PAIRED", a_times),
-                       ("both sides PAIRED", both), ("reference: mosquitto_pub -r + mosquitto_sub -C 1", ref)):
+    for name, vals in (
+        ("B prints PAIRED", b_times),
+        ("A (waiting) prints PAIRED", a_times),
+        ("both sides PAIRED", both),
+        ("reference: mosquitto_pub -r + mosquitto_sub -C 1", ref),
+    ):
         med, p90 = ms(vals)
         rows.append(f"| {name} | {med:.0f} | {p90:.0f} |")
     ratio = statistics.median(both) / statistics.median(ref)
@@ -187,10 +215,12 @@ def bench_send(broker: str, runs: int, wheel_exe: str | None) -> list[str]:
         raw_paho = ROOT / "bench" / "paho_pub.py"
         cases: dict[str, Callable[[], float]] = {
             "mqttalk send (editable dev install)": lambda: timed([MQTTALK, "send", PAYLOAD], e.env, e.a),
-            "mosquitto_pub -q 1": lambda: timed(["mosquitto_pub", "-h", host, "-p", port, "-q", "1",
-                                                 "-t", "bench/x", "-m", PAYLOAD], e.env),
+            "mosquitto_pub -q 1": lambda: timed(
+                ["mosquitto_pub", "-h", host, "-p", port, "-q", "1", "-t", "bench/x", "-m", PAYLOAD], e.env
+            ),
             "raw paho one-shot publish (python)": lambda: timed(
-                [str(BIN / "python"), str(raw_paho), host, port, PAYLOAD], e.env),
+                [str(BIN / "python"), str(raw_paho), host, port, PAYLOAD], e.env
+            ),
             "python -c pass (venv)": lambda: timed([str(BIN / "python"), "-c", "pass"], e.env),
         }
         if wheel_exe:
@@ -204,8 +234,10 @@ def bench_send(broker: str, runs: int, wheel_exe: str | None) -> list[str]:
     rows = []
     for name, vals in got.items():
         med, p90 = ms(vals)
-        rows.append(f"| {name} | {med:.0f} | {p90:.0f} | {statistics.median(vals) / ref:.0f}x | "
-                    f"{statistics.median(vals) / paho:.2f}x |")
+        rows.append(
+            f"| {name} | {med:.0f} | {p90:.0f} | {statistics.median(vals) / ref:.0f}x | "
+            f"{statistics.median(vals) / paho:.2f}x |"
+        )
     return rows
 
 
@@ -218,8 +250,9 @@ def bench_handoff(broker: str, runs: int) -> list[str]:
     try:
         e.paired(broker)
         host, port = broker.split("//")[1].split(":")
-        listen = subprocess.Popen([MQTTALK, "listen"], cwd=e.a, env=e.env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        listen = subprocess.Popen(
+            [MQTTALK, "listen"], cwd=e.a, env=e.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 20
         while not list((e.root / "state" / "mqttalk" / "locks").glob("*.sock")):
             if time.monotonic() > deadline:
@@ -227,12 +260,14 @@ def bench_handoff(broker: str, runs: int) -> list[str]:
             time.sleep(0.05)
         cases: dict[str, Callable[[], float]] = {
             "raw paho one-shot publish (bench/paho_pub.py)": lambda: timed(
-                [str(BIN / "python"), str(ROOT / "bench" / "paho_pub.py"), host, port, PAYLOAD], e.env),
+                [str(BIN / "python"), str(ROOT / "bench" / "paho_pub.py"), host, port, PAYLOAD], e.env
+            )
         }
         for command in (["send", PAYLOAD], ["recv"], ["status"]):
             name = command[0]
-            cases[f"mqttalk {name}, live process of the peer running"] = (
-                lambda c=command: timed([MQTTALK, *c], e.env, e.a))
+            cases[f"mqttalk {name}, live process of the peer running"] = lambda c=command: timed(
+                [MQTTALK, *c], e.env, e.a
+            )
             cases[f"mqttalk {name}, no live process"] = lambda c=command: timed([MQTTALK, *c], e.env, e.b)
         got = interleaved(cases, runs)
     finally:
@@ -251,8 +286,10 @@ def bench_handoff(broker: str, runs: int) -> list[str]:
 def bench_imports(runs: int) -> list[str]:
     env = {**os.environ}
     py = str(BIN / "python")
-    third = ("import os; os.environ['PYDANTIC_DISABLE_PLUGINS']='__all__'; import typer, paho.mqtt.client\n"
-             "from pydantic import BaseModel\nclass A(BaseModel):\n  x: int = 1\nA(x=1).model_dump_json()")
+    third = (
+        "import os; os.environ['PYDANTIC_DISABLE_PLUGINS']='__all__'; import typer, paho.mqtt.client\n"
+        "from pydantic import BaseModel\nclass A(BaseModel):\n  x: int = 1\nA(x=1).model_dump_json()"
+    )
     cases = {
         "python -c pass": lambda: timed([py, "-c", "pass"], env),
         "import mqttalk.cli": lambda: timed([py, "-c", "import mqttalk.cli"], env),
@@ -275,8 +312,11 @@ def wheel_install() -> str | None:
     try:
         if not exe.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--force-reinstall", "--no-deps", str(ROOT)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "--force-reinstall", "--no-deps", str(ROOT)],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], check=True, capture_output=True)
     except subprocess.CalledProcessError as exc:
         print(f"bench: could not build the wheel install ({exc}); skipping that row", file=sys.stderr)
@@ -288,43 +328,67 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="few runs, to check the bench itself works")
-    ap.add_argument("--only", choices=["pairing", "send", "handoff", "imports"], action="append",
-                    help="run only these sections (repeatable; default: all)")
+    ap.add_argument(
+        "--only",
+        choices=["pairing", "send", "handoff", "imports"],
+        action="append",
+        help="run only these sections (repeatable; default: all)",
+    )
     args = ap.parse_args()
     only = set(args.only or ["pairing", "send", "handoff", "imports"])
     runs = 5 if args.quick else args.runs
     OUT.mkdir(parents=True, exist_ok=True)
     # Byte-compiled, as an installed wheel is: with PYTHONDONTWRITEBYTECODE set, every start of the
     # editable install would compile mqttalk's modules again (~10-20 ms).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "mqttalk"), str(ROOT / "broker")],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "mqttalk"), str(ROOT / "broker")], check=True)
     wait_port(1883)
     amqtt_port = free_port()
     state = Path(tempfile.mkdtemp(prefix="mqttalk-bench-broker-"))
-    broker = subprocess.Popen([MQTTALK, "broker", "--port", str(amqtt_port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "MQTTALK_STATE_DIR": str(state)})
+    broker = subprocess.Popen(
+        [MQTTALK, "broker", "--port", str(amqtt_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MQTTALK_STATE_DIR": str(state)},
+    )
     wait_port(amqtt_port)
-    brokers = {"Mosquitto 127.0.0.1:1883 (MQTT 5)": "mqtt://127.0.0.1:1883",
-               f"embedded amqtt 127.0.0.1:{amqtt_port} (MQTT 3.1.1)": f"mqtt://127.0.0.1:{amqtt_port}"}
+    brokers = {
+        "Mosquitto 127.0.0.1:1883 (MQTT 5)": "mqtt://127.0.0.1:1883",
+        f"embedded amqtt 127.0.0.1:{amqtt_port} (MQTT 3.1.1)": f"mqtt://127.0.0.1:{amqtt_port}",
+    }
     wheel = wheel_install() if "send" in only else None
-    report = [f"# mqttalk bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-              f"host: {os.uname().nodename}, {os.cpu_count()} cpus, Python {sys.version.split()[0]}; "
-              f"runs per figure: {runs} (pairing: {max(3, runs // 3)})", ""]
+    report = [
+        f"# mqttalk bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"host: {os.uname().nodename}, {os.cpu_count()} cpus, Python {sys.version.split()[0]}; "
+        f"runs per figure: {runs} (pairing: {max(3, runs // 3)})",
+        "",
+    ]
     try:
         for label, url in brokers.items():
             if "pairing" in only:
-                report += [f"## Pairing on {label}", "",
-                           "time from B's `mqttalk pair` process start, ms | median | p90 |", "|---|---|---|"]
+                report += [
+                    f"## Pairing on {label}",
+                    "",
+                    "time from B's `mqttalk pair` process start, ms | median | p90 |",
+                    "|---|---|---|",
+                ]
                 report += bench_pairing(url, max(3, runs // 3))
                 report.append("")
             if "send" in only:
-                report += [f"## One-shot send on {label}", "", "| command | median ms | p90 ms | vs mosquitto_pub "
-                           "| vs raw paho |", "|---|---|---|---|---|"]
+                report += [
+                    f"## One-shot send on {label}",
+                    "",
+                    "| command | median ms | p90 ms | vs mosquitto_pub | vs raw paho |",
+                    "|---|---|---|---|---|",
+                ]
                 report += bench_send(url, runs, wheel)
                 report.append("")
             if "handoff" in only:
-                report += [f"## send / recv / status with and without a live process on {label}", "",
-                           "| command | median ms | p90 ms | vs raw paho |", "|---|---|---|---|"]
+                report += [
+                    f"## send / recv / status with and without a live process on {label}",
+                    "",
+                    "| command | median ms | p90 ms | vs raw paho |",
+                    "|---|---|---|---|",
+                ]
                 report += bench_handoff(url, runs)
                 report.append("")
         if "imports" in only:

@@ -77,9 +77,11 @@ def exchange_mqttalk(pairs: list[tuple[Any, Any]], rounds: int) -> tuple[list[fl
     latencies and this process's RSS."""
     arrived: dict[int, float] = {}
     for i, (_impl, tests) in enumerate(pairs):
+
         def seen(event: Any, i: int = i) -> None:
             if event.kind == "message":
                 arrived[i] = time.perf_counter()
+
         tests.on_event = seen
     before = rss_mib(os.getpid())
     senders = [impl.live(online=True).open() for impl, _ in pairs]
@@ -209,9 +211,12 @@ def main() -> None:
         n = args.channels
         version = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
         lines = [
-            f"# mqttalk scale bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+            f"# mqttalk scale bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
             f"{n} sealed channels x 2 peers on one Mosquitto ({version.splitlines()[0]}).",
-            "", "| what | mqttalk | reference | ratio |", "|---|---|---|---|",
+            "",
+            "| what | mqttalk | reference | ratio |",
+            "|---|---|---|---|",
             f"| pairing, per channel (create, wait, pair; both sides PAIRED) | median {ms(pairing, 0.5):.0f} ms, "
             f"p95 {ms(pairing, 0.95):.0f} ms, all {n} in {pairing_total:.0f} s | | |",
             f"| Mosquitto resident memory | idle {idle:.1f} MiB; {n} channels paired, sessions kept: "

@@ -33,8 +33,14 @@ __all__ = ["broker_config", "run", "serve"]
 CONFIG_FILE = Path(__file__).with_name("mqttalk-broker.yaml")
 
 
-def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
-                  config_file: Path | None = None, db: Path | None = None) -> dict[str, Any]:
+def broker_config(
+    host: str = "127.0.0.1",
+    port: int = 1884,
+    *,
+    ws_port: int | None = None,
+    config_file: Path | None = None,
+    db: Path | None = None,
+) -> dict[str, Any]:
     """The broker's configuration dict: the YAML file's settings with the listener(s) and the
     persistence database (``db``; None keeps everything in memory) filled in. Its ``limits`` section is
     mqttalk's own (:class:`mqttalk_broker._conformance.Limits`); :func:`serve` takes it out before
@@ -51,8 +57,9 @@ def broker_config(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | N
     return config
 
 
-async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: dict[str, Any], started: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run an amqtt broker with ``config`` (from :func:`broker_config`) until ``stop`` is set (or forever)."""
     from amqtt.broker import Broker
 
@@ -73,8 +80,15 @@ async def serve(config: dict[str, Any], started: asyncio.Event | None = None,
         await broker.shutdown()
 
 
-def run(host: str = "127.0.0.1", port: int = 1884, *, ws_port: int | None = None,
-        config_file: Path | None = None, db: Path | None = None, ready: Any = None) -> None:
+def run(
+    host: str = "127.0.0.1",
+    port: int = 1884,
+    *,
+    ws_port: int | None = None,
+    config_file: Path | None = None,
+    db: Path | None = None,
+    ready: Any = None,
+) -> None:
     """Run the broker in the foreground until SIGINT/SIGTERM. ``ready()`` is called once listening."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # amqtt logs every connect/disconnect at INFO and a stack trace for every client that drops

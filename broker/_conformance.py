@@ -151,6 +151,7 @@ async def _close(writer: Any) -> None:
 
 # 1, 2, 9: CONNECT timeout, closing refused connections, keepalive, clean session state --------------
 
+
 def _install_connect() -> None:
     from amqtt.broker import Broker
     from amqtt.errors import MQTTError
@@ -161,8 +162,9 @@ def _install_connect() -> None:
 
     async def connect(cls: Any, reader: Any, writer: Any, plugins_manager: Any, loop: Any = None) -> Any:
         try:
-            handler, session = await asyncio.wait_for(init_from_connect(cls, reader, writer, plugins_manager, loop),
-                                                      _limits.connect_timeout)
+            handler, session = await asyncio.wait_for(
+                init_from_connect(cls, reader, writer, plugins_manager, loop), _limits.connect_timeout
+            )
         except MQTTError:
             raise  # amqtt closes the connection itself
         except Exception as exc:
@@ -199,6 +201,7 @@ def _install_connect() -> None:
 
 
 # 10: maximum packet size ------------------------------------------------------------------------------
+
 
 def _install_packet_size() -> None:
     from amqtt.errors import MQTTError
@@ -243,6 +246,7 @@ def _install_packet_size() -> None:
 
 
 # 3, 4: in-flight exchanges kept until complete, resent on reconnect, PUBREL always answered ------------
+
 
 class _Gone(Exception):
     """The connection was closed (or is closing): the exchange cannot complete on it."""
@@ -318,8 +322,9 @@ async def _outgoing(handler: Any, message: Any) -> None:
                 message.pubrec_packet = ack
         if message.qos == 2:
             message.pubrel_packet = PubrelPacket.build(packet_id)
-            message.pubcomp_packet = await _exchange(handler, message.pubrel_packet, handler._pubcomp_waiters,
-                                                     packet_id, _stopped)
+            message.pubcomp_packet = await _exchange(
+                handler, message.pubrel_packet, handler._pubcomp_waiters, packet_id, _stopped
+            )
     except (asyncio.CancelledError, _Gone, OSError) as exc:
         mine = owners.get(packet_id) is handler
         if mine:
@@ -362,19 +367,29 @@ def _left_unacknowledged(handler: Any, session: Any, message: Any) -> None:
         return  # the session ends with its connection [MQTT-3.1.2-6]
     broker = getattr(handler.plugins_manager.context, "_broker_instance", None)
     current = broker._get_handler(session) if broker is not None else None
-    if (current is not None and current is not handler and current not in _stopped and current.session is session
-            and current._reader_task is not None and not current._reader_task.done()):
+    if (
+        current is not None
+        and current is not handler
+        and current not in _stopped
+        and current.session is session
+        and current._reader_task is not None
+        and not current._reader_task.done()
+    ):
         # The client is already back on a newer connection, which resent what it found in flight before this
         # exchange let go of the message: resend it there.
         _spawn(_outgoing(current, message))
         return
     if message.pubrec_packet is None:  # not received by the client yet: keep it across a broker restart too
         queued = RetainedApplicationMessage(None, message.topic, message.data, message.qos)
-        _spawn(handler.plugins_manager.fire_event(BrokerEvents.RETAINED_MESSAGE, client_id=session.client_id,
-                                                  retained_message=queued))
+        _spawn(
+            handler.plugins_manager.fire_event(
+                BrokerEvents.RETAINED_MESSAGE, client_id=session.client_id, retained_message=queued
+            )
+        )
 
 
 # 5, 6, 7, 8, 10: routing --------------------------------------------------------------------------------
+
 
 def _install_broadcast() -> None:
     from amqtt.broker import Broker
@@ -400,29 +415,41 @@ def _install_broadcast() -> None:
             qos = sub_qos if published_qos is None else min(published_qos, sub_qos)
             if not await self._topic_filtering(target_session, topic=broadcast["topic"], action=Action.RECEIVE):
                 continue
-            if (target_session.transitions.state != "connected" and not target_session.clean_session
-                    and qos in (QOS_1, QOS_2) and not target_session.is_anonymous):
+            if (
+                target_session.transitions.state != "connected"
+                and not target_session.clean_session
+                and qos in (QOS_1, QOS_2)
+                and not target_session.is_anonymous
+            ):
                 await self._retain_broadcast_message(broadcast, qos, target_session)
                 continue
             if target_session.transitions.state != "connected":
                 continue
             handler = self._get_handler(target_session)
             if handler:
-                running_tasks.append(asyncio.ensure_future(
-                    handler.mqtt_publish(broadcast["topic"], broadcast["data"], qos, retain=False)))
+                running_tasks.append(
+                    asyncio.ensure_future(
+                        handler.mqtt_publish(broadcast["topic"], broadcast["data"], qos, retain=False)
+                    )
+                )
 
     async def queue_for_absent(self: Any, broadcast: dict[str, Any], qos: int, target_session: Any) -> None:
         from amqtt.broker import RetainedApplicationMessage
         from amqtt.events import BrokerEvents
 
         if target_session.retained_messages.qsize() >= _limits.max_queued_messages:
-            logger.warning("queue of absent session %s is full (%d): message on %s dropped", target_session.client_id,
-                           _limits.max_queued_messages, broadcast["topic"])
+            logger.warning(
+                "queue of absent session %s is full (%d): message on %s dropped",
+                target_session.client_id,
+                _limits.max_queued_messages,
+                broadcast["topic"],
+            )
             return
         queued = RetainedApplicationMessage(broadcast["session"], broadcast["topic"], broadcast["data"], qos)
         await target_session.retained_messages.put(queued)
-        await self.plugins_manager.fire_event(BrokerEvents.RETAINED_MESSAGE, client_id=target_session.client_id,
-                                              retained_message=queued)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.RETAINED_MESSAGE, client_id=target_session.client_id, retained_message=queued
+        )
 
     async def publish_queue(self: Any, session: Any) -> None:
         # amqtt 0.12.1's Broker._publish_session_retained_messages, with RETAIN 0 [MQTT-3.3.1-9].
@@ -430,8 +457,9 @@ def _install_broadcast() -> None:
         tasks = []
         while handler and not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
-                                                                    retain=False)))
+            tasks.append(
+                asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+            )
         if tasks:
             await asyncio.wait(tasks)
 
@@ -442,8 +470,9 @@ def _install_broadcast() -> None:
         from amqtt.events import BrokerEvents
 
         message = wait_deliver.result()
-        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
-                                              message=message)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
+        )
         if message is None:
             return True
         topic = message.topic
@@ -455,8 +484,9 @@ def _install_broadcast() -> None:
             return True  # the broker's own; accepted and dropped, as Mosquitto does
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
             return True
-        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id,
-                                              message=message)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
+        )
         await self._broadcast_message(client_session, topic, message.data, message.qos)
         if message.publish_packet and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, message.data, message.qos)

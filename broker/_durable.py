@@ -84,13 +84,19 @@ def _patch_handler(handler_class: Any) -> None:
         await self._send_packet(puback)
         app_message.puback_packet = puback
 
-    async def mqtt_publish(self: Any, topic: str, data: Any, qos: int | None, retain: bool,
-                           ack_timeout: int | None = None) -> Any:
+    async def mqtt_publish(
+        self: Any, topic: str, data: Any, qos: int | None, retain: bool, ack_timeout: int | None = None
+    ) -> Any:
         # Runs (up to its first await) before the publisher's PUBACK is released: see run_broadcast.
         journal = _journal_of_handler(self)
         session = self.session
-        if (journal is not None and qos in (1, 2) and not retain and _persistent(session)
-                and not journal.holds(session.client_id, topic, data)):
+        if (
+            journal is not None
+            and qos in (1, 2)
+            and not retain
+            and _persistent(session)
+            and not journal.holds(session.client_id, topic, data)
+        ):
             journal.record(session.client_id, topic, data, qos)
         return await publish(self, topic, data, qos, retain, ack_timeout)
 
@@ -102,6 +108,7 @@ def _patch_handler(handler_class: Any) -> None:
             journal = _journal_of_handler(self) if message is not None else None
             if journal is not None:
                 journal.delivered(session.client_id, message.topic, message.data)
+
         return handle
 
     async def stopped(self: Any) -> None:
@@ -146,8 +153,9 @@ def _patch_broker(broker_class: Any) -> None:
             if delivering is not None and not delivering[2]:
                 journal.after_commit(acknowledged)  # not broadcast (a refused topic): nothing to keep
 
-    async def broadcast_message(self: Any, session: Any, topic: str | None, data: Any,
-                                force_qos: int | None = None) -> None:
+    async def broadcast_message(
+        self: Any, session: Any, topic: str | None, data: Any, force_qos: int | None = None
+    ) -> None:
         # amqtt 0.12.1's Broker._broadcast_message, with the PUBACK future of the message it broadcasts.
         broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
         if force_qos is not None:
@@ -187,8 +195,11 @@ def _patch_broker(broker_class: Any) -> None:
         journal = _journal(self)
         before = target_session.retained_messages.qsize()
         await queue_for_absent(self, broadcast, qos, target_session)
-        if (journal is not None and target_session.retained_messages.qsize() > before
-                and not journal.holds(target_session.client_id, broadcast["topic"], broadcast["data"])):
+        if (
+            journal is not None
+            and target_session.retained_messages.qsize() > before
+            and not journal.holds(target_session.client_id, broadcast["topic"], broadcast["data"])
+        ):
             journal.record(target_session.client_id, broadcast["topic"], broadcast["data"], qos)
 
     for fn in (handle_message_delivery, broadcast_message, run_broadcast, retain_broadcast_message):

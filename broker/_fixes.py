@@ -85,8 +85,9 @@ def _install_take_over() -> None:
         # A newer connection holds this session: it is connected. What amqtt queued for it meanwhile
         # (it thought the session offline) goes out through that connection now.
         session.transitions.connect()
-        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
-                                              client_session=session)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
+        )
         await self._publish_session_retained_messages(session)
 
     for fn in (started, stopped, next_incoming, disconnected):

@@ -124,8 +124,10 @@ class Journal:
     def record(self, client_id: str, topic: str, data: Any, qos: int) -> None:
         """``data`` is now queued or in flight for ``client_id``'s persistent session."""
         n, self._next_n = self._next_n, self._next_n + 1
-        self.write("INSERT INTO queued (n, client_id, topic, data, qos) VALUES (?, ?, ?, ?, ?)",
-                   (n, client_id, topic, bytes(data), qos))
+        self.write(
+            "INSERT INTO queued (n, client_id, topic, data, qos) VALUES (?, ?, ?, ?, ?)",
+            (n, client_id, topic, bytes(data), qos),
+        )
         self._held.setdefault(client_id, {}).setdefault((topic, id(data)), []).append((n, data))
 
     def holds(self, client_id: str, topic: str, data: Any) -> bool:
@@ -228,23 +230,28 @@ class SQLitePersistencePlugin(BasePlugin[BrokerContext]):
 
     async def on_broker_client_subscribed(self, client_id: str, topic: str, qos: int) -> None:
         if self._persistent(client_id) is not None:
-            self.journal.write("INSERT INTO subscriptions (client_id, topic, qos) VALUES (?, ?, ?)"
-                               " ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos",
-                               (client_id, topic, qos))
+            self.journal.write(
+                "INSERT INTO subscriptions (client_id, topic, qos) VALUES (?, ?, ?)"
+                " ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos",
+                (client_id, topic, qos),
+            )
 
     async def on_broker_client_unsubscribed(self, client_id: str, topic: str) -> None:
         self.journal.write("DELETE FROM subscriptions WHERE client_id = ? AND topic = ?", (client_id, topic))
 
-    async def on_broker_retained_message(self, *, client_id: str | None,
-                                         retained_message: RetainedApplicationMessage) -> None:
+    async def on_broker_retained_message(
+        self, *, client_id: str | None, retained_message: RetainedApplicationMessage
+    ) -> None:
         msg = retained_message
         if client_id is not None:  # queued for a session: the journal has it from the fan-out (or put back)
             if not self.journal.holds(client_id, msg.topic, msg.data):
                 self.journal.record(client_id, msg.topic, msg.data, msg.qos or 0)
         elif msg.data:
-            self.journal.write("INSERT INTO retained (topic, data, qos) VALUES (?, ?, ?) ON CONFLICT (topic)"
-                               " DO UPDATE SET data = excluded.data, qos = excluded.qos",
-                               (msg.topic, bytes(msg.data), msg.qos or 0))
+            self.journal.write(
+                "INSERT INTO retained (topic, data, qos) VALUES (?, ?, ?) ON CONFLICT (topic)"
+                " DO UPDATE SET data = excluded.data, qos = excluded.qos",
+                (msg.topic, bytes(msg.data), msg.qos or 0),
+            )
         else:
             self.journal.write("DELETE FROM retained WHERE topic = ?", (msg.topic,))
 

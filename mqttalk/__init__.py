@@ -71,8 +71,22 @@ _EXPORTS = {
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
-    "create", "pair", "open_channel", "Channel", "Live", "Event", "Inbox", "Message", "Envelope", "SpecData",
-    "StatusData", "Settings", "JoinURL", "MqttalkError", "__version__", "errors",
+    "create",
+    "pair",
+    "open_channel",
+    "Channel",
+    "Live",
+    "Event",
+    "Inbox",
+    "Message",
+    "Envelope",
+    "SpecData",
+    "StatusData",
+    "Settings",
+    "JoinURL",
+    "MqttalkError",
+    "__version__",
+    "errors",
 ]
 
 if TYPE_CHECKING:

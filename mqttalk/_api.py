@@ -22,9 +22,16 @@ def new_channel_id() -> str:
     return base64.b32encode(os.urandom(16)).decode().rstrip("=").lower()
 
 
-def create(as_: str | None = None, *, role: str | None = None, settings: Settings | None = None,
-           cwd: Path | None = None, wait: float = 0.0, sealed: bool = True,
-           on_event: Callable[[Event], None] | None = None) -> Channel:
+def create(
+    as_: str | None = None,
+    *,
+    role: str | None = None,
+    settings: Settings | None = None,
+    cwd: Path | None = None,
+    wait: float = 0.0,
+    sealed: bool = True,
+    on_event: Callable[[Event], None] | None = None,
+) -> Channel:
     """Create a channel on the configured broker (default: the embedded one, started if needed),
     join it as ``as_``, and bind the working directory to it. ``sealed`` (the default) mints a
     channel key: see :mod:`mqttalk._seal`."""
@@ -50,9 +57,16 @@ def create(as_: str | None = None, *, role: str | None = None, settings: Setting
     return channel
 
 
-def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
-         settings: Settings | None = None, cwd: Path | None = None, wait: float = 10.0,
-         on_event: Callable[[Event], None] | None = None) -> Channel:
+def pair(
+    url: str | JoinURL,
+    as_: str | None = None,
+    *,
+    role: str | None = None,
+    settings: Settings | None = None,
+    cwd: Path | None = None,
+    wait: float = 10.0,
+    on_event: Callable[[Event], None] | None = None,
+) -> Channel:
     """Join the channel of a join URL as ``as_``; wait up to ``wait`` s for another peer to pair.
 
     Returns the channel: :attr:`Channel.paired` lists the peers that paired (empty if none did in
@@ -66,15 +80,23 @@ def pair(url: str | JoinURL, as_: str | None = None, *, role: str | None = None,
     again = bool(previous and previous.peer == name and JoinURL.parse(previous.url).channel == join_url.channel)
     if previous and again:
         member, joined = previous.member, previous.joined  # pairing again from the same place: same member
-    channel = Channel(join_url, name, member=member, role=role, settings=settings,
-                      joined=datetime.fromisoformat(joined) if joined else None, on_event=on_event)
+    channel = Channel(
+        join_url,
+        name,
+        member=member,
+        role=role,
+        settings=settings,
+        joined=datetime.fromisoformat(joined) if joined else None,
+        on_event=on_event,
+    )
     channel.join(wait, new_member=not again, check=True)
     channel.binding = _record(settings, cwd, channel)
     return channel
 
 
-def open_channel(settings: Settings | None = None, cwd: Path | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> Channel:
+def open_channel(
+    settings: Settings | None = None, cwd: Path | None = None, on_event: Callable[[Event], None] | None = None
+) -> Channel:
     """The channel to act on: ``settings.channel``/``settings.peer`` (flags, environment), else the
     binding of ``cwd`` or its nearest bound ancestor (kept as :attr:`Channel.binding`). Raises
     :class:`NotBound` if there is none."""
@@ -83,8 +105,11 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
     binding = _bindings.find(settings.state_dir, cwd)
     if settings.channel:
         url = JoinURL.parse(settings.channel)
-        names_binding = (binding is not None and JoinURL.parse(binding.url).channel == url.channel
-                         and settings.peer in (None, binding.peer))
+        names_binding = (
+            binding is not None
+            and JoinURL.parse(binding.url).channel == url.channel
+            and settings.peer in (None, binding.peer)
+        )
         if not names_binding:  # (if it does, the binding's membership is used below)
             if not settings.peer:
                 raise UsageError("--channel needs --as NAME (or MQTTALK_PEER) to say which peer you are")
@@ -98,13 +123,21 @@ def open_channel(settings: Settings | None = None, cwd: Path | None = None,
         settings = settings.model_copy(update={"ca_file": Path(binding.ca_file)})
     peer = binding.peer
     if settings.peer and settings.peer != binding.peer:
-        raise UsageError(f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
-                         "drop --as, or give --channel URL too")
+        raise UsageError(
+            f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
+            "drop --as, or give --channel URL too",
+        )
     url = _wake(settings, JoinURL.parse(binding.url))
-    channel = Channel(url, peer, member=binding.member, role=binding.role,
-                      settings=settings,
-                      joined=datetime.fromisoformat(binding.joined) if binding.joined else None,
-                      on_event=on_event, binding=binding)
+    channel = Channel(
+        url,
+        peer,
+        member=binding.member,
+        role=binding.role,
+        settings=settings,
+        joined=datetime.fromisoformat(binding.joined) if binding.joined else None,
+        on_event=on_event,
+        binding=binding,
+    )
     return channel
 
 
@@ -124,7 +157,11 @@ def forget(channel: Channel) -> None:
 
 def _record(settings: Settings, cwd: Path, channel: Channel) -> _bindings.Binding:
     binding = _bindings.Binding(
-        url=channel.url.render(), peer=channel.me, member=channel.member, role=channel.role,
+        url=channel.url.render(),
+        peer=channel.me,
+        member=channel.member,
+        role=channel.role,
         joined=(channel.joined or now()).isoformat(),
-        ca_file=str(settings.ca_file.resolve()) if settings.ca_file else None)
+        ca_file=str(settings.ca_file.resolve()) if settings.ca_file else None,
+    )
     return _bindings.record(settings.state_dir, cwd, binding)

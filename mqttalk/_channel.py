@@ -40,9 +40,18 @@ class Channel(Peer):
     What :func:`mqttalk.pair` and :func:`mqttalk.open_channel` found is kept on it: :attr:`paired`
     (the peers that answered the pairing challenge), :attr:`unanswered`, :attr:`binding`."""
 
-    def __init__(self, url: JoinURL, me: str, *, member: str | None, settings: Settings, role: str | None = None,
-                 joined: datetime | None = None, on_event: Callable[[Event], None] | None = None,
-                 binding: Binding | None = None) -> None:
+    def __init__(
+        self,
+        url: JoinURL,
+        me: str,
+        *,
+        member: str | None,
+        settings: Settings,
+        role: str | None = None,
+        joined: datetime | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        binding: Binding | None = None,
+    ) -> None:
         super().__init__(url, me, member=member, settings=settings, role=role, joined=joined, on_event=on_event)
         self.binding = binding  # the directory binding this channel was opened from (None: --channel/--as)
         self.paired: list[str] = []  # after join(): peers that answered our pairing challenge
@@ -51,8 +60,9 @@ class Channel(Peer):
 
     # -- one-shot operations -----------------------------------------------------------------------
 
-    def join(self, wait: float = 0.0, *, new_member: bool = True, new_challenge: bool = True,
-             check: bool = False) -> list[str]:
+    def join(
+        self, wait: float = 0.0, *, new_member: bool = True, new_challenge: bool = True, check: bool = False
+    ) -> list[str]:
         """Join the channel (creates this peer's broker session); wait up to ``wait`` s for another peer
         to pair.
 
@@ -71,7 +81,8 @@ class Channel(Peer):
                 "joined: the join URL most likely names another broker or prefix than the one the channel was "
                 "created on, or the broker lost (or someone erased) its retained messages",
                 "check it against the creator's; the creator's next mqttalk command puts its presence back: pair "
-                "again then")
+                "again then",
+            )
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
@@ -84,8 +95,14 @@ class Channel(Peer):
                 if not told and (not seen or waited > ANSWER_GRACE / 2):  # an answer usually takes ms
                     told = True
                     names = " and ".join(p.peer for p in seen)
-                    self.on_event(Event("waiting", detail=f"up to {wait:g}s for {names} to answer" if seen
-                                        else f"up to {wait:g}s for another peer"))
+                    self.on_event(
+                        Event(
+                            "waiting",
+                            detail=f"up to {wait:g}s for {names} to answer"
+                            if seen
+                            else f"up to {wait:g}s for another peer",
+                        )
+                    )
                 if seen and waited > ANSWER_GRACE and all(judge(p, me=False).state != "online" for p in seen):
                     break  # those present run no mqttalk process now: nobody can answer before their next one
                 live.poll(min(left, 0.1))
@@ -93,8 +110,15 @@ class Channel(Peer):
             self.paired = live.paired_peers()
             return self.paired
 
-    def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
-             to: str | None = None, re: str | None = None) -> Envelope:
+    def send(
+        self,
+        body: str,
+        kind: str = "note",
+        *,
+        data: dict[str, Any] | None = None,
+        to: str | None = None,
+        re: str | None = None,
+    ) -> Envelope:
         """Send one message: recorded in the outbox first, returned once the broker acknowledged it.
 
         Raises :class:`Queued` if the broker could not be reached: the message stays in the outbox
@@ -188,24 +212,32 @@ class Channel(Peer):
         """The channel as the open ``live`` sees it now: presences judged, this peer's counts."""
         proto = "MQTT 5" if live.protocol == 5 else "MQTT 3.1.1"
         nonce = self.nonce
-        peers = [judge(p, me=p.peer == self.me, paired=p.answers_for(self.me, nonce))
-                 for p in live.presences.values()]
+        peers = [judge(p, me=p.peer == self.me, paired=p.answers_for(self.me, nonce)) for p in live.presences.values()]
         peers.sort(key=lambda p: (not p.me, p.name))
         channel = self.url.channel
-        return Status(self.url.display(), self.me, proto, peers, self.store.unread_count(channel, self.me),
-                      len(self.store.new_gaps(channel, self.me)), len(self.store.pending(channel, self.me)),
-                      self.url.sealed)
+        return Status(
+            self.url.display(),
+            self.me,
+            proto,
+            peers,
+            self.store.unread_count(channel, self.me),
+            len(self.store.new_gaps(channel, self.me)),
+            len(self.store.pending(channel, self.me)),
+            self.url.sealed,
+        )
 
     def leave(self) -> None:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
         if held(self.lock_path("session")):
-            raise UsageError(f"a live mqttalk process of {self.me} (listen, recv --wait) is running",
-                             "stop it first, then leave")
+            raise UsageError(
+                f"a live mqttalk process of {self.me} (listen, recv --wait) is running", "stop it first, then leave"
+            )
         with self.link(client_id=self.client_id) as link:  # a clean start: the broker drops the session
             self.announce(link, "left")
 
-    def history(self, *, peer: str | None = None, kind: str | None = None, since: str | None = None,
-                limit: int | None = None) -> list[Envelope]:
+    def history(
+        self, *, peer: str | None = None, kind: str | None = None, since: str | None = None, limit: int | None = None
+    ) -> list[Envelope]:
         """Messages of this channel in the local store, oldest first (see :meth:`Store.history`)."""
         return list(self.store.history(self.url.channel, peer=peer, kind=kind, since=since, limit=limit))
 
@@ -217,8 +249,10 @@ class Channel(Peer):
         """What the local store holds unread for this peer (no network): each sender's messages in its
         sequence order, and new gaps. Nothing is marked read (see :meth:`mark_read`)."""
         channel = self.url.channel
-        return Inbox(_in_sender_order([Message(n, env) for n, env in self.store.unread(channel, self.me)]),
-                     self.store.new_gaps(channel, self.me))
+        return Inbox(
+            _in_sender_order([Message(n, env) for n, env in self.store.unread(channel, self.me)]),
+            self.store.new_gaps(channel, self.me),
+        )
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -233,8 +267,11 @@ class Channel(Peer):
             taken = live.presences.get(self.me)
             empty = not live.presences and not live.roster
         if taken is not None and taken.member != member and taken.state != "left":
-            raise NameTaken(f"peer name {self.me!r} is already used in this channel by another member (another "
-                            "machine, or another state directory or name binding here)", "pick another with --as NAME")
+            raise NameTaken(
+                f"peer name {self.me!r} is already used in this channel by another member (another "
+                "machine, or another state directory or name binding here)",
+                "pick another with --as NAME",
+            )
         return empty
 
 

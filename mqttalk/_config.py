@@ -24,26 +24,35 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     broker: str | None = Field(
-        None, description="Broker URL for `create` (mqtt://host:port). Unset: the embedded broker.")
+        None, description="Broker URL for `create` (mqtt://host:port). Unset: the embedded broker."
+    )
     prefix: str = Field("mqttalk/v1", description="Topic prefix new channels live under.")
     channel: str | None = Field(
-        None, description="Join URL of the channel to act on (overrides this directory's binding).")
+        None, description="Join URL of the channel to act on (overrides this directory's binding)."
+    )
     peer: str | None = Field(None, description="Peer name to act as (overrides this directory's binding).")
     connect_timeout: float = Field(5.0, gt=0, le=120, description="Seconds to wait for the broker to answer.")
     ca_file: Path | None = Field(
-        None, description="CA certificate (PEM) to verify an mqtts:// or wss:// broker with, instead of the system's.")
-    ws_path: str = Field("/mqtt", description="HTTP path of the broker's MQTT-over-websockets endpoint (ws://, wss://).")
-    heartbeat: float = Field(10.0, ge=0.2, le=3600,
-                             description="Seconds between presence heartbeats of a live process.")
+        None, description="CA certificate (PEM) to verify an mqtts:// or wss:// broker with, instead of the system's."
+    )
+    ws_path: str = Field(
+        "/mqtt", description="HTTP path of the broker's MQTT-over-websockets endpoint (ws://, wss://)."
+    )
+    heartbeat: float = Field(
+        10.0, ge=0.2, le=3600, description="Seconds between presence heartbeats of a live process."
+    )
     repair_timeout: float = Field(
-        300.0, ge=0, le=30 * 24 * 3600,
-        description="Seconds a reader waits for a sender to resend messages that never arrived before it shows a GAP.")
+        300.0,
+        ge=0,
+        le=30 * 24 * 3600,
+        description="Seconds a reader waits for a sender to resend messages that never arrived before it shows a GAP.",
+    )
     embedded_host: str = Field("127.0.0.1", description="Interface the embedded broker listens on.")
-    embedded_port: int = Field(1884, ge=0, le=65535,
-                               description="Port of the embedded broker (0 or busy: a free one).")
+    embedded_port: int = Field(1884, ge=0, le=65535, description="Port of the embedded broker (0 or busy: a free one).")
     state_dir: Path = Field(
         default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "mqttalk",
-        description="Where bindings, the message store and the embedded broker's pid live.")
+        description="Where bindings, the message store and the embedded broker's pid live.",
+    )
 
     @classmethod
     def load(cls, **flags: Any) -> Settings:
@@ -68,8 +77,9 @@ class Settings(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise UsageError(f"setting {where!r} is not valid: {err['msg']}",
-                             f"check {ENV_PREFIX}{where.upper()}, flags and {path}") from None
+            raise UsageError(
+                f"setting {where!r} is not valid: {err['msg']}", f"check {ENV_PREFIX}{where.upper()}, flags and {path}"
+            ) from None
 
 
 def config_path() -> Path:

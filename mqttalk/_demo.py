@@ -35,24 +35,40 @@ def run(keep: bool = False) -> int:
         shown = " ".join(a if re.fullmatch(r"[\w./:=@%+-]+", a) else repr(a) for a in args)
         print(f"\n[{who}] $ mqttalk {shown}", flush=True)
         argv = [sys.executable, "-m", "mqttalk", *args]
-        proc = subprocess.run(argv, cwd=dirs[who], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=60, check=False)
+        proc = subprocess.run(
+            argv,
+            cwd=dirs[who],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         out = proc.stdout.rstrip()
         print("\n".join("    " + line for line in out.splitlines()), flush=True)
         if proc.returncode != expect:
             raise _Step(f"`mqttalk {shown}` exited {proc.returncode}, expected {expect}")
         return proc.stdout
 
-    print("mqttalk demo: two coding-agent sessions, 'impl' (owns src/api/users.ts) and 'tests' (owns\n"
-          "test/users.test.ts), each in its own directory, talk through the embedded broker.")
+    print(
+        "mqttalk demo: two coding-agent sessions, 'impl' (owns src/api/users.ts) and 'tests' (owns\n"
+        "test/users.test.ts), each in its own directory, talk through the embedded broker."
+    )
     try:
         created = cmd("impl", "create", "--as", "impl", "--role", "implements POST /users")
         url = re.search(r"join URL: (\S+)", created)
         if not url:
             raise _Step("create printed no join URL")
         print("\n[impl] $ mqttalk recv --wait 20     (in the background: returns once its peer pairs)", flush=True)
-        waiting = subprocess.Popen([sys.executable, "-m", "mqttalk", "recv", "--wait", "20"], cwd=dirs["impl"],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "mqttalk", "recv", "--wait", "20"],
+            cwd=dirs["impl"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         time.sleep(1.0)  # let it connect
         paired = cmd("tests", "pair", url.group(1), "--as", "tests", "--role", "writes the API tests")
         if "PAIRED with impl" not in paired:
@@ -72,8 +88,19 @@ def run(keep: bool = False) -> int:
         got = cmd("tests", "recv")
         if "kind=spec" not in got or "kind=answer" not in got:
             raise _Step("tests did not receive the answer and the spec")
-        cmd("tests", "send", "--kind", "spec", "--subject", "POST /users", "--state", "agreed",
-            "--re", sid.group(1) if sid else "?", "Agreed, writing tests against it.")
+        cmd(
+            "tests",
+            "send",
+            "--kind",
+            "spec",
+            "--subject",
+            "POST /users",
+            "--state",
+            "agreed",
+            "--re",
+            sid.group(1) if sid else "?",
+            "Agreed, writing tests against it.",
+        )
         cmd("tests", "send", "--kind", "status", "--state", "red", "tests written, all red")
         got = cmd("impl", "recv")
         if "state=agreed" not in got or "state=red" not in got:

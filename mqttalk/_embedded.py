@@ -98,8 +98,7 @@ def revive(state_dir: Path, address: BrokerAddress) -> bool:
     Returns True if it was started. Cheap when it runs (reads broker.json and /proc, no connection). Never
     raises: a broker that will not start leaves the command to fail or queue as it would have anyway."""
     rec = _recorded(state_dir)
-    if (address.scheme != "mqtt" or rec is None or (rec[0], rec[1]) != (address.host, address.port)
-            or _alive(rec[2])):
+    if address.scheme != "mqtt" or rec is None or (rec[0], rec[1]) != (address.host, address.port) or _alive(rec[2]):
         return False
     try:
         with _locked(state_dir):
@@ -143,7 +142,11 @@ def _start(state_dir: Path, host: str, port: int, db: Path) -> None:
     log = open(state_dir / "broker.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "mqttalk", "broker", "--host", host, "--port", str(port), "--db", str(db)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        close_fds=True,
     )
     log.close()
     deadline = time.monotonic() + START_TIMEOUT

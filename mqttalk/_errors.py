@@ -88,8 +88,10 @@ class Queued(MqttalkError):
     label = "QUEUED"
 
     def __init__(self, message_id: str, reason: str) -> None:
-        super().__init__(f"id={message_id} not sent yet: {reason}",
-                         "it is kept and goes out with the next mqttalk command that reaches the broker")
+        super().__init__(
+            f"id={message_id} not sent yet: {reason}",
+            "it is kept and goes out with the next mqttalk command that reaches the broker",
+        )
         self.message_id = message_id
 
 

@@ -26,6 +26,7 @@ def data_text(name: str) -> str:
 
 def fill(template: str, **values: str) -> str:
     """Replace ``{{name}}`` placeholders (braces alone are left alone: the text is full of JSON and shell)."""
+
     def value(match: re.Match[str]) -> str:
         return values[match.group(1)]
 
@@ -69,37 +70,48 @@ def start_guide(cwd: Path) -> str:
     return fill(data_text("guide-start.md"), cwd=str(cwd)).rstrip() + "\n"
 
 
-def channel_guide(channel: Channel, *, role: str | None = None, status: Status | None = None, cwd: Path | None = None,
-                  status_error: str | None = None) -> str:
+def channel_guide(
+    channel: Channel,
+    *,
+    role: str | None = None,
+    status: Status | None = None,
+    cwd: Path | None = None,
+    status_error: str | None = None,
+) -> str:
     """The guide for a bound channel. ``status`` (a :class:`~._channel.Status`) names the peers; without
     one (broker unreachable) ``status_error`` says why they are not listed."""
     from ._render import LONG_BODY, line, more_peers, shown_peers
 
     if status is not None:  # at most a screenful of peers; names and roles are theirs: escaped
         others, more = shown_peers([p for p in status.peers if not p.me])
-        peers = "; ".join(f"{line(p.name)}" + (f" [{line(p.role)}]" if p.role else "") + f": {p.liveness()}"
-                          for p in others) + (f"; {more_peers(more)}" if more else "")
+        peers = "; ".join(
+            f"{line(p.name)}" + (f" [{line(p.role)}]" if p.role else "") + f": {p.liveness()}" for p in others
+        ) + (f"; {more_peers(more)}" if more else "")
         peers = peers or "none yet (the other session joins with `mqttalk pair 'URL' --as NAME`)"
         unread = str(status.unread)
     else:
         peers = f"unknown ({status_error or 'broker not reached'}); `mqttalk status` lists them"
         unread = str(channel.store.unread_count(channel.url.channel, channel.me))
     shown_role = channel.role or ""
-    return fill(
-        data_text("guide.md"),
-        me=channel.me,
-        role=f" ({shown_role})" if shown_role else "",
-        broker=channel.url.broker.display(),
-        peers=peers,
-        unread=unread,
-        cwd=str(cwd or Path.cwd()),
-        long=str(LONG_BODY),
-        part=role_part(role if role is not None else channel.me),
-    ).rstrip() + "\n"
+    return (
+        fill(
+            data_text("guide.md"),
+            me=channel.me,
+            role=f" ({shown_role})" if shown_role else "",
+            broker=channel.url.broker.display(),
+            peers=peers,
+            unread=unread,
+            cwd=str(cwd or Path.cwd()),
+            long=str(LONG_BODY),
+            part=role_part(role if role is not None else channel.me),
+        ).rstrip()
+        + "\n"
+    )
 
 
-def guide(settings: Settings, cwd: Path, role: str | None = None,
-          on_event: Callable[[Event], None] | None = None) -> str:
+def guide(
+    settings: Settings, cwd: Path, role: str | None = None, on_event: Callable[[Event], None] | None = None
+) -> str:
     """The guide for ``cwd``: the channel's if it has one, else how to start one. ``on_event`` hears what
     reading the peers' presence brings (a PAIRED notice)."""
     from ._api import open_channel

@@ -57,8 +57,11 @@ def eligible(args: list[str], env: Any) -> bool:
     if not args or args[0] not in COMMANDS or env.get(DISABLE, "1") == "0" or env.get("MQTTALK_DEBUG"):
         return False
     for arg in args[1:]:
-        if arg in ("-h", "--help") or arg.startswith("--file") or (
-                arg.startswith("-") and not arg.startswith("--") and "f" in arg):
+        if (
+            arg in ("-h", "--help")
+            or arg.startswith("--file")
+            or (arg.startswith("-") and not arg.startswith("--") and "f" in arg)
+        ):
             return False
     return True
 
@@ -75,8 +78,14 @@ def hand_over(args: list[str]) -> int | None:
     sock = connect(path) if path is not None else None
     if sock is None:
         return None
-    request = {"v": 1, "argv": args, "cwd": cwd, "env": relevant_env(os.environ), "stdin": stdin,
-               "tty": [_isatty(sys.stdout), _isatty(sys.stderr)]}
+    request = {
+        "v": 1,
+        "argv": args,
+        "cwd": cwd,
+        "env": relevant_env(os.environ),
+        "stdin": stdin,
+        "tty": [_isatty(sys.stdout), _isatty(sys.stderr)],
+    }
     with sock:
         try:
             sock.settimeout(ACK_TIMEOUT)
@@ -96,9 +105,12 @@ def _answer(sock: socket.socket) -> int | None:
         answer = read_frame(sock, limit=MAX_RESULT)
     except (OSError, ValueError, RecursionError) as exc:
         why = "ended" if isinstance(exc, (ValueError, ConnectionError)) else "did not answer"
-        print(f"mqttalk: error: the live mqttalk process of this peer took the command and {why} before "
-              "answering (`mqttalk log` shows whether a message was recorded; MQTTALK_HANDOFF=0 runs "
-              "commands without it)", file=sys.stderr)
+        print(
+            f"mqttalk: error: the live mqttalk process of this peer took the command and {why} before "
+            "answering (`mqttalk log` shows whether a message was recorded; MQTTALK_HANDOFF=0 runs "
+            "commands without it)",
+            file=sys.stderr,
+        )
         return 1
     if answer.get("t") != "result":
         return None  # "fallback": it did nothing
@@ -143,13 +155,30 @@ def _isatty(stream: Any) -> bool:
 def relevant_env(env: Any) -> dict[str, str]:
     """The environment that decides settings and paths (both sides must agree on it): MQTTALK_* (but the
     switches of this hand-off and of tracebacks), XDG_CONFIG_HOME, XDG_STATE_HOME and HOME."""
-    return {k: v for k, v in env.items()
-            if (k.startswith("MQTTALK_") and k not in (DISABLE, "MQTTALK_DEBUG")) or k in _PATH_ENV}
+    return {
+        k: v
+        for k, v in env.items()
+        if (k.startswith("MQTTALK_") and k not in (DISABLE, "MQTTALK_DEBUG")) or k in _PATH_ENV
+    }
 
 
 _PATH_ENV = ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "HOME")
-_SEND_VALUES = frozenset({"--kind", "-k", "--to", "--re", "--subject", "--rev", "--state", "--commit", "--as",
-                          "--channel", "--connect-timeout", "--ca"})  # options of `send` that take a value
+_SEND_VALUES = frozenset(
+    {
+        "--kind",
+        "-k",
+        "--to",
+        "--re",
+        "--subject",
+        "--rev",
+        "--state",
+        "--commit",
+        "--as",
+        "--channel",
+        "--connect-timeout",
+        "--ca",
+    }
+)  # options of `send` that take a value
 
 
 def _body_on_stdin(args: list[str]) -> bool:
@@ -192,8 +221,7 @@ def locate(args: list[str], env: Any, cwd: str) -> str | None:  # noqa: PLR0911 
     state = setting("state_dir")
     if state is None:
         xdg = env.get("XDG_STATE_HOME")
-        state = os.path.join(xdg if xdg and os.path.isabs(xdg) else os.path.join(_home(env), ".local/state"),
-                             "mqttalk")
+        state = os.path.join(xdg if xdg and os.path.isabs(xdg) else os.path.join(_home(env), ".local/state"), "mqttalk")
     if not os.path.isabs(state):
         return None
     url = flags.get("--channel") or setting("channel")
@@ -203,8 +231,11 @@ def locate(args: list[str], env: Any, cwd: str) -> str | None:  # noqa: PLR0911 
         if binding is None:
             return None
         url, peer = binding.get("url"), binding.get("peer")
-    elif binding is not None and channel_of(str(binding.get("url"))) == channel_of(url) and (
-            peer in (None, binding.get("peer"))):
+    elif (
+        binding is not None
+        and channel_of(str(binding.get("url"))) == channel_of(url)
+        and (peer in (None, binding.get("peer")))
+    ):
         peer = binding.get("peer")
     if not isinstance(url, str) or not isinstance(peer, str) or not peer:
         return None
@@ -234,8 +265,9 @@ def _config(env: Any) -> dict[str, Any] | None:
         path = explicit
     else:
         xdg = env.get("XDG_CONFIG_HOME")
-        path = os.path.join(xdg if xdg and os.path.isabs(xdg) else os.path.join(_home(env), ".config"),
-                            "mqttalk", "config.toml")
+        path = os.path.join(
+            xdg if xdg and os.path.isabs(xdg) else os.path.join(_home(env), ".config"), "mqttalk", "config.toml"
+        )
     if not os.path.isabs(path):
         return None
     if not os.path.isfile(path):

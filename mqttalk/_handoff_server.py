@@ -169,8 +169,10 @@ def _signals_deferred() -> Iterator[None]:
         yield  # (signals reach the main thread only: nothing to defer in the MCP server's live thread)
         return
     came: list[signal.Signals] = []
-    saved = {sig: signal.signal(sig, lambda number, _f: came.append(signal.Signals(number)))
-             for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {
+        sig: signal.signal(sig, lambda number, _f: came.append(signal.Signals(number)))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -228,15 +230,25 @@ class Request:
     @classmethod
     def parse(cls, obj: dict[str, Any], live: Live) -> Request:
         argv, cwd, env, stdin, tty = obj["argv"], obj["cwd"], obj["env"], obj["stdin"], obj["tty"]
-        if (obj.get("v") != 1 or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
-                or not argv or not isinstance(cwd, str) or not os.path.isabs(cwd) or not isinstance(env, dict)
-                or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-                or not (stdin is None or isinstance(stdin, str)) or not isinstance(tty, list) or len(tty) != 2):
+        if (
+            obj.get("v") != 1
+            or not isinstance(argv, list)
+            or not all(isinstance(a, str) for a in argv)
+            or not argv
+            or not isinstance(cwd, str)
+            or not os.path.isabs(cwd)
+            or not isinstance(env, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            or not (stdin is None or isinstance(stdin, str))
+            or not isinstance(tty, list)
+            or len(tty) != 2
+        ):
             raise ValueError("malformed request")
         if argv[0] not in COMMANDS or not eligible(argv, {}):  # (--file: a path this process would open for it)
             raise ValueError("not a command served here")
-        return cls(live, argv, cwd, env, None if stdin is None else stdin.encode("latin-1"),
-                   (bool(tty[0]), bool(tty[1])))
+        return cls(
+            live, argv, cwd, env, None if stdin is None else stdin.encode("latin-1"), (bool(tty[0]), bool(tty[1]))
+        )
 
     def run(self) -> int:
         """Run the command as `mqttalk ARGV` would, here; its exit code (raises Fallback)."""
@@ -287,8 +299,11 @@ class Request:
     def adopt(self, channel: Channel) -> Channel:
         """The channel the command resolved, acting through the live connection, if it is the live one."""
         mine = self.live.peer
-        if (channel.url.channel != mine.url.channel or channel.me != mine.me
-                or channel.settings.state_dir.resolve() != mine.settings.state_dir.resolve()):
+        if (
+            channel.url.channel != mine.url.channel
+            or channel.me != mine.me
+            or channel.settings.state_dir.resolve() != mine.settings.state_dir.resolve()
+        ):
             raise Fallback
         return _Served.of(channel, self)
 
@@ -305,8 +320,15 @@ class _Served(Channel):
         served.request = request
         return served
 
-    def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
-             to: str | None = None, re: str | None = None) -> Envelope:
+    def send(
+        self,
+        body: str,
+        kind: str = "note",
+        *,
+        data: dict[str, Any] | None = None,
+        to: str | None = None,
+        re: str | None = None,
+    ) -> Envelope:
         live = self.request.live
         if not live.connected or not live.sending:
             raise Fallback  # the command run there waits for this process to send, then says QUEUED

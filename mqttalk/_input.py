@@ -41,22 +41,26 @@ def check_args(args: list[str]) -> None:
             skip = True
             continue
         if arg.startswith(tuple(f"{o}=" for o in PATH_OPTIONS if o.startswith("--"))) or (
-                arg.startswith("-f") and not arg.startswith("--")):
+            arg.startswith("-f") and not arg.startswith("--")
+        ):
             continue
         try:
             arg.encode("utf-8")
         except UnicodeEncodeError:
             shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise UsageError(f"argument '{shown[:60]}' is not valid UTF-8 text",
-                             "give text as UTF-8 (check the terminal's or the script's encoding)") from None
+            raise UsageError(
+                f"argument '{shown[:60]}' is not valid UTF-8 text",
+                "give text as UTF-8 (check the terminal's or the script's encoding)",
+            ) from None
 
 
 def read_body(text: str | None, file: Path | None, stdin: IO[str] | None) -> str:
     """The message text: ``text``, ``-`` for ``stdin``, or ``file`` (read untouched). Either text or a
     file, not both; never more than the wire's limit (plus one byte, to know it is over) is read."""
     if file is not None and text is not None:
-        raise UsageError("give the message as TEXT or with --file, not both",
-                         f"drop {'--file' if text else 'the TEXT argument'}")
+        raise UsageError(
+            "give the message as TEXT or with --file, not both", f"drop {'--file' if text else 'the TEXT argument'}"
+        )
     limit = _limit()
     if file is not None:
         try:
@@ -67,8 +71,10 @@ def read_body(text: str | None, file: Path | None, stdin: IO[str] | None) -> str
         return _decode(data, f"message file {file}", limit)
     if text == "-":
         if stdin is None or getattr(stdin, "closed", False):
-            raise UsageError("'-' reads the message from stdin, but stdin is closed",
-                             "pipe the text in (… | mqttalk send -), or give it as an argument or with --file")
+            raise UsageError(
+                "'-' reads the message from stdin, but stdin is closed",
+                "pipe the text in (… | mqttalk send -), or give it as an argument or with --file",
+            )
         try:
             data = stdin.buffer.read(limit + 1) if hasattr(stdin, "buffer") else stdin.read(limit + 1).encode()
         except OSError as exc:
@@ -76,40 +82,52 @@ def read_body(text: str | None, file: Path | None, stdin: IO[str] | None) -> str
         return _decode(data, "the message on stdin", limit)
     body = text or ""
     if len(body) > limit:  # (each character is a byte at least; the envelope check measures the rest)
-        raise BadMessage(f"the message is over the {limit} byte limit",
-                         "send a path or a summary instead of the whole file")
+        raise BadMessage(
+            f"the message is over the {limit} byte limit", "send a path or a summary instead of the whole file"
+        )
     return body
 
 
 def read_url(stdin: IO[str] | None) -> str:
     """`pair -`: the join URL on stdin's first line."""
     if stdin is None or getattr(stdin, "closed", False):
-        raise UsageError("'-' reads the join URL from stdin, but stdin is closed",
-                         "pipe it in: echo 'URL' | mqttalk pair -")
+        raise UsageError(
+            "'-' reads the join URL from stdin, but stdin is closed", "pipe it in: echo 'URL' | mqttalk pair -"
+        )
     try:
         data = stdin.buffer.readline(64 * 1024) if hasattr(stdin, "buffer") else stdin.readline().encode()
     except OSError as exc:
         raise UsageError(f"cannot read the join URL from stdin: {exc.strerror or exc}") from None
     url = _decode(data, "the join URL on stdin", 64 * 1024).strip()
     if not url:
-        raise UsageError("'-' reads the join URL from stdin, but stdin was empty",
-                         "pipe it in: echo 'URL' | mqttalk pair -")
+        raise UsageError(
+            "'-' reads the join URL from stdin, but stdin was empty", "pipe it in: echo 'URL' | mqttalk pair -"
+        )
     return url
 
 
 def _decode(data: bytes, what: str, limit: int) -> str:
     if len(data) > limit:
-        raise BadMessage(f"{what} is over the {limit} byte limit",
-                         "send a path or a summary instead of the whole file")
+        raise BadMessage(f"{what} is over the {limit} byte limit", "send a path or a summary instead of the whole file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})",
-                         "convert it first, e.g. iconv -t UTF-8") from None
+        raise UsageError(
+            f"{what} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})",
+            "convert it first, e.g. iconv -t UTF-8",
+        ) from None
 
 
-def typed_fields(kind: str, body: str, *, subject: str | None, rev: int | None, state: str | None,
-                 commit: str | None, flag: str = "--") -> dict[str, Any]:
+def typed_fields(
+    kind: str,
+    body: str,
+    *,
+    subject: str | None,
+    rev: int | None,
+    state: str | None,
+    commit: str | None,
+    flag: str = "--",
+) -> dict[str, Any]:
     """A kind's typed fields from flat options; any option that does not belong to ``kind`` is refused
     (``flag`` is how options are named in the error: ``--state`` for the CLI, ``state`` for MCP)."""
     from ._wire import KINDS
@@ -124,8 +142,10 @@ def typed_fields(kind: str, body: str, *, subject: str | None, rev: int | None, 
         raise BadMessage(f"{', '.join(stray)} only {verb} to {flag}kind spec or status, not {kind}")
     if stray:
         verb = "does" if len(stray) == 1 else "do"
-        raise BadMessage(f"{', '.join(stray)} {verb} not apply to a {kind}",
-                         f"a {kind} takes {', '.join(flag + name for name in takes)}")
+        raise BadMessage(
+            f"{', '.join(stray)} {verb} not apply to a {kind}",
+            f"a {kind} takes {', '.join(flag + name for name in takes)}",
+        )
     data: dict[str, Any] = {}
     if kind == "spec":
         first = body.strip().splitlines()[0][:200] if body.strip() else None
@@ -148,8 +168,11 @@ def check_id(value: str | None, flag: str = "--re") -> str | None:
     of ours."""
     if value is None or _UUID.fullmatch(value.lower()):
         return value.lower() if value else value
-    hint = ("give the id alone, without 'id='" if value.startswith(("id=", "re=")) else
-            "a message id is the id= value of a MESSAGE header, e.g. 0192f0c3-6a1e-7cc4-9d3e-3f1b2a4c5d6e")
+    hint = (
+        "give the id alone, without 'id='"
+        if value.startswith(("id=", "re="))
+        else "a message id is the id= value of a MESSAGE header, e.g. 0192f0c3-6a1e-7cc4-9d3e-3f1b2a4c5d6e"
+    )
     raise UsageError(f"{flag} {value[:80]!r} is not a message id", hint)
 
 

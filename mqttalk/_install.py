@@ -32,8 +32,12 @@ class Plan:
     def diff(self) -> str:
         out: list[str] = []
         for path, (old, new) in self.files.items():
-            out += difflib.unified_diff((old or "").splitlines(keepends=True), new.splitlines(keepends=True),
-                                        fromfile=str(path) if old is not None else "/dev/null", tofile=str(path))
+            out += difflib.unified_diff(
+                (old or "").splitlines(keepends=True),
+                new.splitlines(keepends=True),
+                fromfile=str(path) if old is not None else "/dev/null",
+                tofile=str(path),
+            )
         return "".join(out)
 
     def write(self) -> None:
@@ -73,7 +77,8 @@ def wanted_hooks(command: str, stop_wait: float) -> dict[str, dict[str, Any]]:
 def _is_ours(group: Any) -> bool:
     return isinstance(group, dict) and any(
         isinstance(h, dict) and HOOK_MARK in str(h.get("command", "")) and "mqttalk" in str(h.get("command", ""))
-        for h in group.get("hooks", []) or [])
+        for h in group.get("hooks", []) or []
+    )
 
 
 def merge_settings(settings: dict[str, Any], hooks: dict[str, dict[str, Any]]) -> list[str]:
@@ -81,7 +86,7 @@ def merge_settings(settings: dict[str, Any], hooks: dict[str, dict[str, Any]]) -
     changes: list[str] = []
     table = settings.setdefault("hooks", {})
     if not isinstance(table, dict):
-        raise UsageError("the settings file's \"hooks\" is not an object", "fix it by hand, then run this again")
+        raise UsageError('the settings file\'s "hooks" is not an object', "fix it by hand, then run this again")
     for event, group in hooks.items():
         groups = table.setdefault(event, [])
         if not isinstance(groups, list):

@@ -75,8 +75,16 @@ class Live:
     hold the session because a live one does).
     """
 
-    def __init__(self, peer: Peer, *, online: bool = True, reconnect: bool = False,
-                 new_member: bool = False, exclusive: bool = True, service: ServiceStart | None = None) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        *,
+        online: bool = True,
+        reconnect: bool = False,
+        new_member: bool = False,
+        exclusive: bool = True,
+        service: ServiceStart | None = None,
+    ) -> None:
         """``service``: started once this process holds the peer's session, polled beside the connection
         and closed before the session is let go (see :class:`Service`)."""
         self.peer = peer
@@ -131,8 +139,10 @@ class Live:
         us = self.peer
         self._known = set(us.store.known_presences(us.url.channel))
         if self.exclusive and not self._session_lock.acquire():
-            raise SessionBusy("another mqttalk process of this peer holds its broker session",
-                              "stop it, or let it receive: `mqttalk recv` reads what it stores")
+            raise SessionBusy(
+                "another mqttalk process of this peer holds its broker session",
+                "stop it, or let it receive: `mqttalk recv` reads what it stores",
+            )
         self._gap_mark = max((g.n for g in us.store.new_gaps(us.url.channel, us.me)), default=0)
         self._nonce = us.nonce
         try:
@@ -155,8 +165,11 @@ class Live:
         cleanly, release the locks."""
         try:
             self._outbox.flush_batch()  # recorded even if it cannot go out now: sent later
-            if self._link is not None and self.exclusive and (self._announced == "online" or self._sent_more
-                                                              or self._outbox.busy):
+            if (
+                self._link is not None
+                and self.exclusive
+                and (self._announced == "online" or self._sent_more or self._outbox.busy)
+            ):
                 with contextlib.suppress(*_NETWORK_ERRORS):
                     self.drain()
                     self.announce("joined")
@@ -206,8 +219,16 @@ class Live:
         self._answer_due = False
         self._next_beat = time.monotonic() + self.peer.settings.heartbeat
 
-    def send(self, body: str, kind: str = "note", *, data: dict[str, Any] | None = None,
-             to: str | None = None, re: str | None = None, wait: bool = True) -> Envelope:
+    def send(
+        self,
+        body: str,
+        kind: str = "note",
+        *,
+        data: dict[str, Any] | None = None,
+        to: str | None = None,
+        re: str | None = None,
+        wait: bool = True,
+    ) -> Envelope:
         """Send over this connection; with ``wait``, return once the broker acknowledged it.
 
         ``wait=False`` is for throughput: messages are recorded in the outbox in groups (one SQLite
@@ -230,8 +251,12 @@ class Live:
                     self._lost(exc)
             if wait:
                 if self._link is None or not self._outbox.sender:
-                    raise Queued(env.id, "not connected to the broker" if self._link is None
-                                 else "another mqttalk process of this peer is sending")
+                    raise Queued(
+                        env.id,
+                        "not connected to the broker"
+                        if self._link is None
+                        else "another mqttalk process of this peer is sending",
+                    )
                 self.drain()
         except _NETWORK_ERRORS as exc:
             if wait:
@@ -278,8 +303,10 @@ class Live:
                 self._nap(max(0.0, min(deadline, self._retry_at) - now_))
             else:
                 try:
-                    self._link.pump(max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_),
-                                    wake=None if self._service is None else self._service.fileno())
+                    self._link.pump(
+                        max(0.0, min(deadline, self._next_beat, self._next_outbox) - now_),
+                        wake=None if self._service is None else self._service.fileno(),
+                    )
                     self._collect_acks()
                     self._routine()
                 except _NETWORK_ERRORS as exc:
@@ -299,8 +326,12 @@ class Live:
         will_topic = us.topics.presence(us.me)
         will = Will(will_topic, us.wrap(will_topic, us.presence("away").encode())) if self.online else None
         made: list[Link] = []  # (the receiver needs the link it is given to)
-        link = us.link(client_id=us.client_id if self.exclusive else None, persistent=self.exclusive, will=will,
-                       on_messages=lambda batch: self._absorb(made[0], batch))
+        link = us.link(
+            client_id=us.client_id if self.exclusive else None,
+            persistent=self.exclusive,
+            will=will,
+            on_messages=lambda batch: self._absorb(made[0], batch),
+        )
         made.append(link)
         link.open()
         try:
@@ -327,8 +358,11 @@ class Live:
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
-                if pres is not None and peer not in self.presences and (
-                        len(self.presences) < MAX_PEERS or peer in (self._roster or ())):
+                if (
+                    pres is not None
+                    and peer not in self.presences
+                    and (len(self.presences) < MAX_PEERS or peer in (self._roster or ()))
+                ):
                     self.presences[peer] = pres
             if self.exclusive and (self._roster_due or us.me not in (self._roster or set())):  # later joiners find us
                 self._publish_roster(link)
@@ -363,8 +397,10 @@ class Live:
             if tokens & self._tokens:
                 return
             if time.monotonic() >= deadline:
-                raise TimedOut(f"broker at {us.url.broker.display()} did not deliver the channel "
-                               f"within {us.settings.connect_timeout:g}s")
+                raise TimedOut(
+                    f"broker at {us.url.broker.display()} did not deliver the channel "
+                    f"within {us.settings.connect_timeout:g}s"
+                )
             if link.pump(max(0.0, min(deadline, again) - time.monotonic())):
                 deadline = time.monotonic() + us.settings.connect_timeout
                 again = time.monotonic() + SYNC_AGAIN
@@ -419,8 +455,7 @@ class Live:
         us = self.peer
         peer = note.sender
         if note.gone:
-            us.store.settle_gaps(us.url.channel, timeout=us.settings.repair_timeout, sender=peer,
-                                 gone=list(note.gone))
+            us.store.settle_gaps(us.url.channel, timeout=us.settings.repair_timeout, sender=peer, gone=list(note.gone))
         if not note.want or not self._member(peer):
             return  # only members are answered (a stranger's made-up names would each cost a resend)
         mono = time.monotonic()
@@ -481,8 +516,7 @@ class Live:
             elif held:
                 for env, _, item in messages:
                     if id(item) in held:
-                        self._drop(item.topic, item.payload, "dropped",
-                                   f"message from {env.sender}, who never joined")
+                        self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
                 held = set()
             self._store([(env, data) for env, data, item in messages if id(item) not in held])
         # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
@@ -499,8 +533,14 @@ class Live:
             self._write_notes()  # a message filled a hole, or a presence showed one
             self._report_gaps()
 
-    def _take(self, incoming: list[Incoming], mine: str, at: datetime, messages: list[tuple[Envelope, bytes, Incoming]],
-              notes: list[RepairNote]) -> None:
+    def _take(
+        self,
+        incoming: list[Incoming],
+        mine: str,
+        at: datetime,
+        messages: list[tuple[Envelope, bytes, Incoming]],
+        notes: list[RepairNote],
+    ) -> None:
         """Sort a batch: presence and roster taken in at once, messages and repair notes collected, the
         rest dropped (and reported once)."""
         us = self.peer
@@ -525,20 +565,32 @@ class Live:
             elif section not in ("msg", "presence", "sync"):
                 continue
             if section == "presence" and item.payload and self._crowded(level):
-                self._drop(item.topic, b"", "dropped", f"presence of a peer past the first {MAX_PEERS} of the "
-                           "channel (a flood of made-up peers?)")
+                self._drop(
+                    item.topic,
+                    b"",
+                    "dropped",
+                    f"presence of a peer past the first {MAX_PEERS} of the channel (a flood of made-up peers?)",
+                )
                 continue
             data = us.unwrap(item.topic, item.payload)
             if data is None:
-                self._drop(item.topic, item.payload, "decrypt_fail",
-                           f"payload on {item.topic} does not open with this channel's key")
+                self._drop(
+                    item.topic,
+                    item.payload,
+                    "decrypt_fail",
+                    f"payload on {item.topic} does not open with this channel's key",
+                )
             elif section == "msg":
                 env = decode_envelope(data)
                 if env is None or us.topics.level(env.sender) != level:
                     self._drop(item.topic, item.payload, "dropped", f"malformed message on {item.topic}")
                 elif not in_window(env.ts, at):
-                    self._drop(item.topic, item.payload, "dropped",
-                               f"message {env.id} from {env.sender} has a stale or future timestamp")
+                    self._drop(
+                        item.topic,
+                        item.payload,
+                        "dropped",
+                        f"message {env.id} from {env.sender} has a stale or future timestamp",
+                    )
                 else:
                     messages.append((env, data, item))
             elif section == "presence":
@@ -585,8 +637,9 @@ class Live:
             return
         pres = decode_presence(payload, at=at)
         if pres is None or us.topics.level(pres.peer) != level:
-            self._drop(topic, payload, "dropped", f"malformed presence (or one stamped outside the time window) "
-                       f"on {topic}")
+            self._drop(
+                topic, payload, "dropped", f"malformed presence (or one stamped outside the time window) on {topic}"
+            )
             return
         peer = pres.peer
         self._known.add(peer)
@@ -661,8 +714,12 @@ class Live:
                 self.announce(self._announced or "joined")
             self._next_beat = mono + self.peer.settings.heartbeat
             for peer, pres in self.presences.items():
-                if judge(pres, me=False).state == "away" and pres.state == "online" \
-                        and peer != self.peer.me and peer not in self._offline:
+                if (
+                    judge(pres, me=False).state == "away"
+                    and pres.state == "online"
+                    and peer != self.peer.me
+                    and peer not in self._offline
+                ):
                     self._offline.add(peer)
                     self.peer.on_event(Event("offline", peer, f"no heartbeat for {stale_after(pres):g}s"))
         if mono >= self._next_outbox:

@@ -126,5 +126,6 @@ class Outbox:
         with link.burst():
             while queued and len(inflight) < WINDOW:
                 row = queued.popleft()
-                inflight.append((row.n, link.publish(row.topic, peer.wrap(row.topic, row.payload), wait=False,
-                                                     meta=meta)))
+                inflight.append(
+                    (row.n, link.publish(row.topic, peer.wrap(row.topic, row.payload), wait=False, meta=meta))
+                )

@@ -31,8 +31,18 @@ if TYPE_CHECKING:
 
 STALE_BEATS = 3  # an "online" presence with no heartbeat for this many intervals is shown as away
 
-EventKind = Literal["paired", "message", "gap", "offline", "dropped", "decrypt_fail", "waiting", "disconnected",
-                    "reconnected", "outdated"]
+EventKind = Literal[
+    "paired",
+    "message",
+    "gap",
+    "offline",
+    "dropped",
+    "decrypt_fail",
+    "waiting",
+    "disconnected",
+    "reconnected",
+    "outdated",
+]
 PresenceState = Literal["joined", "online", "away", "left"]
 
 
@@ -103,8 +113,17 @@ class Status:
 class Peer:
     """One local peer (``me``) in one channel: identity, topics, sealing, presence, store, links, locks."""
 
-    def __init__(self, url: JoinURL, me: str, *, member: str | None, settings: Settings, role: str | None = None,
-                 joined: datetime | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: JoinURL,
+        me: str,
+        *,
+        member: str | None,
+        settings: Settings,
+        role: str | None = None,
+        joined: datetime | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
         """``member``: the membership this peer holds (a binding's), or None to take the one this
         machine recorded for the channel and name, claiming the name if it has none (see :attr:`member`)."""
         self.url = url
@@ -182,8 +201,14 @@ class Peer:
         from ._transport import Link
 
         s = self.settings
-        return Link(self.url.broker, timeout=s.connect_timeout, state_dir=s.state_dir, ca_file=s.ca_file,
-                    ws_path=s.ws_path, **options)
+        return Link(
+            self.url.broker,
+            timeout=s.connect_timeout,
+            state_dir=s.state_dir,
+            ca_file=s.ca_file,
+            ws_path=s.ws_path,
+            **options,
+        )
 
     def wrap(self, topic: str, data: bytes) -> bytes:
         """What goes on the wire: sealed on a sealed channel."""
@@ -202,12 +227,19 @@ class Peer:
         """This peer's presence now: who, how reachable, how many messages it sent, its pairing challenge
         and its answers to the others'."""
         at = now()
-        return Presence(peer=self.me, role=self.role, state=state, member=self.member,
-                        since=self.joined if state == "joined" else at, hb=at,
-                        client=f"mqttalk/{__version__} {socket.gethostname()} pid {os.getpid()}",
-                        every=self.settings.heartbeat if state == "online" else None,
-                        seq=self.store.last_sent_seq(self.url.channel, self.me) or None,
-                        nonce=self.nonce, answers=self.store.answers(self.url.channel, self.me) or None)
+        return Presence(
+            peer=self.me,
+            role=self.role,
+            state=state,
+            member=self.member,
+            since=self.joined if state == "joined" else at,
+            hb=at,
+            client=f"mqttalk/{__version__} {socket.gethostname()} pid {os.getpid()}",
+            every=self.settings.heartbeat if state == "online" else None,
+            seq=self.store.last_sent_seq(self.url.channel, self.me) or None,
+            nonce=self.nonce,
+            answers=self.store.answers(self.url.channel, self.me) or None,
+        )
 
     def announce(self, link: Link, state: Literal["joined", "online", "left"], *, wait_ack: bool = True) -> Presence:
         """Publish this peer's presence (retained) over ``link``."""

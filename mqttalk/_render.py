@@ -46,8 +46,11 @@ def _typed_facts(env: Envelope) -> list[str]:
 
     typed = env.typed() if env.kind in ("spec", "status") else None
     if isinstance(typed, SpecData):
-        return [f"subject={printable(repr(str(typed.subject)), line=True)}", f"rev={field(str(typed.rev))}",
-                f"state={field(str(typed.state))}"]
+        return [
+            f"subject={printable(repr(str(typed.subject)), line=True)}",
+            f"rev={field(str(typed.rev))}",
+            f"state={field(str(typed.state))}",
+        ]
     if isinstance(typed, StatusData):
         commit = typed.commit
         return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
@@ -82,8 +85,10 @@ def gap_text(gap: Gap) -> str:
     if gap.state == "gone":
         why = f"{what} never arrived, and {who} no longer has them (its store was reset or lost)"
     else:
-        why = (f"{what} never arrived, and {who} did not answer a request to resend them (not running since, or "
-               "the request did not reach it); they are still shown if they come")
+        why = (
+            f"{what} never arrived, and {who} did not answer a request to resend them (not running since, or "
+            "the request did not reach it); they are still shown if they come"
+        )
     return f"mqttalk: GAP from={who} seq={gap.first}-{gap.last} ({why})"
 
 
@@ -102,10 +107,14 @@ def outdated_text(peer: str, version: int | None) -> str:
 
     who = line(peer)
     if version is not None and version < WIRE_VERSION:
-        return (f"{who} runs an older mqttalk (wire v{version}, this one v{WIRE_VERSION}): ask {who} to "
-                "upgrade (pip install -U mqttalk); until then messages it misses cannot be resent to it")
-    return (f"{who} runs a newer mqttalk (wire v{version}, this one v{WIRE_VERSION}): upgrade this one "
-            "(pip install -U mqttalk)")
+        return (
+            f"{who} runs an older mqttalk (wire v{version}, this one v{WIRE_VERSION}): ask {who} to "
+            "upgrade (pip install -U mqttalk); until then messages it misses cannot be resent to it"
+        )
+    return (
+        f"{who} runs a newer mqttalk (wire v{version}, this one v{WIRE_VERSION}): upgrade this one "
+        "(pip install -U mqttalk)"
+    )
 
 
 # -- the voice: how a sentence tells its reader what to do next --------------------------------------
@@ -158,8 +167,10 @@ _DATA: dict[str, Callable[[Event], dict[str, Any]]] = {
     "offline": lambda e: {"event": "offline", "peer": e.peer, "detail": e.detail},
     "outdated": lambda e: {"event": "outdated", "peer": e.peer, "version": e.version},
     "gap": lambda e: gap_data(e.gap) if e.gap is not None else {"event": "gap"},
-    "message": lambda e: {"event": "message", **(e.envelope.model_dump(mode="json", by_alias=True, exclude_none=True)
-                                                 if e.envelope is not None else {})},
+    "message": lambda e: {
+        "event": "message",
+        **(e.envelope.model_dump(mode="json", by_alias=True, exclude_none=True) if e.envelope is not None else {}),
+    },
     "reconnected": lambda e: {"event": "reconnected", "detail": e.broker},
 }
 
@@ -186,9 +197,11 @@ def unanswered_text(me: str, names: list[str], voice: Voice, wait: float | None 
     """Joined, and peers are there, but none answered the pairing challenge (in ``wait`` s)."""
     are, it = ("are", "them") if len(names) > 1 else ("is", "it")
     within = f" within {wait:g}s" if wait is not None else ""
-    return (f"joined as {line(me)}; {names_text(names)} {are} in the channel but did not answer the pairing challenge"
-            f"{within} (not running now?). Messages you send wait for {it}; {voice.wait} shows PAIRED once an "
-            "answer comes (their next mqttalk command gives it).")
+    return (
+        f"joined as {line(me)}; {names_text(names)} {are} in the channel but did not answer the pairing challenge"
+        f"{within} (not running now?). Messages you send wait for {it}; {voice.wait} shows PAIRED once an "
+        "answer comes (their next mqttalk command gives it)."
+    )
 
 
 def alone_text(me: str, voice: Voice) -> str:
@@ -225,9 +238,9 @@ def body_text(env: Envelope, bodies: Path | None, *, limit: int = LONG_BODY) -> 
         return framed(body)
     path = spill(bodies, env)
     cut = body[:PREVIEW]
-    if "\n" in cut[PREVIEW // 2:]:  # end the preview on a line break when one is near
+    if "\n" in cut[PREVIEW // 2 :]:  # end the preview on a line break when one is near
         cut = cut[: cut.rindex("\n")]
-    return (f"{framed(cut.rstrip())}\n[... {len(env.body)} characters in all; the whole body is in {path}]")
+    return f"{framed(cut.rstrip())}\n[... {len(env.body)} characters in all; the whole body is in {path}]"
 
 
 def message_text(env: Envelope, bodies: Path | None, *, terminal: bool = False) -> str:

@@ -45,8 +45,9 @@ class Seal:
         try:
             key = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError):
-            raise BadJoinURL("the channel key (#k=) is not valid base64url",
-                             "copy the whole join URL from `mqttalk create`") from None
+            raise BadJoinURL(
+                "the channel key (#k=) is not valid base64url", "copy the whole join URL from `mqttalk create`"
+            ) from None
         return cls(key)
 
     @property
@@ -74,7 +75,7 @@ class Seal:
         from cryptography.exceptions import InvalidTag
 
         try:
-            return self._aead.decrypt(payload[1:1 + _NONCE], payload[1 + _NONCE:], topic.encode()).rstrip(b" ")
+            return self._aead.decrypt(payload[1 : 1 + _NONCE], payload[1 + _NONCE :], topic.encode()).rstrip(b" ")
         except InvalidTag:
             return None
 

@@ -92,22 +92,36 @@ def store_error(exc: BaseException, path: Path | None = None) -> StoreError | No
         reason = exc.strerror + (f": {exc.filename}" if exc.filename else "")
     low = reason.lower()
     if "full" in low or (isinstance(exc, OSError) and exc.errno == 28) or ("i/o" in low and _full(path)):
-        return StoreError(f"cannot write {where}: the disk is full ({reason})",
-                          f"free space on the disk that holds {directory}, or set MQTTALK_STATE_DIR elsewhere")
-    if ("readonly" in low or "read-only" in low or "permission" in low or "unable to open" in low
-            or isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == 30)):
+        return StoreError(
+            f"cannot write {where}: the disk is full ({reason})",
+            f"free space on the disk that holds {directory}, or set MQTTALK_STATE_DIR elsewhere",
+        )
+    if (
+        "readonly" in low
+        or "read-only" in low
+        or "permission" in low
+        or "unable to open" in low
+        or isinstance(exc, PermissionError)
+        or (isinstance(exc, OSError) and exc.errno == 30)
+    ):
         if _read_only(path):
             reason = f"{directory} is on a read-only file system"
-        return StoreError(f"cannot write {where}: {reason}",
-                          f"make {directory} writable by you, or set MQTTALK_STATE_DIR to a directory that is")
+        return StoreError(
+            f"cannot write {where}: {reason}",
+            f"make {directory} writable by you, or set MQTTALK_STATE_DIR to a directory that is",
+        )
     if "i/o" in low:
-        return StoreError(f"cannot read or write {where} ({reason})",
-                          f"check the disk that holds {directory}; if the error stays, move the file aside (mv "
-                          f"{where} {where}.damaged) and run the command again: a new store is made")
+        return StoreError(
+            f"cannot read or write {where} ({reason})",
+            f"check the disk that holds {directory}; if the error stays, move the file aside (mv "
+            f"{where} {where}.damaged) and run the command again: a new store is made",
+        )
     if isinstance(exc, sqlite3.DatabaseError):  # not a database, malformed, truncated
-        return StoreError(f"the message store {where} is damaged ({reason})",
-                          f"move it aside with mv {where} {where}.damaged and run the command again: a new store "
-                          "is made; the old file keeps this machine's history and unsent messages")
+        return StoreError(
+            f"the message store {where} is damaged ({reason})",
+            f"move it aside with mv {where} {where}.damaged and run the command again: a new store "
+            "is made; the old file keeps this machine's history and unsent messages",
+        )
     if isinstance(exc, OSError):
         return StoreError(f"cannot use {where}: {reason}", f"check {directory}, or set MQTTALK_STATE_DIR elsewhere")
     return None

@@ -228,8 +228,12 @@ class Store:
             return new
         received = time.time()
         with self._tx() as db:
-            floors = {sender: (seq, datetime.fromisoformat(joined)) for sender, seq, joined in
-                      db.execute("SELECT sender, seq, joined FROM floors WHERE channel = ?", (channel,))}
+            floors = {
+                sender: (seq, datetime.fromisoformat(joined))
+                for sender, seq, joined in db.execute(
+                    "SELECT sender, seq, joined FROM floors WHERE channel = ?", (channel,)
+                )
+            }
             for env, raw in items:
                 floor = floors.get(env.sender)
                 if floor and env.seq is not None and env.seq <= floor[0] and env.ts < floor[1]:
@@ -252,14 +256,22 @@ class Store:
         if seq > head + MAX_JUMP:
             return  # not believed (see expect): stored, but it opens no gap of millions to ask for
         if seq > head + 1:
-            db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, 'open')",
-                       (channel, sender, head + 1, seq - 1, time.time()))
+            db.execute(
+                "INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, 'open')",
+                (channel, sender, head + 1, seq - 1, time.time()),
+            )
         if seq > head:
-            db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
-                       " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
+            db.execute(
+                "INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
+                " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq",
+                (channel, sender, seq),
+            )
             return
-        gap = db.execute("SELECT n, first, last, found, state FROM gaps WHERE channel = ? AND sender = ?"
-                         " AND first <= ? AND last >= ?", (channel, sender, seq, seq)).fetchone()
+        gap = db.execute(
+            "SELECT n, first, last, found, state FROM gaps WHERE channel = ? AND sender = ?"
+            " AND first <= ? AND last >= ?",
+            (channel, sender, seq, seq),
+        ).fetchone()
         if gap is None:
             if seq == 1:  # the sender started counting again (a new membership): follow it
                 db.execute("UPDATE heads SET seq = 1 WHERE channel = ? AND sender = ?", (channel, sender))
@@ -268,8 +280,10 @@ class Store:
         db.execute("DELETE FROM gaps WHERE n = ?", (n,))
         for lo, hi in ((first, seq - 1), (seq + 1, last)):
             if lo <= hi:  # an open piece keeps its age (its deadline); a shown one is shown again, smaller
-                db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, ?)",
-                           (channel, sender, lo, hi, found if state == "open" else time.time(), state))
+                db.execute(
+                    "INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, ?)",
+                    (channel, sender, lo, hi, found if state == "open" else time.time(), state),
+                )
 
     def expect(self, channel: str, sender: str, seq: int) -> None:
         """``sender`` says it has sent up to ``seq``: anything after our head that never came is a gap (a
@@ -279,20 +293,28 @@ class Store:
             row = db.execute("SELECT seq FROM heads WHERE channel = ? AND sender = ?", (channel, sender)).fetchone()
             head = int(row[0]) if row else 0
             if head < seq <= head + MAX_JUMP:
-                db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
-                           " 'open')", (channel, sender, head + 1, seq, time.time()))
-                db.execute("INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
-                           " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq", (channel, sender, seq))
+                db.execute(
+                    "INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, 'open')",
+                    (channel, sender, head + 1, seq, time.time()),
+                )
+                db.execute(
+                    "INSERT INTO heads (channel, sender, seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (channel, sender) DO UPDATE SET seq = excluded.seq",
+                    (channel, sender, seq),
+                )
 
     def start_head(self, channel: str, sender: str, seq: int) -> None:
         """On joining: what ``sender`` sent before we were a member is not ours to miss, nor ours to read
         when it comes round again (a sender repairing an older member's gap sends to the whole channel)."""
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO heads (channel, sender, seq) VALUES (?, ?, ?)", (channel, sender, seq))
-            if not db.execute("SELECT 1 FROM messages WHERE channel = ? AND sender = ? LIMIT 1",
-                              (channel, sender)).fetchone():  # (nothing of its here: this store joined now)
-                db.execute("INSERT OR IGNORE INTO floors (channel, sender, seq, joined) VALUES (?, ?, ?, ?)",
-                           (channel, sender, seq, _iso(time.time())))
+            if not db.execute(
+                "SELECT 1 FROM messages WHERE channel = ? AND sender = ? LIMIT 1", (channel, sender)
+            ).fetchone():  # (nothing of its here: this store joined now)
+                db.execute(
+                    "INSERT OR IGNORE INTO floors (channel, sender, seq, joined) VALUES (?, ?, ?, ?)",
+                    (channel, sender, seq, _iso(time.time())),
+                )
 
     def unread(self, channel: str, peer: str) -> list[tuple[int, Envelope]]:
         """Messages for ``peer`` (from others, to all or to it) after its cursor, in arrival order."""
@@ -313,9 +335,11 @@ class Store:
 
     def new_gaps(self, channel: str, peer: str) -> list[Gap]:
         """Gaps in other peers' sequences not yet reported to ``peer`` (open ones, being repaired, are not)."""
-        rows = self.db.execute("SELECT n, sender, first, last, state FROM gaps WHERE channel = ? AND n > ?"
-                               " AND sender != ? AND state != 'open' ORDER BY n",
-                               (channel, self._cursor(channel, peer)[1], peer)).fetchall()
+        rows = self.db.execute(
+            "SELECT n, sender, first, last, state FROM gaps WHERE channel = ? AND n > ?"
+            " AND sender != ? AND state != 'open' ORDER BY n",
+            (channel, self._cursor(channel, peer)[1], peer),
+        ).fetchall()
         return [Gap(*row) for row in rows]
 
     # -- repair ------------------------------------------------------------------------------------
@@ -324,21 +348,26 @@ class Store:
         """Ranges of each sender's messages to ask for again, by sender: open gaps, and those shown after
         the sender did not answer in time (it may answer later: then they come after all)."""
         found: dict[str, list[tuple[int, int]]] = {}
-        for sender, first, last in self.db.execute("SELECT sender, first, last FROM gaps WHERE channel = ? AND"
-                                                   " state != 'gone' ORDER BY sender, first", (channel,)):
+        for sender, first, last in self.db.execute(
+            "SELECT sender, first, last FROM gaps WHERE channel = ? AND state != 'gone' ORDER BY sender, first",
+            (channel,),
+        ):
             found.setdefault(str(sender), []).append((int(first), int(last)))
         return found
 
-    def settle_gaps(self, channel: str, *, timeout: float, sender: str | None = None,
-                    gone: list[tuple[int, int]] | None = None) -> None:
+    def settle_gaps(
+        self, channel: str, *, timeout: float, sender: str | None = None, gone: list[tuple[int, int]] | None = None
+    ) -> None:
         """Gaps become shown ones: those of ``sender`` within ``gone`` (it no longer has them), and any
         open for longer than ``timeout`` seconds (no answer: ``silent``, still asked for). Each gets a
         new number, so a reader's gap cursor shows it once."""
         cutoff = time.time() - timeout
         with self._tx() as db:
-            rows = db.execute("SELECT n, sender, first, last, found, state FROM gaps WHERE channel = ? AND"
-                              " ((state = 'open' AND found < ?) OR (sender = ? AND state != 'gone'))",
-                              (channel, cutoff, sender)).fetchall()
+            rows = db.execute(
+                "SELECT n, sender, first, last, found, state FROM gaps WHERE channel = ? AND"
+                " ((state = 'open' AND found < ?) OR (sender = ? AND state != 'gone'))",
+                (channel, cutoff, sender),
+            ).fetchall()
             for n, who, first, last, found, state in rows:
                 rest = "silent" if state == "open" and found < cutoff else state
                 marks = (gone or []) if who == sender else []
@@ -347,11 +376,14 @@ class Store:
                     continue
                 db.execute("DELETE FROM gaps WHERE n = ?", (n,))
                 for lo, hi, part in pieces:
-                    db.execute("INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?,"
-                               " ?)", (channel, who, lo, hi, found if part == "open" else time.time(), part))
+                    db.execute(
+                        "INSERT INTO gaps (channel, sender, first, last, found, state) VALUES (?, ?, ?, ?, ?, ?)",
+                        (channel, who, lo, hi, found if part == "open" else time.time(), part),
+                    )
 
-    def sent_rows(self, channel: str, sender: str, ranges: list[tuple[int, int]],
-                  limit: int = 5000) -> tuple[list[Pending], list[tuple[int, int]]]:
+    def sent_rows(
+        self, channel: str, sender: str, ranges: list[tuple[int, int]], limit: int = 5000
+    ) -> tuple[list[Pending], list[tuple[int, int]]]:
         """``sender``'s acknowledged outbox rows with a sequence number in ``ranges`` (to send again; at
         most ``limit``, the lowest first), and the ranges asked for that this store does not hold (never
         sent from here, or the store is newer), up to where the rows given stop. Work is bounded by the
@@ -361,9 +393,10 @@ class Store:
         for first, last in sorted(ranges):
             at = first
             for n, seq, msg_id, topic, payload in self.db.execute(
-                    "SELECT n, seq, id, topic, payload FROM outbox WHERE channel = ? AND sender = ? AND seq BETWEEN"
-                    " ? AND ? AND n NOT IN (SELECT n FROM unsent) ORDER BY seq LIMIT ?",
-                    (channel, sender, first, last, limit - len(rows) + 1)):
+                "SELECT n, seq, id, topic, payload FROM outbox WHERE channel = ? AND sender = ? AND seq BETWEEN"
+                " ? AND ? AND n NOT IN (SELECT n FROM unsent) ORDER BY seq LIMIT ?",
+                (channel, sender, first, last, limit - len(rows) + 1),
+            ):
                 if len(rows) == limit:
                     return rows, gone  # the asker asks again for the rest
                 if seq > at:
@@ -380,19 +413,29 @@ class Store:
         again later: a member rewriting its note must not make a sender resend without pause)."""
         now_ = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT ts, at FROM answered WHERE channel = ? AND asker = ? AND sender = ?",
-                             (channel, asker, sender)).fetchone()
+            row = db.execute(
+                "SELECT ts, at FROM answered WHERE channel = ? AND asker = ? AND sender = ?", (channel, asker, sender)
+            ).fetchone()
             if row and row[0] >= ts:
                 return False
             if row and now_ - row[1] < every:
                 return None
-            db.execute("INSERT INTO answered (channel, asker, sender, ts, at) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
-                       " (channel, asker, sender) DO UPDATE SET ts = excluded.ts, at = excluded.at",
-                       (channel, asker, sender, ts, now_))
+            db.execute(
+                "INSERT INTO answered (channel, asker, sender, ts, at) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                " (channel, asker, sender) DO UPDATE SET ts = excluded.ts, at = excluded.at",
+                (channel, asker, sender, ts, now_),
+            )
             return True
 
-    def history(self, channel: str, *, peer: str | None = None, kind: str | None = None,
-                since: str | None = None, limit: int | None = None) -> list[Envelope]:
+    def history(
+        self,
+        channel: str,
+        *,
+        peer: str | None = None,
+        kind: str | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+    ) -> list[Envelope]:
         """Messages received and sent here, in the order they were written (their timestamps; arrival
         breaks ties); ``since`` is an ISO time or a message id (exclusive)."""
         where, args = "channel = ?", [channel]
@@ -406,30 +449,38 @@ class Store:
             from ._since import FORMS, normalise
 
             since = normalise(since)
-            mark = self.db.execute("SELECT ts FROM messages WHERE channel = ? AND id = ? UNION ALL"
-                                   " SELECT ts FROM outbox WHERE channel = ? AND id = ?",
-                                   (channel, since, channel, since)).fetchone()
+            mark = self.db.execute(
+                "SELECT ts FROM messages WHERE channel = ? AND id = ? UNION ALL"
+                " SELECT ts FROM outbox WHERE channel = ? AND id = ?",
+                (channel, since, channel, since),
+            ).fetchone()
             if mark is None and "+" not in since:  # not a time (those end in +00:00), and no message has that id
                 from ._errors import UsageError
 
-                raise UsageError(f"--since {since!r} is not a time, nor the id of a message in this channel's "
-                                 "history", f"give {FORMS}")
+                raise UsageError(
+                    f"--since {since!r} is not a time, nor the id of a message in this channel's history",
+                    f"give {FORMS}",
+                )
             where += " AND ts > ?" if mark else " AND ts >= ?"
             args.append(mark[0] if mark else since)
         rows = self.db.execute(
             f"SELECT raw, ts, n FROM messages WHERE {where} UNION ALL"  # noqa: S608 - only placeholders vary
             f" SELECT payload, ts, n FROM outbox WHERE {where}"
             " AND id NOT IN (SELECT id FROM messages WHERE channel = ?)"  # a local peer received it too
-            " ORDER BY 2, 3", [*args, *args, channel]).fetchall()
+            " ORDER BY 2, 3",
+            [*args, *args, channel],
+        ).fetchall()
         if limit:
             rows = rows[-limit:]
         return [env for raw, _ts, _n in rows if (env := _envelope(raw)) is not None]
 
     def marks(self, channel: str) -> tuple[int, int]:
         """The newest message and gap numbers of a channel (a new member's cursors start there)."""
-        row = self.db.execute("SELECT (SELECT coalesce(max(n), 0) FROM messages WHERE channel = ?),"
-                              " (SELECT coalesce(max(n), 0) FROM gaps WHERE channel = ?)",
-                              (channel, channel)).fetchone()
+        row = self.db.execute(
+            "SELECT (SELECT coalesce(max(n), 0) FROM messages WHERE channel = ?),"
+            " (SELECT coalesce(max(n), 0) FROM gaps WHERE channel = ?)",
+            (channel, channel),
+        ).fetchone()
         return int(row[0]), int(row[1])
 
     def _cursor(self, channel: str, peer: str) -> tuple[int, int]:
@@ -454,25 +505,34 @@ class Store:
             return
         at = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?",
-                             (channel, sender)).fetchone()
+            row = db.execute(
+                "SELECT max(seq) FROM outbox WHERE channel = ? AND sender = ?", (channel, sender)
+            ).fetchone()
             first = int(row[0] or 0) + 1
             for seq, env in enumerate(envs, first):
                 env.seq = seq
-            db.executemany("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(channel, sender, env.seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at)
-                            for env in envs])
-            db.execute("INSERT INTO unsent (n) SELECT n FROM outbox WHERE channel = ? AND sender = ? AND seq >= ?",
-                       (channel, sender, first))
+            db.executemany(
+                "INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (channel, sender, env.seq, env.id, topic, env.encode(), env.kind, env.ts.isoformat(), at)
+                    for env in envs
+                ],
+            )
+            db.execute(
+                "INSERT INTO unsent (n) SELECT n FROM outbox WHERE channel = ? AND sender = ? AND seq >= ?",
+                (channel, sender, first),
+            )
 
     def pending(self, channel: str, sender: str, after: int = 0) -> list[Pending]:
         """Outbox messages not yet acknowledged, in sequence order (``after``: only rows past that n)."""
         # CROSS JOIN makes SQLite start from the few unsent rows; left to itself it walks the sender's
         # whole history in the outbox (tests/test_delivery.py counts the steps).
-        rows = self.db.execute("SELECT o.n, o.id, o.topic, o.payload FROM unsent u CROSS JOIN outbox o ON o.n = u.n"
-                               " WHERE u.n > ? AND o.channel = ? AND o.sender = ? ORDER BY o.seq",
-                               (after, channel, sender)).fetchall()
+        rows = self.db.execute(
+            "SELECT o.n, o.id, o.topic, o.payload FROM unsent u CROSS JOIN outbox o ON o.n = u.n"
+            " WHERE u.n > ? AND o.channel = ? AND o.sender = ? ORDER BY o.seq",
+            (after, channel, sender),
+        ).fetchall()
         return [Pending(*row) for row in rows]
 
     def mark_sent(self, *ns: int) -> None:
@@ -483,14 +543,19 @@ class Store:
 
     def is_sent(self, channel: str, sender: str, seq: int | None) -> bool:
         """Whether the broker acknowledged ``sender``'s message ``seq`` (False if it is not in the outbox)."""
-        row = self.db.execute("SELECT n NOT IN (SELECT n FROM unsent) FROM outbox WHERE channel = ? AND sender = ?"
-                              " AND seq = ?", (channel, sender, seq)).fetchone()
+        row = self.db.execute(
+            "SELECT n NOT IN (SELECT n FROM unsent) FROM outbox WHERE channel = ? AND sender = ? AND seq = ?",
+            (channel, sender, seq),
+        ).fetchone()
         return bool(row and row[0])
 
     def last_sent_seq(self, channel: str, sender: str) -> int:
         """The highest sequence number of ``sender``'s that the broker acknowledged (0: none)."""
-        row = self.db.execute("SELECT seq FROM outbox WHERE channel = ? AND sender = ? AND n NOT IN"
-                              " (SELECT n FROM unsent) ORDER BY seq DESC LIMIT 1", (channel, sender)).fetchone()
+        row = self.db.execute(
+            "SELECT seq FROM outbox WHERE channel = ? AND sender = ? AND n NOT IN"
+            " (SELECT n FROM unsent) ORDER BY seq DESC LIMIT 1",
+            (channel, sender),
+        ).fetchone()
         return int(row[0]) if row else 0
 
     # -- presence ----------------------------------------------------------------------------------
@@ -500,15 +565,18 @@ class Store:
         (a replayed, older presence) return the newest one seen. A remembered heartbeat from the future
         (a store written before presence times were checked at the wire) judges nothing."""
         with self._tx() as db:
-            row = db.execute("SELECT hb, raw FROM presence_seen WHERE channel = ? AND peer = ?",
-                             (channel, peer)).fetchone()
+            row = db.execute(
+                "SELECT hb, raw FROM presence_seen WHERE channel = ? AND peer = ?", (channel, peer)
+            ).fetchone()
             if row and row[0] == hb and bytes(row[1]) == raw:
                 return None  # the same presence again (a retained one comes on every subscribe)
             if row and row[0] > hb and row[0] <= _iso(time.time() + MAX_AHEAD):
                 return bytes(row[1])
-            db.execute("INSERT INTO presence_seen (channel, peer, hb, raw) VALUES (?, ?, ?, ?)"
-                       " ON CONFLICT (channel, peer) DO UPDATE SET hb = excluded.hb, raw = excluded.raw",
-                       (channel, peer, hb, raw))
+            db.execute(
+                "INSERT INTO presence_seen (channel, peer, hb, raw) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (channel, peer) DO UPDATE SET hb = excluded.hb, raw = excluded.raw",
+                (channel, peer, hb, raw),
+            )
             return None
 
     def known_presences(self, channel: str) -> dict[str, bytes]:
@@ -520,8 +588,9 @@ class Store:
 
     def recorded_identity(self, channel: str, peer: str) -> tuple[str, bytes] | None:
         """This machine's membership of ``channel`` as ``peer`` (member id, secret), if it has one."""
-        row = self.db.execute("SELECT member, secret FROM identities WHERE channel = ? AND peer = ?",
-                              (channel, peer)).fetchone()
+        row = self.db.execute(
+            "SELECT member, secret FROM identities WHERE channel = ? AND peer = ?", (channel, peer)
+        ).fetchone()
         return (str(row[0]), bytes(row[1])) if row else None
 
     def identity(self, channel: str, peer: str, member: str | None = None) -> tuple[str, bytes]:
@@ -531,22 +600,27 @@ class Store:
         recorded, mints a new secret (a new membership gets a broker session of its own). With
         ``member`` None the recorded membership is used, or a new one minted."""
         with self._tx() as db:
-            row = db.execute("SELECT member, secret FROM identities WHERE channel = ? AND peer = ?",
-                             (channel, peer)).fetchone()
+            row = db.execute(
+                "SELECT member, secret FROM identities WHERE channel = ? AND peer = ?", (channel, peer)
+            ).fetchone()
             if row and (member is None or row[0] == member):
                 return str(row[0]), bytes(row[1])
             fresh = (member or os.urandom(16).hex(), os.urandom(32))
-            db.execute("INSERT INTO identities (channel, peer, member, secret) VALUES (?, ?, ?, ?)"
-                       " ON CONFLICT (channel, peer) DO UPDATE SET member = excluded.member, secret = excluded.secret",
-                       (channel, peer, *fresh))
+            db.execute(
+                "INSERT INTO identities (channel, peer, member, secret) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (channel, peer) DO UPDATE SET member = excluded.member, secret = excluded.secret",
+                (channel, peer, *fresh),
+            )
             return fresh
 
     # -- pairing announcements ---------------------------------------------------------------------
 
     def mark_paired(self, channel: str, peer: str, other: str) -> bool:
         """Record that ``peer`` was told it paired with ``other``; False if it already was."""
-        cur = self.db.execute("INSERT OR IGNORE INTO paired (channel, peer, other, at) VALUES (?, ?, ?, ?)",
-                              (channel, peer, other, time.time()))
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO paired (channel, peer, other, at) VALUES (?, ?, ?, ?)",
+            (channel, peer, other, time.time()),
+        )
         return cur.rowcount == 1
 
     def forget_paired(self, channel: str, peer: str, other: str) -> None:
@@ -561,27 +635,37 @@ class Store:
         """Local ``peer``'s pairing challenge; ``renew`` mints a new one (a join), voiding every answer
         to the old one, so each pairing this peer announces is proved afresh."""
         with self._tx() as db:
-            row = None if renew else db.execute("SELECT nonce FROM nonces WHERE channel = ? AND peer = ?",
-                                                (channel, peer)).fetchone()
+            row = (
+                None
+                if renew
+                else db.execute("SELECT nonce FROM nonces WHERE channel = ? AND peer = ?", (channel, peer)).fetchone()
+            )
             if row:
                 return str(row[0])
             fresh = os.urandom(16).hex()
-            db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
-                       " DO UPDATE SET nonce = excluded.nonce", (channel, peer, fresh))
+            db.execute(
+                "INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+                " DO UPDATE SET nonce = excluded.nonce",
+                (channel, peer, fresh),
+            )
             db.execute("DELETE FROM paired WHERE channel = ? AND peer = ?", (channel, peer))
             return fresh
 
     def see_nonce(self, channel: str, peer: str, nonce: str) -> bool:
         """Record the challenge another peer's presence carries; True if it is new to us (answer it)."""
-        cur = self.db.execute("INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
-                              " DO UPDATE SET nonce = excluded.nonce WHERE nonce != excluded.nonce",
-                              (channel, peer, nonce))
+        cur = self.db.execute(
+            "INSERT INTO nonces (channel, peer, nonce) VALUES (?, ?, ?) ON CONFLICT (channel, peer)"
+            " DO UPDATE SET nonce = excluded.nonce WHERE nonce != excluded.nonce",
+            (channel, peer, nonce),
+        )
         return cur.rowcount == 1
 
     def answers(self, channel: str, peer: str, limit: int = 64) -> dict[str, str]:
         """The challenges of the other peers of ``channel`` that ``peer`` answers in its presence."""
-        rows = self.db.execute("SELECT peer, nonce FROM nonces WHERE channel = ? AND peer != ? ORDER BY rowid DESC"
-                               " LIMIT ?", (channel, peer, limit))
+        rows = self.db.execute(
+            "SELECT peer, nonce FROM nonces WHERE channel = ? AND peer != ? ORDER BY rowid DESC LIMIT ?",
+            (channel, peer, limit),
+        )
         return {str(p): str(n) for p, n in rows}
 
 

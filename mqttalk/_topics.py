@@ -20,8 +20,10 @@ _PEER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 def check_peer(name: str) -> str:
     """A peer name is a topic level too: lowercase letters, digits, - and _, 1-32 long."""
     if not _PEER_RE.match(name):
-        raise UsageError(f"peer name {name!r} is not valid",
-                         "use 1-32 of a-z 0-9 - _, starting with a letter or digit, e.g. --as impl")
+        raise UsageError(
+            f"peer name {name!r} is not valid",
+            "use 1-32 of a-z 0-9 - _, starting with a letter or digit, e.g. --as impl",
+        )
     return name
 
 
@@ -91,7 +93,7 @@ class Topics:
         head = self.root + "/"
         if not topic.startswith(head):
             return None
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         if len(parts) == 3 and parts[0] == "repair":
             return ("repair:" + parts[1], parts[2])
         return (parts[0], parts[1]) if len(parts) == 2 else None

@@ -97,10 +97,19 @@ class _Packed(Properties):
 class Link:
     """A connection with a persistent session (stable client id) or a throwaway clean one."""
 
-    def __init__(self, broker: BrokerAddress, *, client_id: str | None = None, persistent: bool = False,
-                 timeout: float = 5.0, will: Will | None = None, state_dir: Path | None = None,
-                 on_messages: Callable[[list[Incoming]], None] | None = None, ca_file: Path | None = None,
-                 ws_path: str = "/mqtt") -> None:
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        timeout: float = 5.0,
+        will: Will | None = None,
+        state_dir: Path | None = None,
+        on_messages: Callable[[list[Incoming]], None] | None = None,
+        ca_file: Path | None = None,
+        ws_path: str = "/mqtt",
+    ) -> None:
         """``on_messages`` gets every batch of incoming messages, in the caller's thread, whenever
         the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
         one it has taken care of: some brokers (amqtt) send nothing else until it does."""
@@ -135,8 +144,10 @@ class Link:
             try:
                 self._connect(known)
             except _ProtocolRefused:  # it spoke MQTT 5 before: it is not the protocol, it is the broker
-                raise BrokerUnreachable(f"{self.broker.display()} closed the connection before accepting it",
-                                        "is the broker overloaded or restarting? try again") from None
+                raise BrokerUnreachable(
+                    f"{self.broker.display()} closed the connection before accepting it",
+                    "is the broker overloaded or restarting? try again",
+                ) from None
             return self
         # First contact: find out whether the broker speaks MQTT 5. The probe is a bare CONNECT
         # (no properties): amqtt answers that with "unsupported protocol version", but hangs on a v5
@@ -196,12 +207,23 @@ class Link:
         for topic, code in zip(topics, self._subacks.pop(mid or 0), strict=False):
             if code.is_failure:
                 # NATS maps topic levels to subject tokens and refuses any topic with '.' or ' ' in it
-                hint = ("NATS refuses '.' and ' ' in MQTT topics: choose a --prefix without them"
-                        if "." in topic or " " in topic else "check the broker's ACL for this user")
+                hint = (
+                    "NATS refuses '.' and ' ' in MQTT topics: choose a --prefix without them"
+                    if "." in topic or " " in topic
+                    else "check the broker's ACL for this user"
+                )
                 raise BrokerRefused(f"broker refused subscription to {topic!r}: {code}", hint)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                wait: bool = True, meta: Meta | None = None) -> Sent:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool = True,
+        meta: Meta | None = None,
+    ) -> Sent:
         """Publish; with ``wait`` return only once the broker acknowledged it (PUBACK). ``meta`` goes
         along as MQTT 5 properties when the broker speaks MQTT 5."""
         client = self._live()
@@ -249,8 +271,10 @@ class Link:
         if self._refused:
             topic, code = self._refused[0]
             self._refused.clear()
-            raise BrokerRefused(f"broker at {self.broker.display()} refused a message on {topic!r}: "
-                                f"{code.getName()}", "check the broker's ACL for this user and the topic prefix")
+            raise BrokerRefused(
+                f"broker at {self.broker.display()} refused a message on {topic!r}: {code.getName()}",
+                "check the broker's ACL for this user and the topic prefix",
+            )
 
     def pump(self, timeout: float, *, wake: int | None = None) -> int:
         """Run the network for up to ``timeout`` seconds; return early once something arrived (a message,
@@ -302,9 +326,13 @@ class Link:
         client_id = "mqk-probe-" + os.urandom(7).hex()[:13] if bare and self._probe_only else self.client_id
         transport: Literal["tcp", "websockets"] = "websockets" if self.broker.websockets else "tcp"
         client = _Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion(protocol),
-            clean_session=None if protocol == mqtt.MQTTv5 else not persistent, transport=transport,
-            manual_ack=True, reconnect_on_failure=False,
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion(protocol),
+            clean_session=None if protocol == mqtt.MQTTv5 else not persistent,
+            transport=transport,
+            manual_ack=True,
+            reconnect_on_failure=False,
         )
         client.connect_timeout = self.timeout
         # No limit in paho: on every PUBACK it walks the messages it holds to find one to send next
@@ -333,20 +361,28 @@ class Link:
             props.SessionExpiryInterval = SESSION_EXPIRY
         where = self.broker.display()
         try:
-            client.connect(self.broker.host, self.broker.port, keepalive=KEEPALIVE,
-                           clean_start=not persistent if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                           properties=props)
+            client.connect(
+                self.broker.host,
+                self.broker.port,
+                keepalive=KEEPALIVE,
+                clean_start=not persistent if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
         except socket.gaierror:
-            raise BrokerUnreachable(f"cannot resolve broker host {self.broker.host!r}",
-                                    "check the URL's host name") from None
+            raise BrokerUnreachable(
+                f"cannot resolve broker host {self.broker.host!r}", "check the URL's host name"
+            ) from None
         except ConnectionRefusedError:
-            raise BrokerUnreachable(f"nothing is listening at {where}",
-                                    "is the broker running? `mqttalk broker` starts the embedded one") from None
+            raise BrokerUnreachable(
+                f"nothing is listening at {where}", "is the broker running? `mqttalk broker` starts the embedded one"
+            ) from None
         except TimeoutError:
             raise BrokerUnreachable(f"no answer from {where} within {self.timeout:g}s") from None
         except ssl.SSLCertVerificationError as exc:
-            raise BrokerRefused(f"the certificate of {where} is not trusted: {exc.verify_message}",
-                                "give the CA that signed it with --ca PATH (or MQTTALK_CA_FILE)") from None
+            raise BrokerRefused(
+                f"the certificate of {where} is not trusted: {exc.verify_message}",
+                "give the CA that signed it with --ca PATH (or MQTTALK_CA_FILE)",
+            ) from None
         except ssl.SSLError as exc:
             raise BrokerUnreachable(f"TLS handshake with {where} failed: {exc.reason or exc}") from None
         except (OSError, ValueError) as exc:
@@ -364,8 +400,10 @@ class Link:
                 self._drop()
                 if bare:
                     raise _ProtocolRefused
-                raise BrokerUnreachable(f"{where} accepted the connection but sent no MQTT answer "
-                                        f"within {self.timeout:g}s", "is it an MQTT port?")
+                raise BrokerUnreachable(
+                    f"{where} accepted the connection but sent no MQTT answer within {self.timeout:g}s",
+                    "is it an MQTT port?",
+                )
             if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
                 break
         code = self._connack
@@ -373,12 +411,15 @@ class Link:
             self._drop()
             if v5:
                 raise _ProtocolRefused
-            raise BrokerUnreachable(f"{where} closed the connection before accepting it",
-                                    "is it an MQTT port? does it need TLS (mqtts://)?")
+            raise BrokerUnreachable(
+                f"{where} closed the connection before accepting it", "is it an MQTT port? does it need TLS (mqtts://)?"
+            )
         if code.is_failure:
             self._drop()
-            raise BrokerRefused(f"broker at {where} refused the connection: {code.getName()}",
-                                "check the user name and password in the URL or config")
+            raise BrokerRefused(
+                f"broker at {where} refused the connection: {code.getName()}",
+                "check the user name and password in the URL or config",
+            )
 
     def _drop(self) -> None:
         client, self._client = self._client, None
@@ -405,8 +446,7 @@ class Link:
         while not done():  # type: ignore[operator]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimedOut(f"broker at {self.broker.display()} did not confirm the {what} "
-                               f"within {self.timeout:g}s")
+                raise TimedOut(f"broker at {self.broker.display()} did not confirm the {what} within {self.timeout:g}s")
             if _loop(client, min(left, 0.2)) != mqtt.MQTT_ERR_SUCCESS or self._closed is not None:
                 self._lost()
             if self._dispatch():
@@ -419,8 +459,7 @@ class Link:
         raise BrokerUnreachable(f"lost the connection to {self.broker.display()}{detail}")
 
     # paho callbacks: they only hand over.
-    def _on_connect(self, _c: object, _u: object, flags: mqtt.ConnectFlags, rc: ReasonCode,
-                    _p: object) -> None:
+    def _on_connect(self, _c: object, _u: object, flags: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
         self._connack = rc
         self.session_present = bool(flags.session_present)
 
@@ -466,8 +505,9 @@ class _Client(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-_PUBACK_OK = {code: ReasonCode(PacketTypes.PUBACK, identifier=code)
-              for code in (0x00, 0x10)}  # Success, No matching subscribers
+_PUBACK_OK = {
+    code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)
+}  # Success, No matching subscribers
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
@@ -493,7 +533,7 @@ class _ReadAhead:
                 return data
             self._buf, pos = data, 0
         self._pos = pos + size
-        return self._buf[pos:pos + size]
+        return self._buf[pos : pos + size]
 
     def pending(self) -> int:
         """Bytes already read from the network and not yet taken (here, or in a TLS or websocket layer)."""
@@ -561,8 +601,9 @@ class _ProtocolCache:
 _BURST = 1000  # most packets _loop takes in from what was read before it goes back to the caller
 
 
-def _loop(client: mqtt.Client, timeout: float, wake: int | None = None,
-          woken: list[bool] | None = None) -> MQTTErrorCode:
+def _loop(
+    client: mqtt.Client, timeout: float, wake: int | None = None, woken: list[bool] | None = None
+) -> MQTTErrorCode:
     """paho's ``loop()`` through its external-loop API (``loop_read``/``loop_write``/``loop_misc``).
 
     Same steps, minus the wake-up socket pair ``loop()`` creates for threaded use: with it, every

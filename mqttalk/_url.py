@@ -95,16 +95,23 @@ class JoinURL:
         check_prefix(prefix, error=BadJoinURL)
         key = None
         if not fragment:
-            raise BadJoinURL("join URL has no channel key (#k=...): it looks cut off",
-                             "copy the whole URL `mqttalk create` printed; a plain channel's URL ends in #plain")
+            raise BadJoinURL(
+                "join URL has no channel key (#k=...): it looks cut off",
+                "copy the whole URL `mqttalk create` printed; a plain channel's URL ends in #plain",
+            )
         if fragment != PLAIN:
             if not _KEY_RE.match(fragment):
-                raise BadJoinURL("join URL's channel key (#k=...) is damaged or cut short",
-                                 "copy the whole join URL from `mqttalk create` again")
+                raise BadJoinURL(
+                    "join URL's channel key (#k=...) is damaged or cut short",
+                    "copy the whole join URL from `mqttalk create` again",
+                )
             key = fragment[2:]
         if key is not None and channel != channel_id_for(key):
-            raise BadJoinURL("join URL's channel key does not belong to its channel: the URL was changed or damaged "
-                             "(or made by mqttalk before 0.2)", "copy the whole join URL from `mqttalk create` again")
+            raise BadJoinURL(
+                "join URL's channel key does not belong to its channel: the URL was changed or damaged "
+                "(or made by mqttalk before 0.2)",
+                "copy the whole join URL from `mqttalk create` again",
+            )
         return cls(broker, prefix, channel, key)
 
     def render(self) -> str:

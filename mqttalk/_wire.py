@@ -53,8 +53,9 @@ class StatusData(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     state: StatusState = Field(description="red, green, blocked, working or done")
-    commit: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,64}$",
-                               description="git commit the status refers to (printable ASCII, no spaces)")
+    commit: str | None = Field(
+        None, pattern=r"^[\x21-\x7e]{1,64}$", description="git commit the status refers to (printable ASCII, no spaces)"
+    )
 
 
 DATA_MODELS: dict[str, type[BaseModel]] = {"spec": SpecData, "status": StatusData}
@@ -120,9 +121,11 @@ class Presence(BaseModel):
     every: float | None = Field(None, ge=0.2, le=3600, description="seconds between heartbeats while online")
     nonce: Token | None = Field(None, description="this peer's pairing challenge, new each time it joins")
     answers: dict[PeerName, Token] | None = Field(
-        None, max_length=MAX_ANSWERS,
+        None,
+        max_length=MAX_ANSWERS,
         description="the challenges of the other peers this one has seen, by peer name: its proof of "
-        "holding the channel key now (it can only have seen them by opening their sealed presence)")
+        "holding the channel key now (it can only have seen them by opening their sealed presence)",
+    )
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -160,8 +163,16 @@ def decode_note(payload: bytes, *, at: datetime) -> RepairNote | None:
     return note if ok else None
 
 
-def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | None = None,
-                 to: str | None = None, re: str | None = None, seq: int | None = None) -> Envelope:
+def new_envelope(
+    sender: str,
+    kind: str,
+    body: str,
+    *,
+    data: dict[str, Any] | None = None,
+    to: str | None = None,
+    re: str | None = None,
+    seq: int | None = None,
+) -> Envelope:
     """Build a message to send, validating it strictly (raises :class:`BadMessage`)."""
     if kind not in KINDS:
         raise BadMessage(f"unknown kind {kind!r}", f"use one of: {', '.join(KINDS)}")
@@ -182,11 +193,14 @@ def new_envelope(sender: str, kind: str, body: str, *, data: dict[str, Any] | No
         body.encode()
         json.dumps(data, ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        raise BadMessage("message text is not valid Unicode (it holds a lone surrogate)",
-                         "send UTF-8 text; read binary data from a file and send its path instead") from None
+        raise BadMessage(
+            "message text is not valid Unicode (it holds a lone surrogate)",
+            "send UTF-8 text; read binary data from a file and send its path instead",
+        ) from None
     if len(body) > MAX_PAYLOAD:
-        raise BadMessage(f"message is over the {MAX_PAYLOAD} byte limit",
-                         "send a path or a summary instead of the whole file")
+        raise BadMessage(
+            f"message is over the {MAX_PAYLOAD} byte limit", "send a path or a summary instead of the whole file"
+        )
     try:
         env = Envelope(id=uuid7(), ts=now(), sender=sender, to=to, kind=kind, re=re, seq=seq, body=body, data=data)
     except ValidationError as exc:

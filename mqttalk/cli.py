@@ -54,30 +54,58 @@ Exit codes: 0 ok, 1 error, 2 bad input, 3 timed out (nothing arrived / no peer y
 """
 
 _APP_SETTINGS: dict[str, Any] = dict(
-    name="mqttalk", help=HELP, rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False,
-    no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    name="mqttalk",
+    help=HELP,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 app = typer.Typer(**_APP_SETTINGS)
 
-PUBLIC_BROKERS = {"test.mosquitto.org", "broker.hivemq.com", "broker.emqx.io", "mqtt.eclipseprojects.io",
-                  "public.mqtthq.com", "broker.mqttdashboard.com"}
+PUBLIC_BROKERS = {
+    "test.mosquitto.org",
+    "broker.hivemq.com",
+    "broker.emqx.io",
+    "mqtt.eclipseprojects.io",
+    "public.mqtthq.com",
+    "broker.mqttdashboard.com",
+}
 
-AsOpt = Annotated[str | None, typer.Option(
-    "--as", metavar="NAME", help="Peer name (a-z 0-9 - _). Default: this directory's name, or its binding.")]
-ChannelOpt = Annotated[str | None, typer.Option(
-    "--channel", metavar="URL", help="Join URL to act on instead of this directory's binding (MQTTALK_CHANNEL).")]
+AsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--as", metavar="NAME", help="Peer name (a-z 0-9 - _). Default: this directory's name, or its binding."
+    ),
+]
+ChannelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--channel", metavar="URL", help="Join URL to act on instead of this directory's binding (MQTTALK_CHANNEL)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line) for programs.")]
 RoleOpt = Annotated[str | None, typer.Option("--role", help="What this session works on, shown to peers.")]
-CaOpt = Annotated[Path | None, typer.Option(
-    "--ca", metavar="PATH", help="CA certificate (PEM) that signed an mqtts:// or wss:// broker's certificate; "
-    "remembered for this directory (MQTTALK_CA_FILE).")]
-TimeoutOpt = Annotated[float | None, typer.Option(
-    "--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5).")]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        metavar="PATH",
+        help="CA certificate (PEM) that signed an mqtts:// or wss:// broker's certificate; "
+        "remembered for this directory (MQTTALK_CA_FILE).",
+    ),
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--connect-timeout", metavar="SECONDS", help="Seconds to wait for the broker (default 5)."),
+]
 
 
 def _open(channel_url: str | None, as_: str | None, out: _Printer) -> Channel:
     """The channel a command acts for: --channel/--as, MQTTALK_CHANNEL/MQTTALK_PEER, or the binding."""
     from ._api import open_channel
+
     channel = open_channel(_settings(channel=channel_url, peer=as_), HOST.cwd, on_event=out.event)
     if HOST.adopt is not None:  # run by a live process of this peer for another process: act through it
         return HOST.adopt(channel)
@@ -117,8 +145,10 @@ class _Drops:
     seconds), with the first reason as an example. A flood of junk costs the agent one line, not 2,000."""
 
     SUMMARY_EVERY = 5.0
-    WORDS: ClassVar[dict[str, tuple[str, str]]] = {"dropped": ("DROPPED", "that could not be used"),
-             "decrypt_fail": ("DECRYPT_FAIL", "that did not open with this channel's key")}
+    WORDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "dropped": ("DROPPED", "that could not be used"),
+        "decrypt_fail": ("DECRYPT_FAIL", "that did not open with this channel's key"),
+    }
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -135,9 +165,12 @@ class _Drops:
             return
         for kind, count in self.counts.items():
             word, what = self.WORDS.get(kind, (kind.upper(), ""))
-            print(f"mqttalk: {word} {count:,} payload{'s' if count != 1 else ''} {what} "
-                  f"(the first: {_safe(self.first[kind], 200)}; never shown, never stored)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mqttalk: {word} {count:,} payload{'s' if count != 1 else ''} {what} "
+                f"(the first: {_safe(self.first[kind], 200)}; never shown, never stored)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.counts.clear()
         self.first.clear()
         self.told = time.monotonic()
@@ -203,13 +236,18 @@ class _Printer:
 def create(
     as_: AsOpt = None,
     role: RoleOpt = None,
-    broker: Annotated[str | None, typer.Option(
-        metavar="URL", help="Broker to use, e.g. mqtt://host:1883 (MQTTALK_BROKER). Default: embedded.")] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(metavar="URL", help="Broker to use, e.g. mqtt://host:1883 (MQTTALK_BROKER). Default: embedded."),
+    ] = None,
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (MQTTALK_PREFIX, default mqttalk/v1).")] = None,
-    wait: Annotated[float, typer.Option(
-        metavar="SECONDS", help="After printing the URL, wait this long for a peer to pair.")] = 0.0,
-    plain: Annotated[bool, typer.Option(
-        "--plain", help="No channel key: readable JSON on the broker (private brokers, IoT dashboards).")] = False,
+    wait: Annotated[
+        float, typer.Option(metavar="SECONDS", help="After printing the URL, wait this long for a peer to pair.")
+    ] = 0.0,
+    plain: Annotated[
+        bool,
+        typer.Option("--plain", help="No channel key: readable JSON on the broker (private brokers, IoT dashboards)."),
+    ] = False,
     ca: CaOpt = None,
     connect_timeout: TimeoutOpt = None,
     as_json: JsonOpt = False,
@@ -231,8 +269,12 @@ def create(
 
         host = parse_broker(settings.broker).host
         if host in PUBLIC_BROKERS:
-            print(f"mqttalk: WARNING: a --plain channel on the public broker {host}: anyone subscribed to # "
-                  "there reads every message and name. Drop --plain to seal it.", file=sys.stderr, flush=True)
+            print(
+                f"mqttalk: WARNING: a --plain channel on the public broker {host}: anyone subscribed to # "
+                "there reads every message and name. Drop --plain to seal it.",
+                file=sys.stderr,
+                flush=True,
+            )
     channel = create_channel(as_, role=role, settings=settings, on_event=out.event, sealed=not plain)
     url = channel.url.render()
     share = _share_text(channel.me, url)
@@ -242,23 +284,34 @@ def create(
         {"event": "created", "url": url, "peer": channel.me, "share": share},
     )
     if channel.url.broker.host in ("127.0.0.1", "localhost", "::1"):
-        out.note("this broker is on this machine only (127.0.0.1); for a session on another machine, create "
-                 "the channel on a broker both machines reach: --broker mqtt://HOST:PORT (see README: Brokers)")
+        out.note(
+            "this broker is on this machine only (127.0.0.1); for a session on another machine, create "
+            "the channel on a broker both machines reach: --broker mqtt://HOST:PORT (see README: Brokers)"
+        )
     if wait <= 0:
-        out.note("to see PAIRED the moment the other side pairs, wait for it: `mqttalk recv --wait 600` "
-                 "(pairing is confirmed by a challenge only a running mqttalk answers)")
+        out.note(
+            "to see PAIRED the moment the other side pairs, wait for it: `mqttalk recv --wait 600` "
+            "(pairing is confirmed by a challenge only a running mqttalk answers)"
+        )
     # The URL is on screen (the user must share it) before we block.
     if wait > 0 and not channel.join(wait, new_member=False, new_challenge=False):
-        out.note(f"no peer paired within {wait:g}s; the channel stays open "
-                 "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)")
+        out.note(
+            f"no peer paired within {wait:g}s; the channel stays open "
+            "(`mqttalk recv --wait SECONDS` prints PAIRED when one comes)"
+        )
         raise typer.Exit(EXIT_TIMEOUT)
 
 
 @app.command()
 def pair(
-    url: Annotated[str, typer.Argument(
-        metavar="URL", help="The join URL printed by `mqttalk create`; '-' reads it from stdin (keeps the "
-        "channel key out of the process list and shell history).")],
+    url: Annotated[
+        str,
+        typer.Argument(
+            metavar="URL",
+            help="The join URL printed by `mqttalk create`; '-' reads it from stdin (keeps the "
+            "channel key out of the process list and shell history).",
+        ),
+    ],
     as_: AsOpt = None,
     role: RoleOpt = None,
     wait: Annotated[float, typer.Option(metavar="SECONDS", help="How long to wait for another peer.")] = 10.0,
@@ -285,31 +338,43 @@ def pair(
 
         old = JoinURL.parse(before.url)
         if old.channel != channel.url.channel:
-            out.note(f"this directory now acts for this channel; it was bound to {old.display()} as "
-                     f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
-                     f"{_safe(before.peer, 64)}` with that URL leaves it)")
+            out.note(
+                f"this directory now acts for this channel; it was bound to {old.display()} as "
+                f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
+                f"{_safe(before.peer, 64)}` with that URL leaves it)"
+            )
     if not channel.paired:
         from ._render import CLI, alone_text, unanswered_text
 
-        out.note(unanswered_text(channel.me, channel.unanswered, CLI, wait) if channel.unanswered
-                 else alone_text(channel.me, CLI))
+        out.note(
+            unanswered_text(channel.me, channel.unanswered, CLI, wait)
+            if channel.unanswered
+            else alone_text(channel.me, CLI)
+        )
         raise typer.Exit(EXIT_TIMEOUT)
 
 
 @app.command()
 def send(
-    text: Annotated[str | None, typer.Argument(
-        metavar="[TEXT]", help="The message. '-' reads it from stdin (safest for quotes, $, backticks).")] = None,
+    text: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[TEXT]", help="The message. '-' reads it from stdin (safest for quotes, $, backticks)."
+        ),
+    ] = None,
     kind: Annotated[str, typer.Option("--kind", "-k", help="note, spec, status, question or answer.")] = "note",
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the message from this file.")] = None,
     to: Annotated[str | None, typer.Option(metavar="PEER", help="Send to one peer only.")] = None,
-    re: Annotated[str | None, typer.Option(
-        "--re", metavar="ID", help="Id of the message this answers or continues.")] = None,
-    subject: Annotated[str | None, typer.Option(
-        help="spec: what it specifies, e.g. 'POST /users' (default: the first line).")] = None,
+    re: Annotated[
+        str | None, typer.Option("--re", metavar="ID", help="Id of the message this answers or continues.")
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="spec: what it specifies, e.g. 'POST /users' (default: the first line).")
+    ] = None,
     rev: Annotated[int | None, typer.Option(help="spec: revision number (default 1).")] = None,
-    state: Annotated[str | None, typer.Option(
-        help="spec: proposed|agreed|rejected. status: red|green|blocked|working|done.")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="spec: proposed|agreed|rejected. status: red|green|blocked|working|done.")
+    ] = None,
     commit: Annotated[str | None, typer.Option(help="status: the git commit it refers to.")] = None,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
@@ -328,18 +393,28 @@ def send(
     data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
     channel = _open(channel_url, as_, out)
     env = channel.send(body, kind, data=data, to=to, re=re)
-    out.data(f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
-             {"event": "sent", "id": env.id, "kind": env.kind, "to": to})
+    out.data(
+        f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
+        {"event": "sent", "id": env.id, "kind": env.kind, "to": to},
+    )
     if to is not None and to not in channel.store.known_presences(channel.url.channel):
-        out.note(f"no peer named {to} has been seen in this channel (yet): only a peer of that name will ever "
-                 "read it; `mqttalk status` lists the peers")
+        out.note(
+            f"no peer named {to} has been seen in this channel (yet): only a peer of that name will ever "
+            "read it; `mqttalk status` lists the peers"
+        )
 
 
 @app.command()
 def recv(
-    wait: Annotated[float, typer.Option(
-        "--wait", "-w", metavar="SECONDS",
-        help="Block up to this long for a message (or for a peer to pair); exit 3 if nothing came.")] = 0.0,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            "-w",
+            metavar="SECONDS",
+            help="Block up to this long for a message (or for a peer to pair); exit 3 if nothing came.",
+        ),
+    ] = 0.0,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,
@@ -375,8 +450,9 @@ def recv(
 
 @app.command()
 def listen(
-    timeout: Annotated[float | None, typer.Option(
-        metavar="SECONDS", help="Stop after this long (default: run until interrupted).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Stop after this long (default: run until interrupted).")
+    ] = None,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,
@@ -413,9 +489,14 @@ def listen(
 
 @app.command()
 def log(
-    since: Annotated[str | None, typer.Option(
-        metavar="TIME|ID", help="Only from this time: ISO (2026-11-25T12:00, with or without Z or +HH:MM; UTC "
-        "if no zone), HH:MM today (UTC), or 10m / 2h / 3d ago; or only after this message id.")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TIME|ID",
+            help="Only from this time: ISO (2026-11-25T12:00, with or without Z or +HH:MM; UTC "
+            "if no zone), HH:MM today (UTC), or 10m / 2h / 3d ago; or only after this message id.",
+        ),
+    ] = None,
     peer: Annotated[str | None, typer.Option(metavar="NAME", help="Only messages from this peer.")] = None,
     kind: Annotated[str | None, typer.Option("--kind", "-k", help="Only this kind.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the last N.")] = None,
@@ -453,11 +534,32 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
     channel = _open(channel_url, as_, out)
     st = channel.status()
     if as_json:
-        out.data("", {"event": "status", "url": st.url, "me": st.me, "protocol": st.protocol,
-                      "unread": st.unread, "gaps": st.gaps, "queued": st.queued, "sealed": st.sealed,
-                      "peers": [{"name": p.name, "role": p.role, "state": p.state, "me": p.me, "paired": p.paired,
-                                 "last_seen": p.last_seen.isoformat(), "since": p.since.isoformat(),
-                                 "liveness": p.liveness()} for p in st.peers]})
+        out.data(
+            "",
+            {
+                "event": "status",
+                "url": st.url,
+                "me": st.me,
+                "protocol": st.protocol,
+                "unread": st.unread,
+                "gaps": st.gaps,
+                "queued": st.queued,
+                "sealed": st.sealed,
+                "peers": [
+                    {
+                        "name": p.name,
+                        "role": p.role,
+                        "state": p.state,
+                        "me": p.me,
+                        "paired": p.paired,
+                        "last_seen": p.last_seen.isoformat(),
+                        "since": p.since.isoformat(),
+                        "liveness": p.liveness(),
+                    }
+                    for p in st.peers
+                ],
+            },
+        )
         return
     from ._render import status_text
 
@@ -474,8 +576,10 @@ def leave(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = 
     channel = open_channel(settings, on_event=out.event)
     channel.leave()
     forget(channel)
-    out.data(f"mqttalk: LEFT channel {channel.url.display()} as {channel.me}",
-             {"event": "left", "url": channel.url.display(), "peer": channel.me})
+    out.data(
+        f"mqttalk: LEFT channel {channel.url.display()} as {channel.me}",
+        {"event": "left", "url": channel.url.display(), "peer": channel.me},
+    )
 
 
 @app.command()
@@ -483,12 +587,19 @@ def broker(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 1884).")] = None,
     ws_port: Annotated[int | None, typer.Option(help="Also listen for MQTT over websockets here.")] = None,
-    db: Annotated[Path | None, typer.Option(
-        help="Keep sessions, queues and retained messages here (default: STATE_DIR/broker-PORT.sqlite3).")] = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(help="Keep sessions, queues and retained messages here (default: STATE_DIR/broker-PORT.sqlite3)."),
+    ] = None,
     memory: Annotated[bool, typer.Option("--memory", help="Keep nothing across restarts.")] = False,
-    stop: Annotated[bool, typer.Option(
-        "--stop", help="Stop the embedded broker `create` started in the background (recorded in "
-        "STATE_DIR/broker.json) instead of running one; later commands no longer restart it.")] = False,
+    stop: Annotated[
+        bool,
+        typer.Option(
+            "--stop",
+            help="Stop the embedded broker `create` started in the background (recorded in "
+            "STATE_DIR/broker.json) instead of running one; later commands no longer restart it.",
+        ),
+    ] = False,
 ) -> None:
     """Run the embedded MQTT broker (amqtt) in the foreground until Ctrl-C; --stop stops the one running in
     the background.
@@ -500,8 +611,11 @@ def broker(
         settings = _settings()
         address = _embedded.running(settings.state_dir)
         if not _embedded.stop(settings.state_dir):
-            print("mqttalk: no embedded broker of this user is running (nothing recorded in "
-                  f"{settings.state_dir / 'broker.json'})", file=sys.stderr)
+            print(
+                "mqttalk: no embedded broker of this user is running (nothing recorded in "
+                f"{settings.state_dir / 'broker.json'})",
+                file=sys.stderr,
+            )
             raise typer.Exit(1)
         deadline = time.monotonic() + 15  # it writes its database before it exits
         while address is not None and _embedded._listening(address.host, address.port) and time.monotonic() < deadline:
@@ -516,25 +630,28 @@ def broker(
     def ready() -> None:
         where = f"mqtt://{settings.embedded_host}:{settings.embedded_port}"
         _record_broker(settings, None if memory else db)
-        print(f"mqttalk: broker listening on {where}" + (f" and ws://{settings.embedded_host}:{ws_port}/mqtt"
-                                                          if ws_port else ""), flush=True)
+        print(
+            f"mqttalk: broker listening on {where}"
+            + (f" and ws://{settings.embedded_host}:{ws_port}/mqtt" if ws_port else ""),
+            flush=True,
+        )
 
     if db is None and not memory:
         db = settings.state_dir / f"broker-{settings.embedded_port}.sqlite3"
     try:
-        mqttalk_broker.run(settings.embedded_host, settings.embedded_port, ws_port=ws_port,
-                           db=None if memory else db, ready=ready)
+        mqttalk_broker.run(
+            settings.embedded_host, settings.embedded_port, ws_port=ws_port, db=None if memory else db, ready=ready
+        )
     except OSError as exc:
         from ._errors import BrokerUnreachable
 
-        raise BrokerUnreachable(f"embedded broker cannot listen on {settings.embedded_host}:"
-                                f"{settings.embedded_port}: {exc.strerror or exc}") from None
+        raise BrokerUnreachable(
+            f"embedded broker cannot listen on {settings.embedded_host}:{settings.embedded_port}: {exc.strerror or exc}"
+        ) from None
 
 
 @app.command()
-def demo(
-    keep: Annotated[bool, typer.Option(help="Keep the demo's temporary directories.")] = False,
-) -> None:
+def demo(keep: Annotated[bool, typer.Option(help="Keep the demo's temporary directories.")] = False) -> None:
     """Show the whole story on the embedded broker: create, pair, spec, status, recv, status, leave."""
     from ._demo import run
 
@@ -543,8 +660,10 @@ def demo(
 
 @app.command()
 def guide(
-    role: Annotated[str | None, typer.Option(
-        metavar="ROLE", help="The part you play: tests, impl or review (default: your peer name).")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(metavar="ROLE", help="The part you play: tests, impl or review (default: your peer name)."),
+    ] = None,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
 ) -> None:
@@ -580,12 +699,18 @@ def mcp() -> None:
 @app.command()
 def hook(
     agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent that runs the hook: claude.")],
-    event: Annotated[str | None, typer.Option(
-        metavar="EVENT", help="UserPromptSubmit, PostToolUse or Stop (default: hook_event_name from stdin).")] = None,
-    wait: Annotated[float, typer.Option(
-        metavar="SECONDS", help="Stop: how long to wait for a reply the agent awaits.")] = 90.0,
-    every: Annotated[float, typer.Option(
-        metavar="SECONDS", help="PostToolUse: look for messages at most this often.")] = 15.0,
+    event: Annotated[
+        str | None,
+        typer.Option(
+            metavar="EVENT", help="UserPromptSubmit, PostToolUse or Stop (default: hook_event_name from stdin)."
+        ),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Stop: how long to wait for a reply the agent awaits.")
+    ] = 90.0,
+    every: Annotated[
+        float, typer.Option(metavar="SECONDS", help="PostToolUse: look for messages at most this often.")
+    ] = 15.0,
 ) -> None:
     """A Claude Code hook: read the hook's JSON on stdin, add new peer messages to the agent's context.
 
@@ -601,15 +726,19 @@ def hook(
 @app.command()
 def install(
     agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent to set up: claude.")],
-    user: Annotated[bool, typer.Option(
-        "--user", help="Write ~/.claude/settings.json (every project) instead of this project's.")] = False,
-    project: Annotated[bool, typer.Option(
-        "--project", help="Write .claude/settings.json in this directory (the default).")] = False,
+    user: Annotated[
+        bool, typer.Option("--user", help="Write ~/.claude/settings.json (every project) instead of this project's.")
+    ] = False,
+    project: Annotated[
+        bool, typer.Option("--project", help="Write .claude/settings.json in this directory (the default).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; write nothing.")] = False,
-    skill: Annotated[bool, typer.Option(
-        "--skill/--no-skill", help="Also write the mqttalk skill (.claude/skills/mqttalk/SKILL.md).")] = True,
-    stop_wait: Annotated[float, typer.Option(
-        metavar="SECONDS", help="How long the Stop hook waits for an awaited reply.")] = 90.0,
+    skill: Annotated[
+        bool, typer.Option("--skill/--no-skill", help="Also write the mqttalk skill (.claude/skills/mqttalk/SKILL.md).")
+    ] = True,
+    stop_wait: Annotated[
+        float, typer.Option(metavar="SECONDS", help="How long the Stop hook waits for an awaited reply.")
+    ] = 90.0,
 ) -> None:
     """Set up Claude Code: hooks that show new peer messages (UserPromptSubmit, PostToolUse, Stop) and a skill.
 
@@ -673,8 +802,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     pass
 
 
@@ -716,8 +848,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
             if error is not None:
                 print(f"mqttalk: {error.label}: {error.line()}", file=sys.stderr)
                 sys.exit(error.exit_code)
-        print(f"mqttalk: internal error: {type(exc).__name__}: {exc} (MQTTALK_DEBUG=1 shows a traceback)",
-              file=sys.stderr)
+        print(
+            f"mqttalk: internal error: {type(exc).__name__}: {exc} (MQTTALK_DEBUG=1 shows a traceback)", file=sys.stderr
+        )
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -20,5 +20,18 @@ from ._errors import (
     UsageError,
 )
 
-__all__ = ["BadJoinURL", "BadMessage", "BrokerRefused", "BrokerUnreachable", "EmptyChannel", "MqttalkError",
-           "NameTaken", "NotBound", "Queued", "SessionBusy", "StoreError", "TimedOut", "UsageError"]
+__all__ = [
+    "BadJoinURL",
+    "BadMessage",
+    "BrokerRefused",
+    "BrokerUnreachable",
+    "EmptyChannel",
+    "MqttalkError",
+    "NameTaken",
+    "NotBound",
+    "Queued",
+    "SessionBusy",
+    "StoreError",
+    "TimedOut",
+    "UsageError",
+]
