@@ -56,6 +56,7 @@ class Channel(Peer):
         self.binding = binding  # the directory binding this channel was opened from (None: --channel/--as)
         self.paired: list[str] = []  # after join(): peers that answered our pairing challenge
         self.unanswered: list[str] = []  # after join(): peers present that have not answered it
+        self.waited = 0.0  # after join(): how long it waited (less than asked once nobody present could answer)
         self.service: ServiceStart | None = None  # run by the live sessions this channel holds (see Live)
 
     # -- one-shot operations -----------------------------------------------------------------------
@@ -83,6 +84,7 @@ class Channel(Peer):
                 "check it against the creator's; the creator's next mqttalk command puts its presence back: pair "
                 "again then",
             )
+        self.waited = wait
         if new_challenge:
             self.store.nonce(self.url.channel, self.me, renew=True)
         with self.live(online=wait > 0, new_member=new_member) as live:
@@ -104,6 +106,7 @@ class Channel(Peer):
                         )
                     )
                 if seen and waited > ANSWER_GRACE and all(judge(p, me=False).state != "online" for p in seen):
+                    self.waited = waited
                     break  # those present run no mqttalk process now: nobody can answer before their next one
                 live.poll(min(left, 0.1))
             self.unanswered = [p for p in live.others() if p not in live.paired]
@@ -206,6 +209,7 @@ class Channel(Peer):
         with live:
             if live.exclusive:
                 live.announce("joined")
+                live.drain()  # (what this connect sent from the outbox is not "queued" any more)
             return self.status_of(live)
 
     def status_of(self, live: Live) -> Status:

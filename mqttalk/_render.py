@@ -196,7 +196,7 @@ def names_text(names: list[str], limit: int = 5) -> str:
 def unanswered_text(me: str, names: list[str], voice: Voice, wait: float | None = None) -> str:
     """Joined, and peers are there, but none answered the pairing challenge (in ``wait`` s)."""
     are, it = ("are", "them") if len(names) > 1 else ("is", "it")
-    within = f" within {wait:g}s" if wait is not None else ""
+    within = f" within {wait:.3g}s" if wait is not None else ""
     return (
         f"joined as {line(me)}; {names_text(names)} {are} in the channel but did not answer the pairing challenge"
         f"{within} (not running now?). Messages you send wait for {it}; {voice.wait} shows PAIRED once an "

@@ -347,7 +347,7 @@ def pair(
         from ._render import CLI, alone_text, unanswered_text
 
         out.note(
-            unanswered_text(channel.me, channel.unanswered, CLI, wait)
+            unanswered_text(channel.me, channel.unanswered, CLI, channel.waited)
             if channel.unanswered
             else alone_text(channel.me, CLI)
         )
@@ -381,6 +381,7 @@ def send(
     as_json: JsonOpt = False,
 ) -> None:
     """Send a message (QoS 1); exits 0 only once the broker has acknowledged it."""
+    from ._errors import BadMessage
     from ._input import check_id, read_body, typed_fields
 
     out = _Printer(as_json)
@@ -390,13 +391,26 @@ def send(
         check_peer(to)  # (whether it names a member is known only on the broker)
     check_id(re, "--re")
     body = read_body(text, file, sys.stdin)
-    data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
+    try:
+        data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
+    except BadMessage:
+        if text is None and file is None and sys.stdin is not None and not sys.stdin.isatty():
+            raise BadMessage(
+                "no message given (text piped in is read only when TEXT is '-')", "… | mqttalk send -"
+            ) from None
+        raise
     channel = _open(channel_url, as_, out)
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(
         f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
         {"event": "sent", "id": env.id, "kind": env.kind, "to": to},
     )
+    if not set(channel.store.known_presences(channel.url.channel)) - {channel.me}:
+        out.note(
+            "nobody else has joined this channel yet, and a peer that joins later does not receive what was "
+            "sent before it joined: send it again once `mqttalk status` shows your peer (or wait for PAIRED "
+            "with `mqttalk recv --wait SECONDS` first)"
+        )
     if to is not None and to not in channel.store.known_presences(channel.url.channel):
         out.note(
             f"no peer named {to} has been seen in this channel (yet): only a peer of that name will ever "
