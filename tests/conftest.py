@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _forkserver
 import pytest
 
 MQTTALK = str(Path(sys.executable).parent / "mqttalk")
 MOSQUITTO_PORT = 1883
+# Sessions run `mqttalk` commands as processes forked from a server that has imported mqttalk already
+# (tests/_forkserver.py): real processes, without ~0.3 s of interpreter and imports each. Set
+# MQTTALK_TEST_EXEC=1 to start every one with a fresh interpreter instead.
+FRESH_EXEC = os.environ.get("MQTTALK_TEST_EXEC", "") not in ("", "0")
 
 
 def free_port() -> int:
@@ -62,6 +67,13 @@ def running(broker: Any) -> Iterator[Any]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server() -> Iterator[None]:
+    """The fork server of this test process is stopped at its end (it starts on first use)."""
+    yield
+    _forkserver.SERVER.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -256,9 +268,13 @@ class Session:
 
     def run(self, *args: str, input: str | None = None, timeout: float = 60,
             env: dict[str, str] | None = None) -> Result:
-        proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        if FRESH_EXEC:
+            proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+            return Result(proc.returncode, proc.stdout, proc.stderr)
+        code, out, err = _forkserver.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                         input=input, timeout=timeout)
+        return Result(code, out, err)
 
     def ok(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
         res = self.run(*args, input=input, env=env)
@@ -266,8 +282,11 @@ class Session:
         return res
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if FRESH_EXEC:
+            return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = _forkserver.Forked([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, stdin_pipe=False)
+        return proc  # type: ignore[return-value]  # (the parts of Popen's interface the tests use)
 
     def settings(self) -> object:
         """Library settings as this session's `mqttalk` sees them (its state directory)."""
