@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -192,28 +191,27 @@ class Forked:
         self.stdout = io.TextIOWrapper(open(out_r, "rb"))
         self.stderr = io.TextIOWrapper(open(err_r, "rb"))
         self._readers: list[threading.Thread] = []
+        self._exited = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
         self._read: dict[str, list[str]] = {"out": [], "err": []}
 
-    # -- exit status
+    # -- exit status (one thread reads it, so that any thread may poll or wait)
 
-    def _take_status(self, timeout: float | None) -> bool:
-        if self.returncode is not None:
-            return True
-        ready, _, _ = select.select([self._conn], [], [], timeout)
-        if not ready:
-            return False
-        line = self._replies.readline()
-        self.returncode = int(line) if line else -signal.SIGKILL  # (the waiter itself was killed)
+    def _watch(self) -> None:
+        try:
+            line = self._replies.readline()
+        except OSError:
+            line = b""
+        self.returncode = int(line) if line else -signal.SIGKILL  # (no line: the waiter itself was killed)
         self._replies.close()
         self._conn.close()
-        return True
+        self._exited.set()
 
     def poll(self) -> int | None:
-        self._take_status(0)
-        return self.returncode
+        return self.returncode if self._exited.is_set() else None
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self._take_status(timeout):
+        if not self._exited.wait(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout or 0)
         assert self.returncode is not None
         return self.returncode
@@ -253,10 +251,6 @@ class Forked:
         for stream in (self.stdout, self.stderr):
             stream.close()
         return "".join(self._read["out"]), "".join(self._read["err"])
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.close()
 
 
 def run(argv: list[str], *, cwd: Path | str, env: dict[str, str], input: str | None,

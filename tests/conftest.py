@@ -69,6 +69,23 @@ def running(broker: Any) -> Iterator[Any]:
         broker.stop()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup, with every RabbitMQ test in one group: one worker boots one node (10-30 s, and two
+    at once on two cores take longer still); the other brokers start in a second or less. (The group is
+    made here from the test ids: xdist 3.8's xdist_group mark no longer reaches its scheduler under
+    pytest 9.2, whose node ids it can no longer rewrite.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class RabbitOnOneWorker(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "rabbitmq" if "rabbitmq" in nodeid else str(super()._split_scope(nodeid))
+
+    return RabbitOnOneWorker(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fork_server() -> Iterator[None]:
     """The fork server of this test process is stopped at its end (it starts on first use)."""
@@ -321,6 +338,17 @@ def status_of(session: Session) -> dict[str, object]:
     """The `status --json` object (other lines, such as a PAIRED notice, may come before it)."""
     lines = [json.loads(line) for line in session.ok("status", "--json").lines]
     return next(obj for obj in lines if obj.get("event") == "status")
+
+
+def until_listening(proc: subprocess.Popen[str]) -> str:
+    """Wait until a started `mqttalk listen` says it is listening (connected, subscribed, its presence
+    online); returns what it wrote to stderr until then, for a test that checks its stderr."""
+    assert proc.stderr is not None
+    seen = ""
+    while "mqttalk: listening as " not in (line := proc.stderr.readline()):
+        assert line, f"listen ended before it listened: {seen}"
+        seen += line
+    return seen + line
 
 
 def join_url(result: Result) -> str:
