@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from conftest import Session, channel_topics, join_url, paired
+from conftest import Session, channel_topics, join_url, paired, until_listening
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -196,7 +196,7 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
     topics: Any = channel_topics(url)
     listener = impl.start("listen", "--timeout", "60")
-    time.sleep(1.5)
+    until_listening(listener)
     assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out  # impl is live: it answers
     snoop = Snooper(url)  # the attacker records impl's live presence (it answers tests' challenge)
     snoop.client.subscribe(topics.presence("impl"), qos=1)
