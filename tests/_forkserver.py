@@ -151,12 +151,23 @@ def _exit_code(value: object) -> int:
 
 def _exit(code: int) -> None:
     """End as the interpreter does (non-daemon threads joined, atexit functions run, standard streams
-    flushed), without tearing down the modules the server imported: the slow part, and nothing a
-    command does depends on it."""
+    flushed, and what the command left open finalized), without tearing down the modules the server
+    imported: the slow part. What finalization does that can be seen from outside is done by hand:
+    files the command opened are flushed, and its SQLite connections closed (closing the last one
+    checkpoints the WAL into the database and removes it; mqttalk keeps its store open until exit)."""
     import atexit
+    import gc
+    import sqlite3
 
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
+    standard = {id(sys.stdin), id(sys.stdout), id(sys.stderr)}
+    for obj in gc.get_objects():  # (the server's own objects are frozen: only what the command made)
+        with contextlib.suppress(Exception):
+            if isinstance(obj, sqlite3.Connection):
+                obj.close()
+            elif isinstance(obj, io.IOBase) and id(obj) not in standard and not obj.closed:
+                obj.flush()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
