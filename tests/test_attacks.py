@@ -67,8 +67,8 @@ class Attacker:
 
     def stop(self, settle: float = 0.3) -> list[tuple[str, bytes]]:
         time.sleep(settle)  # what is on its way still arrives
+        self.client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         self.client.loop_stop()
-        self.client.disconnect()
         return self.seen
 
 

@@ -304,8 +304,8 @@ def _publish(url: str, items: list[tuple[str, bytes, bool]]) -> None:
         for info in infos:
             info.wait_for_publish(30)
     finally:
+        hostile.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         hostile.loop_stop()
-        hostile.disconnect()
 
 
 def _envelope(sender: str, **fields: Any) -> bytes:

@@ -65,8 +65,8 @@ def sniffer(url: str) -> Iterator[list[bytes]]:
         yield seen
     finally:
         time.sleep(0.5)
+        client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         client.loop_stop()
-        client.disconnect()
 
 
 def test_500_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
@@ -607,12 +607,12 @@ def test_a_connection_that_takes_over_its_session_gets_messages_at_once(broker_u
             time.sleep(0.02)
         assert sorted(got["new"]) == sorted(f"after take-over {i}".encode() for i in range(20)), got
     finally:
+        new.disconnect()  # (before loop_stop: it wakes the network loop, which loop_stop would wait up to 1 s for)
         for client in (old, new):
             client.loop_stop()
-        new.disconnect()
         gone = connect("new", clean=True)  # a clean start drops the session this test left on the broker
+        gone.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         gone.loop_stop()
-        gone.disconnect()
 
 
 def test_a_closed_connection_hands_back_a_publish_its_successor_received() -> None:
