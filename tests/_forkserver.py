@@ -211,6 +211,11 @@ class ForkServer:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+            if self.path:
+                import shutil
+
+                shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)  # its socket and log
+                self.path = ""
 
 
 SERVER = ForkServer()
