@@ -46,11 +46,13 @@ class Attacker:
         self.client.loop_start()
 
     def listen(self, topic: str = "#") -> Attacker:
-        """Subscribe, and return once the broker has acknowledged it (from then on it routes to us)."""
+        """Subscribe, and return once the broker has acknowledged it (from then on it routes to us), or
+        after 5 s without an answer (as before, when it slept 0.3 s: an attacker that could not subscribe
+        still holds its connection and client id, which is what some attacks are about)."""
         granted = threading.Event()
         self.client.on_subscribe = lambda *_: granted.set()
         self.client.subscribe(topic, qos=1)
-        assert granted.wait(10), f"no SUBACK for {topic}"
+        granted.wait(5)
         return self
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, sealed: bool = True) -> None:
