@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _forkserver
 import pytest
 
 MQTTALK = str(Path(sys.executable).parent / "mqttalk")
 MOSQUITTO_PORT = 1883
+# Sessions run `mqttalk` commands as processes forked from a server that has imported mqttalk already
+# (tests/_forkserver.py): real processes, without ~0.3 s of interpreter and imports each. Set
+# MQTTALK_TEST_EXEC=1 to start every one with a fresh interpreter instead.
+FRESH_EXEC = os.environ.get("MQTTALK_TEST_EXEC", "") not in ("", "0")
 
 
 def free_port() -> int:
@@ -62,6 +67,37 @@ def running(broker: Any) -> Iterator[Any]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers per core. A test mostly waits (on brokers, on timeouts it tests, on the
+    processes it runs): with one worker per core the cores stayed ~40 % idle."""
+    return 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup, with every RabbitMQ test in one group: one worker boots one node (10-30 s, and two
+    at once on two cores take longer still); the other brokers start in a second or less. (The group is
+    made here from the test ids: xdist 3.8's xdist_group mark no longer reaches its scheduler under
+    pytest 9.2, whose node ids it can no longer rewrite.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class RabbitOnOneWorker(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "rabbitmq" if "rabbitmq" in nodeid else str(super()._split_scope(nodeid))
+
+    return RabbitOnOneWorker(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server() -> Iterator[None]:
+    """The fork server of this test process is stopped at its end (it starts on first use)."""
+    yield
+    _forkserver.SERVER.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -256,9 +292,13 @@ class Session:
 
     def run(self, *args: str, input: str | None = None, timeout: float = 60,
             env: dict[str, str] | None = None) -> Result:
-        proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        if FRESH_EXEC:
+            proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+            return Result(proc.returncode, proc.stdout, proc.stderr)
+        code, out, err = _forkserver.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                         input=input, timeout=timeout)
+        return Result(code, out, err)
 
     def ok(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
         res = self.run(*args, input=input, env=env)
@@ -266,8 +306,11 @@ class Session:
         return res
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if FRESH_EXEC:
+            return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = _forkserver.Forked([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, stdin_pipe=False)
+        return proc  # type: ignore[return-value]  # (the parts of Popen's interface the tests use)
 
     def settings(self) -> object:
         """Library settings as this session's `mqttalk` sees them (its state directory)."""
@@ -302,6 +345,17 @@ def status_of(session: Session) -> dict[str, object]:
     """The `status --json` object (other lines, such as a PAIRED notice, may come before it)."""
     lines = [json.loads(line) for line in session.ok("status", "--json").lines]
     return next(obj for obj in lines if obj.get("event") == "status")
+
+
+def until_listening(proc: subprocess.Popen[str]) -> str:
+    """Wait until a started `mqttalk listen` says it is listening (connected, subscribed, its presence
+    online); returns what it wrote to stderr until then, for a test that checks its stderr."""
+    assert proc.stderr is not None
+    seen = ""
+    while "mqttalk: listening as " not in (line := proc.stderr.readline()):
+        assert line, f"listen ended before it listened: {seen}"
+        seen += line
+    return seen + line
 
 
 def join_url(result: Result) -> str:

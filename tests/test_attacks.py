@@ -5,12 +5,13 @@ Each is run against Mosquitto and the embedded broker; after each, the channel k
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Session, channel_topics, join_url, pair_in_process, paired
+from conftest import Session, channel_topics, join_url, pair_in_process, paired, until_listening
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -45,8 +46,13 @@ class Attacker:
         self.client.loop_start()
 
     def listen(self, topic: str = "#") -> Attacker:
+        """Subscribe, and return once the broker has acknowledged it (from then on it routes to us), or
+        after 5 s without an answer (as before, when it slept 0.3 s: an attacker that could not subscribe
+        still holds its connection and client id, which is what some attacks are about)."""
+        granted = threading.Event()
+        self.client.on_subscribe = lambda *_: granted.set()
         self.client.subscribe(topic, qos=1)
-        time.sleep(0.3)
+        granted.wait(5)
         return self
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, sealed: bool = True) -> None:
@@ -61,10 +67,10 @@ class Attacker:
             pres = {"v": 2, "peer": name, "state": "online", "member": "m", "since": stamp, "hb": stamp, **fields}
             self.publish(self.topics.presence(name), json.dumps(pres).encode(), retain=True)
 
-    def stop(self) -> list[tuple[str, bytes]]:
-        time.sleep(0.3)
+    def stop(self, settle: float = 0.3) -> list[tuple[str, bytes]]:
+        time.sleep(settle)  # what is on its way still arrives
+        self.client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         self.client.loop_stop()
-        self.client.disconnect()
         return self.seen
 
 
@@ -90,12 +96,15 @@ def test_no_client_id_can_be_read_off_the_wire_or_used_to_take_a_session(session
     root = snoop.topics.root
     levels = {part for t, _ in seen if t.startswith(root) for part in t[len(root):].split("/") if part}
     assert levels
+    thieves = []
     for level in sorted(levels):
         for cid in (level, f"mqk{level}"[:23]):
-            thief = Attacker(url, client_id=cid, clean=False).listen(f"{root}/#")
+            thieves.append(Attacker(url, client_id=cid, clean=False).listen(f"{root}/#"))
             impl.ok("send", f"while {cid} is connected")
-            taken = [p for t, p in thief.stop() if t.startswith(f"{root}/msg/")]
-            assert not any(b"while" in p for p in taken)  # (sealed anyway: it gets nothing of tests' queue)
+    time.sleep(0.3)
+    for thief in thieves:  # each was connected when its message (and every later one) was sent
+        taken = [p for t, p in thief.stop(settle=0) if t.startswith(f"{root}/msg/")]
+        assert not any(b"while" in p for p in taken)  # (sealed anyway: it gets nothing of tests' queue)
     got = bodies(tests)
     assert got == ["one"] + [f"while {cid} is connected" for level in sorted(levels)
                              for cid in (level, f"mqk{level}"[:23])]
@@ -361,7 +370,7 @@ def test_repair_notes_asking_for_everything_cost_a_sender_little(sessions: tuple
     for i in range(3):
         impl.ok("send", f"message {i}")
     listener = impl.start("listen", "--timeout", "60")
-    time.sleep(2)
+    until_listening(listener)
     evil = Attacker(url)
     sniff = Attacker(url).listen(f"{evil.topics.root}/msg/#")
     for _ in range(20):

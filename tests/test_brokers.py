@@ -353,8 +353,8 @@ class RawClient:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
     def close(self) -> None:
+        self.client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture

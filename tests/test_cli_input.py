@@ -304,8 +304,8 @@ def _publish(url: str, items: list[tuple[str, bytes, bool]]) -> None:
         for info in infos:
             info.wait_for_publish(30)
     finally:
+        hostile.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         hostile.loop_stop()
-        hostile.disconnect()
 
 
 def _envelope(sender: str, **fields: Any) -> bytes:
@@ -449,9 +449,11 @@ def test_listen_summarises_drops_at_most_every_few_seconds(sessions: tuple[Sessi
     impl, tests = sessions
     url = paired(impl, tests, mosquitto_url, "--plain")
     topics: Any = channel_topics(url)
-    proc = tests.start("listen", "--timeout", "9")
+    proc = tests.start("listen", "--timeout", "7")
     try:
-        time.sleep(2)  # listening
+        assert proc.stderr is not None
+        while "mqttalk: listening as tests" not in (line := proc.stderr.readline()):  # connected, subscribed
+            assert line, "listen ended before it was listening"
 
         def flood() -> None:
             for burst in range(4):

@@ -14,7 +14,16 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ConfiguredEmbedded, EmbeddedBroker, PrivateMosquitto, Session, channel_topics, paired, status_of
+from conftest import (
+    ConfiguredEmbedded,
+    EmbeddedBroker,
+    PrivateMosquitto,
+    Session,
+    channel_topics,
+    paired,
+    status_of,
+    until_listening,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqttalk import JoinURL
@@ -56,8 +65,8 @@ def sniffer(url: str) -> Iterator[list[bytes]]:
         yield seen
     finally:
         time.sleep(0.5)
+        client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         client.loop_stop()
-        client.disconnect()
 
 
 def test_500_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
@@ -149,13 +158,15 @@ def test_an_overflowing_offline_queue_is_repaired_from_the_sender(sessions: tupl
         paired(impl, tests, broker.url)
         send_many(impl, 15)  # tests is not running: Mosquitto keeps 5 and drops the rest
         bodies: list[str] = []
-        for _ in range(6):
+        deadline = time.monotonic() + 30  # impl answers a peer's request at most every REPAIR_EVERY (2 s):
+        while time.monotonic() < deadline:  # rounds, not a count of commands (they may take 0.1 s each)
             events = events_of(tests.ok("recv", "--json"))
             assert not [e for e in events if e["event"] == "gap"], events
             bodies += [e["body"] for e in events if e["event"] == "message"]
             if len(bodies) >= 15:
                 break
             impl.ok("recv")  # impl's next command answers the request
+            time.sleep(0.3)
         assert sorted(bodies, key=lambda b: int(b.split()[1])) == [f"message {i}" for i in range(15)]
         assert len(bodies) == 15  # each once
         assert "GAP" not in tests.ok("recv").err + tests.ok("recv").out
@@ -198,7 +209,7 @@ def test_a_bounded_queue_that_overflowed_is_repaired_exactly_once(sessions: tupl
         shown = [e["body"] for e in first if e["event"] == "message"]
         assert len(shown) == 100 and not [e for e in first if e["event"] == "gap"]
         listener = tests.start("listen", "--timeout", "120")
-        time.sleep(1.5)
+        before = until_listening(listener)
         for _ in range(8):  # impl's next commands answer the note; a 100-message queue may drop some
             impl.ok("recv")  # of the 400 sent again even to a reader online, who then asks again
             deadline = time.monotonic() + 8
@@ -207,7 +218,7 @@ def test_a_bounded_queue_that_overflowed_is_repaired_exactly_once(sessions: tupl
             if _unread_count(tests) >= 400:
                 break
         _wait_for(tests, 400, timeout=5)
-        lines = _stop(listener)
+        lines = before + _stop(listener)
         rest = events_of(tests.ok("recv", "--json"))
         shown += [e["body"] for e in rest if e["event"] == "message"]
         assert sorted(shown, key=lambda b: int(b.split()[1])) == [f"message {i}" for i in range(500)]
@@ -229,7 +240,7 @@ def test_a_broker_restarted_without_persistence_mid_stream_loses_nothing(session
         impl, tests = sessions
         paired(impl, tests, broker.url)
         listener = tests.start("listen", "--timeout", "120")
-        time.sleep(1.5)
+        before = until_listening(listener)
         channel: Any = impl.channel()
         with channel.live(online=False, reconnect=True) as live:
             for i in range(300):
@@ -243,9 +254,17 @@ def test_a_broker_restarted_without_persistence_mid_stream_loses_nothing(session
             deadline = time.monotonic() + 30
             while channel.store.pending(channel.url.channel, "impl") and time.monotonic() < deadline:
                 live.poll(0.2)
-        impl.ok("recv")  # impl's next command reads tests' note and sends again what tests misses
-        _wait_for(tests, 300, timeout=90)
-        lines = _stop(listener)
+        # impl's next command reads tests' note and sends again what tests misses. The listener writes
+        # that note once it is back on the restarted broker: a command of impl's before then has nothing
+        # to answer yet, so impl runs its next command again until everything is there.
+        deadline = time.monotonic() + 90
+        while _unread_count(tests) < 300 and time.monotonic() < deadline:
+            impl.ok("recv")
+            until = time.monotonic() + 5
+            while _unread_count(tests) < 300 and time.monotonic() < until:
+                time.sleep(0.2)
+        _wait_for(tests, 300, timeout=1)
+        lines = before + _stop(listener)
         got = [e["body"] for e in events_of(tests.ok("recv", "--json")) if e["event"] == "message"]
         assert sorted(got, key=lambda b: int(b.split()[1])) == [f"message {i}" for i in range(300)]
         assert len(got) == 300 and "GAP" not in lines
@@ -295,11 +314,15 @@ def test_a_sender_that_never_answers_is_shown_as_a_gap_after_the_repair_timeout(
         gaps = [line for line in (res.out + res.err).splitlines() if "GAP" in line]
         assert len(gaps) == 1 and "seq=6-12" in gaps[0] and "did not answer" in gaps[0], res
         late: list[str] = []
-        for _ in range(4):  # a late answer still fills it: the messages come after all (5 per round: the queue)
+        # a late answer still fills it: the messages come after all (5 per round: the queue); impl answers
+        # a peer's request at most every REPAIR_EVERY (2 s), so rounds until a deadline, not a count
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             impl.ok("recv")
             late += [e["body"] for e in events_of(tests.ok("recv", "--json", env=quick)) if e["event"] == "message"]
             if len(late) >= 7:
                 break
+            time.sleep(0.3)
         assert late == [f"message {i}" for i in range(5, 12)]
     finally:
         broker.stop()
@@ -325,7 +348,7 @@ def test_two_processes_of_one_peer_at_once_neither_corrupt_nor_double_send(
             w.join(120)
         # and again while a live process of the same peer holds its session and outbox
         listener = impl.start("listen", "--timeout", "60")
-        time.sleep(1.0)
+        until_listening(listener)
         workers = [threading.Thread(target=sender, args=(tag, 10)) for tag in ("c", "d")]
         for w in workers:
             w.start()
@@ -592,12 +615,12 @@ def test_a_connection_that_takes_over_its_session_gets_messages_at_once(broker_u
             time.sleep(0.02)
         assert sorted(got["new"]) == sorted(f"after take-over {i}".encode() for i in range(20)), got
     finally:
+        new.disconnect()  # (before loop_stop: it wakes the network loop, which loop_stop would wait up to 1 s for)
         for client in (old, new):
             client.loop_stop()
-        new.disconnect()
         gone = connect("new", clean=True)  # a clean start drops the session this test left on the broker
+        gone.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         gone.loop_stop()
-        gone.disconnect()
 
 
 def test_a_closed_connection_hands_back_a_publish_its_successor_received() -> None:

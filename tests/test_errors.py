@@ -149,8 +149,8 @@ def _publish_raw(url: str, items: list[tuple[str, bytes, bool]]) -> None:
     hostile.loop_start()
     for topic, payload, retain in items:
         hostile.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    hostile.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
     hostile.loop_stop()
-    hostile.disconnect()
 
 
 def test_help_teaches_the_story() -> None:

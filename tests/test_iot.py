@@ -59,8 +59,8 @@ def test_mqtt5_publishes_carry_content_type_user_property_and_presence_expiry(
         deadline = time.monotonic() + 10
         while not any(m.topic == topics.msg("impl") for m in got) and time.monotonic() < deadline:
             time.sleep(0.05)
+        client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         client.loop_stop()
-        client.disconnect()
         message = next(m for m in got if m.topic == topics.msg("impl"))
         presence = next(m for m in got if m.topic.startswith(topics.root + "/presence/"))
         plain = bool(flags)

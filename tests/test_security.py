@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from conftest import Session, channel_topics, join_url, paired
+from conftest import Session, channel_topics, join_url, paired, until_listening
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -37,8 +37,8 @@ class Snooper:
     def stop(self, under: str = "") -> bytes:
         """Everything seen (on topics under ``under``): the machine's broker keeps other tests' traffic."""
         time.sleep(0.5)
+        self.client.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
         self.client.loop_stop()
-        self.client.disconnect()
         return b"\n".join(t.encode() + b" " + p for t, p in self.seen if t.startswith(under))
 
 
@@ -73,8 +73,8 @@ def test_a_forged_presence_never_pairs(sessions: tuple[Session, Session], broker
     forger.loop_start()
     for payload in (presence, Seal.new().seal(topics.presence("mallory"), presence)):  # plain, or wrong key
         forger.publish(topics.presence("mallory"), payload, qos=1, retain=True).wait_for_publish(5)
+    forger.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
     forger.loop_stop()
-    forger.disconnect()
     got = impl.run("recv", "--wait", "1")
     assert "PAIRED" not in got.out and "mallory" not in got.out
     assert "DECRYPT_FAIL" in got.err
@@ -175,8 +175,8 @@ def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Sess
     attacker.connect(join.broker.host, join.broker.port)
     attacker.loop_start()
     attacker.publish(topics.presence("impl"), old[0], qos=1, retain=True).wait_for_publish(5)
+    attacker.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
     attacker.loop_stop()
-    attacker.disconnect()
     res = tests.ok("status")
     assert "impl: left" in res.out  # the replay opens (it is genuine), but it is older than what we saw
     assert "an old presence of impl was replayed" in res.err
@@ -196,7 +196,7 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
     topics: Any = channel_topics(url)
     listener = impl.start("listen", "--timeout", "60")
-    time.sleep(1.5)
+    until_listening(listener)
     assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out  # impl is live: it answers
     snoop = Snooper(url)  # the attacker records impl's live presence (it answers tests' challenge)
     snoop.client.subscribe(topics.presence("impl"), qos=1)
@@ -213,8 +213,8 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     attacker.connect(join.broker.host, join.broker.port)
     attacker.loop_start()
     attacker.publish(topics.presence("impl"), online, qos=1, retain=True).wait_for_publish(5)
+    attacker.disconnect()  # (first: it wakes the network loop, which loop_stop would wait up to 1 s for)
     attacker.loop_stop()
-    attacker.disconnect()
 
     newcomer = Session("docs", impl.cwd.parent)  # never saw impl: the replay looks fresh and online to it
     res = newcomer.run("pair", url, "--as", "docs", "--wait", "3")

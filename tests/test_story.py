@@ -4,9 +4,10 @@ against Mosquitto (MQTT 5) and the embedded amqtt broker (MQTT 3.1.1)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
-from conftest import Session, join_url, listening, paired, read_join_url, status_of
+from conftest import Session, join_url, listening, paired, read_join_url, status_of, until_listening
 
 
 def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
@@ -185,7 +186,7 @@ def test_leave_marks_the_peer_gone(sessions: tuple[Session, Session], broker_url
     impl, tests = sessions
     paired(impl, tests, broker_url)
     listener = impl.start("listen", "--timeout", "30")
-    time.sleep(1.0)
+    until_listening(listener)
     refused = impl.run("leave")  # its own live process would just come back online
     assert refused.code == 2 and "stop it first" in refused.err
     listener.terminate()
@@ -282,8 +283,17 @@ def test_send_to_a_name_nobody_has_and_listen_json_carry_what_a_program_needs(
     assert "no peer named nobody has been seen" in res.err
     assert "has been seen" not in impl.ok("send", "--to", "tests", "hi tests").err
     listener = tests.start("listen", "--json", "--timeout", "8")
-    time.sleep(2)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True)
+    reader.start()
+    time.sleep(1)
     impl.ok("send", "for the program")
-    out, _ = listener.communicate(timeout=30)
+    deadline = time.monotonic() + 8  # (then listen's own --timeout has ended it)
+    while '"for the program"' not in "".join(lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.terminate()  # listen ends on SIGTERM as on its timeout: what it printed stays printed
+    listener.wait(30)
+    reader.join(10)
+    out = "".join(lines)
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any(e.get("event") == "message" and e.get("body") == "for the program" for e in events), out
