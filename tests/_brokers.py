@@ -64,22 +64,33 @@ class NatsBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        exe = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists()
-                                              else None)
+        exe = shutil.which("nats-server") or (
+            "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
+        )
         if exe is None:
             pytest.skip("nats-server is not installed (apt-get install nats-server)")
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
-        conf.write_text(substitute((CONFIG / "nats-server.conf").read_text(), {
-            r"^listen: .*$": f"listen: 127.0.0.1:{free_port()}",
-            r"^    store_dir: .*$": f'    store_dir: "{self.dir / "jetstream"}"',
-            r"^    listen: .*$": f"    listen: 127.0.0.1:{self.port}",
-        }))
-        self.version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False
-                                      ).stdout.strip().rsplit(" ", 1)[-1].lstrip("v")
+        conf.write_text(
+            substitute(
+                (CONFIG / "nats-server.conf").read_text(),
+                {
+                    r"^listen: .*$": f"listen: 127.0.0.1:{free_port()}",
+                    r"^    store_dir: .*$": f'    store_dir: "{self.dir / "jetstream"}"',
+                    r"^    listen: .*$": f"    listen: 127.0.0.1:{self.port}",
+                },
+            )
+        )
+        self.version = (
+            subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+            .stdout.strip()
+            .rsplit(" ", 1)[-1]
+            .lstrip("v")
+        )
         log = self.dir / "nats.log"
-        self.proc = subprocess.Popen([exe, "-c", str(conf), "-l", str(log)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(conf), "-l", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             wait_listening(self.port, self.proc, timeout=30)
         except RuntimeError as exc:
@@ -116,19 +127,26 @@ class RabbitBroker:
 
     def _env(self) -> dict[str, str]:
         assert self.dir is not None
-        return {**os.environ,
-                "RABBITMQ_NODENAME": self.node,
-                "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),  # not the system node's
-                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
-                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-                }
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),  # not the system node's
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+        }
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         # No RABBITMQ_DIST_PORT here: the CLI would listen on that port + 10000.
-        return subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self._env(), capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            ["rabbitmqctl", "-n", self.node, *args],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self) -> None:
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
@@ -146,33 +164,47 @@ class RabbitBroker:
             (self.dir / sub).mkdir()
         (self.dir / "rabbitmq-env.conf").write_text("")
         shutil.copy(plugins, self.dir / "enabled_plugins")
-        (self.dir / "rabbitmq.conf").write_text(substitute((CONFIG / "rabbitmq.conf").read_text(), {
-            r"^listeners\.tcp\.default = .*$": f"listeners.tcp.default = 127.0.0.1:{free_port()}",
-            r"^mqtt\.listeners\.tcp\.default = .*$": f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
-        }))
+        (self.dir / "rabbitmq.conf").write_text(
+            substitute(
+                (CONFIG / "rabbitmq.conf").read_text(),
+                {
+                    r"^listeners\.tcp\.default = .*$": f"listeners.tcp.default = 127.0.0.1:{free_port()}",
+                    r"^mqtt\.listeners\.tcp\.default = .*$": f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
+                },
+            )
+        )
         for path in [self.dir, *self.dir.rglob("*")]:
             os.chown(path, rabbit.pw_uid, rabbit.pw_gid)
-        env = {**self._env(), "RABBITMQ_DIST_PORT": str(free_port()),
-               # the node's Erlang distribution listens on loopback only
-               "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+        env = {
+            **self._env(),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            # the node's Erlang distribution listens on loopback only
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
         self.own_epmd = not listening(4369)
-        started = subprocess.run(["rabbitmq-server", "-detached"], env=env, capture_output=True, text=True,
-                                 timeout=60, check=False)
+        started = subprocess.run(
+            ["rabbitmq-server", "-detached"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         self.started = True
         log = self.dir / "log" / f"{self.node}.log"
         if started.returncode != 0:
-            raise RuntimeError(f"rabbitmq-server -detached exited {started.returncode}: "
-                               f"{started.stderr or started.stdout}\n{tail(log)}")
+            raise RuntimeError(
+                f"rabbitmq-server -detached exited {started.returncode}: "
+                f"{started.stderr or started.stdout}\n{tail(log)}"
+            )
         deadline = time.monotonic() + 90  # 10-30 s on an idle machine; more on a busy one
         while not listening(self.port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"RabbitMQ node {self.node} did not open MQTT port {self.port} "
-                                   f"within 90 s\n{tail(log)}")
+                raise RuntimeError(
+                    f"RabbitMQ node {self.node} did not open MQTT port {self.port} within 90 s\n{tail(log)}"
+                )
             time.sleep(0.2)
         found = re.search(r"Starting RabbitMQ ([0-9][0-9.]*)", log.read_text(errors="replace"))
         self.version = found.group(1) if found else "?"
-        for args in (["add_user", self.USER, self.password], ["set_permissions", "-p", "/", self.USER, ".*", ".*",
-                                                                  ".*"]):
+        for args in (
+            ["add_user", self.USER, self.password],
+            ["set_permissions", "-p", "/", self.USER, ".*", ".*", ".*"],
+        ):
             res = self.ctl(*args)
             if res.returncode != 0:
                 raise RuntimeError(f"rabbitmqctl {args[0]} failed: {res.stderr or res.stdout}")
@@ -191,4 +223,3 @@ class RabbitBroker:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-

@@ -67,7 +67,7 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     while len(data) < _HEADER.size:
         data += conn.recv(1 << 16)
     (size,) = _HEADER.unpack_from(data)
-    body = data[_HEADER.size:]
+    body = data[_HEADER.size :]
     while len(body) < size:
         chunk = conn.recv(1 << 16)
         if not chunk:
@@ -196,8 +196,13 @@ class ForkServer:
                 directory = tempfile.mkdtemp(prefix="mqttalk-forkserver-")
                 self.path = os.path.join(directory, "sock")
                 with open(os.path.join(directory, "log"), "wb") as log:
-                    self.proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.DEVNULL,
-                                                 stdout=log, stderr=log, start_new_session=True)
+                    self.proc = subprocess.Popen(
+                        [sys.executable, __file__, self.path],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                    )
                 deadline = time.monotonic() + 60
                 while not os.path.exists(self.path + ".ready"):
                     if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -312,8 +317,9 @@ class Forked:
         return "".join(self._read["out"]), "".join(self._read["err"])
 
 
-def run(argv: list[str], *, cwd: Path | str, env: dict[str, str], input: str | None,
-        timeout: float) -> tuple[int, str, str]:
+def run(
+    argv: list[str], *, cwd: Path | str, env: dict[str, str], input: str | None, timeout: float
+) -> tuple[int, str, str]:
     """subprocess.run(argv, capture_output=True, text=True, timeout=timeout) through the fork server."""
     proc = Forked(argv, cwd=cwd, env=env, stdin_pipe=input is not None)
     try:

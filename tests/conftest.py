@@ -134,8 +134,9 @@ class EmbeddedBroker:
         log = open(self.state_dir / "broker.log", "ab")
         ws = ["--ws-port", str(self.ws_port)] if self.ws_port else []
         ws += ["--memory"] if self.memory else []
-        self.proc = subprocess.Popen([MQTTALK, "broker", "--port", str(self.port), *ws], env=env,
-                                     stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            [MQTTALK, "broker", "--port", str(self.port), *ws], env=env, stdout=log, stderr=log
+        )
         log.close()
         wait_listening(self.port, self.proc)
         if self.ws_port:
@@ -162,11 +163,16 @@ class ConfiguredEmbedded(EmbeddedBroker):
         config["limits"].update(self.limits)
         path = self.state_dir / "mqttalk-broker.yaml"
         path.write_text(yaml.safe_dump(config))
-        script = ("import sys; from pathlib import Path; from mqttalk_broker import run; "
-                  "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))")
+        script = (
+            "import sys; from pathlib import Path; from mqttalk_broker import run; "
+            "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))"
+        )
         log = open(self.state_dir / "broker.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", script, str(self.port), str(path),
-                                      str(self.state_dir / "broker.sqlite3")], stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(self.port), str(path), str(self.state_dir / "broker.sqlite3")],
+            stdout=log,
+            stderr=log,
+        )
         log.close()
         wait_listening(self.port, self.proc)
 
@@ -178,8 +184,14 @@ class PrivateMosquitto:
         self.port = free_port()
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "user root",
-                 "persistence true", f"persistence_location {self.dir}/", f"log_dest file {self.dir}/mosquitto.log"]
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "user root",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            f"log_dest file {self.dir}/mosquitto.log",
+        ]
         lines += [f"{key} {value}" for key, value in options.items()]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
@@ -192,8 +204,9 @@ class PrivateMosquitto:
     def start(self) -> None:
         if shutil.which("mosquitto") is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_listening(self.port, self.proc)
 
     def stop(self) -> None:
@@ -283,21 +296,34 @@ class Session:
         self.home = home or root / f"{name}-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MQTTALK_")}
-        self.env.update(HOME=str(self.home), XDG_STATE_HOME=str(self.home / ".local" / "state"),
-                        XDG_CONFIG_HOME=str(self.home / ".config"))
+        self.env.update(
+            HOME=str(self.home),
+            XDG_STATE_HOME=str(self.home / ".local" / "state"),
+            XDG_CONFIG_HOME=str(self.home / ".config"),
+        )
 
     @property
     def state_dir(self) -> Path:
         return self.home / ".local" / "state" / "mqttalk"
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 60,
-            env: dict[str, str] | None = None) -> Result:
+    def run(
+        self, *args: str, input: str | None = None, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> Result:
         if FRESH_EXEC:
-            proc = subprocess.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input,
-                                  capture_output=True, text=True, timeout=timeout, check=False)
+            proc = subprocess.run(
+                [MQTTALK, *args],
+                cwd=self.cwd,
+                env={**self.env, **(env or {})},
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
             return Result(proc.returncode, proc.stdout, proc.stderr)
-        code, out, err = _forkserver.run([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
-                                         input=input, timeout=timeout)
+        code, out, err = _forkserver.run(
+            [MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, input=input, timeout=timeout
+        )
         return Result(code, out, err)
 
     def ok(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
@@ -307,8 +333,14 @@ class Session:
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         if FRESH_EXEC:
-            return subprocess.Popen([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})},
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen(
+                [MQTTALK, *args],
+                cwd=self.cwd,
+                env={**self.env, **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         proc = _forkserver.Forked([MQTTALK, *args], cwd=self.cwd, env={**self.env, **(env or {})}, stdin_pipe=False)
         return proc  # type: ignore[return-value]  # (the parts of Popen's interface the tests use)
 
@@ -375,8 +407,15 @@ def read_join_url(proc: subprocess.Popen[str]) -> str:
     raise AssertionError(f"create exited {proc.returncode} before printing the join URL: {err}")
 
 
-def paired(impl: Session, tests: Session, broker: str | None, *create_flags: str,
-           pair_flags: tuple[str, ...] = (), url_on_stdin: bool = False, env: dict[str, str] | None = None) -> str:
+def paired(
+    impl: Session,
+    tests: Session,
+    broker: str | None,
+    *create_flags: str,
+    pair_flags: tuple[str, ...] = (),
+    url_on_stdin: bool = False,
+    env: dict[str, str] | None = None,
+) -> str:
     """Create as impl (waiting, so it answers the pairing challenge at once) and pair as tests; both
     print PAIRED. ``broker`` None: the embedded one. Returns the join URL."""
     where = ("--broker", broker) if broker else ()

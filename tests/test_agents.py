@@ -50,8 +50,9 @@ def test_guide_without_a_channel_says_how_to_create_or_join(sessions: tuple[Sess
     assert res.err == ""
 
 
-def test_guide_names_me_my_peers_and_the_commands_for_my_role(sessions: tuple[Session, Session],
-                                                               broker_url: str) -> None:
+def test_guide_names_me_my_peers_and_the_commands_for_my_role(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url, "--role", "owns src/api/users.ts")
     impl.ok("send", "hello")
@@ -90,8 +91,7 @@ def test_share_sentence_asks_plainly_for_one_pair_command(sessions: tuple[Sessio
 # -- token-lean output -----------------------------------------------------------------------------
 
 
-def test_long_bodies_are_previewed_and_kept_whole_in_a_file(sessions: tuple[Session, Session],
-                                                            broker_url: str) -> None:
+def test_long_bodies_are_previewed_and_kept_whole_in_a_file(sessions: tuple[Session, Session], broker_url: str) -> None:
     from mqttalk._render import LONG_BODY, PREVIEW
 
     impl, tests = sessions
@@ -167,23 +167,26 @@ def test_mcp_server_lists_its_tools_and_serves_the_guide(sessions: tuple[Session
     anyio.run(scenario)
 
 
-def test_mcp_servers_of_two_peers_exchange_messages_and_lose_none(sessions: tuple[Session, Session],
-                                                                  broker_url: str, tmp_path: Path) -> None:
+def test_mcp_servers_of_two_peers_exchange_messages_and_lose_none(
+    sessions: tuple[Session, Session], broker_url: str, tmp_path: Path
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
 
     async def scenario() -> None:
         async with mcp_client(impl, tmp_path / "impl.err") as a, mcp_client(tests, tmp_path / "tests.err") as b:
-            sent = await call(a, "send", text="takes {email,name}, returns {id, created_at}", kind="spec",
-                              subject="POST /users")
+            sent = await call(
+                a, "send", text="takes {email,name}, returns {id, created_at}", kind="spec", subject="POST /users"
+            )
             spec_id = re.search(r"SENT kind=spec id=(\S+)", sent)
             assert spec_id is not None, sent
             got = await call(b, "receive", wait=30)
             assert f"from=impl kind=spec subject='POST /users' rev=1 state=proposed id={spec_id.group(1)}" in got
             assert "takes {email,name}, returns {id, created_at}" in got
-            await call(b, "send", text="agreed", kind="spec", subject="POST /users", state="agreed",
-                       re=spec_id.group(1))
+            await call(
+                b, "send", text="agreed", kind="spec", subject="POST /users", state="agreed", re=spec_id.group(1)
+            )
             await call(b, "send", text="tests written, all red", kind="status", state="red")
             for i in range(5):  # while no receive call is in flight, the server stores what arrives
                 impl.ok("send", f"note {i}")
@@ -209,8 +212,9 @@ def test_mcp_servers_of_two_peers_exchange_messages_and_lose_none(sessions: tupl
     assert impl_peer["state"] == "joined"  # the server's end left presence joined, not online
 
 
-def test_mcp_server_can_pair_a_directory_it_started_in(sessions: tuple[Session, Session], broker_url: str,
-                                                       tmp_path: Path) -> None:
+def test_mcp_server_can_pair_a_directory_it_started_in(
+    sessions: tuple[Session, Session], broker_url: str, tmp_path: Path
+) -> None:
     impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
     waiting = impl.start("recv", "--wait", "60")  # impl waits for its peer, so it answers the challenge
@@ -230,16 +234,24 @@ def test_mcp_server_can_pair_a_directory_it_started_in(sessions: tuple[Session, 
 def test_mcp_command_without_the_sdk_says_how_to_install_it(sessions: tuple[Session, Session]) -> None:
     impl, _ = sessions
     code = "import sys; sys.modules['mcp'] = None; from mqttalk.cli import main; main(['mcp'])"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=impl.cwd, env=impl.env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=impl.cwd,
+        env=impl.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "mqttalk: error: `mqttalk mcp` needs the MCP SDK: pip install 'mqttalk[mcp]'"
     assert proc.stdout == ""
 
 
 def test_importing_the_cli_does_not_import_the_mcp_sdk() -> None:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import mqttalk.cli"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import mqttalk.cli"], capture_output=True, text=True, check=True
+    )
     mods = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "mqttalk.cli" in mods and not {m for m in mods if m == "mcp" or m.startswith(("mcp.", "anyio"))}
 
@@ -247,11 +259,17 @@ def test_importing_the_cli_does_not_import_the_mcp_sdk() -> None:
 # -- the Claude Code hook, driven as Claude Code drives it -----------------------------------------
 
 
-def hook(session: Session, event: str, *flags: str, payload: dict[str, Any] | None = None,
-         timeout: float = 120) -> Result:
+def hook(
+    session: Session, event: str, *flags: str, payload: dict[str, Any] | None = None, timeout: float = 120
+) -> Result:
     """Run the hook as Claude Code does: the command in the project directory, its JSON on stdin."""
-    body = {"session_id": "4f1c2a", "transcript_path": str(session.home / "t.jsonl"), "cwd": str(session.cwd),
-            "permission_mode": "default", "hook_event_name": event}
+    body = {
+        "session_id": "4f1c2a",
+        "transcript_path": str(session.home / "t.jsonl"),
+        "cwd": str(session.cwd),
+        "permission_mode": "default",
+        "hook_event_name": event,
+    }
     if event == "UserPromptSubmit":
         body["prompt"] = "carry on"
     if event == "PostToolUse":
@@ -273,8 +291,9 @@ def context_of(res: Result, event: str) -> str:
     return str(specific["additionalContext"])
 
 
-def test_hook_shows_each_new_message_once_in_claude_codes_shape(sessions: tuple[Session, Session],
-                                                                 broker_url: str) -> None:
+def test_hook_shows_each_new_message_once_in_claude_codes_shape(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
@@ -306,15 +325,21 @@ def test_hook_fails_open(sessions: tuple[Session, Session]) -> None:
     assert (unbound.code, unbound.out, unbound.err) == (0, "", "")
     dead = f"mqtt://127.0.0.1:{free_port()}/mqttalk/v1/abcdefghijklmnopqrstuvwxyz#plain"
     started = time.monotonic()
-    res = tests.run("hook", "claude", "--event", "UserPromptSubmit", env={"MQTTALK_CHANNEL": dead,
-                                                                          "MQTTALK_PEER": "tests"},
-                    input=json.dumps({"hook_event_name": "UserPromptSubmit", "cwd": str(tests.cwd)}))
+    res = tests.run(
+        "hook",
+        "claude",
+        "--event",
+        "UserPromptSubmit",
+        env={"MQTTALK_CHANNEL": dead, "MQTTALK_PEER": "tests"},
+        input=json.dumps({"hook_event_name": "UserPromptSubmit", "cwd": str(tests.cwd)}),
+    )
     assert res.code == 0 and res.out == "" and "skipped" in res.err
     assert time.monotonic() - started < 15
 
 
 def test_a_hook_whose_output_cannot_be_written_leaves_the_messages_unread(
-        sessions: tuple[Session, Session], broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions: tuple[Session, Session], broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The read cursor moves only once the hook's output was written, as `recv` does: a hook whose
     stdout is gone (Claude Code stopped reading) loses nothing."""
     import io
@@ -346,9 +371,15 @@ def test_stop_hook_waits_for_the_reply_to_our_question(sessions: tuple[Session, 
     paired(impl, tests, broker_url)
     impl.ok("recv")
     asked = json.loads(tests.ok("send", "--json", "--kind", "question", "409 or 422 on a duplicate email?").out)
-    proc = subprocess.Popen([MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"], cwd=tests.cwd,
-                            env=tests.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"],
+        cwd=tests.cwd,
+        env=tests.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     payload = {"session_id": "4f1c2a", "cwd": str(tests.cwd), "hook_event_name": "Stop", "stop_hook_active": False}
     time.sleep(2.0)
     assert proc.poll() is None  # it waits: our question is unanswered
@@ -364,19 +395,29 @@ def test_stop_hook_waits_for_the_reply_to_our_question(sessions: tuple[Session, 
     assert "MESSAGE" not in tests.ok("recv").out
 
 
-def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(sessions: tuple[Session, Session],
-                                                                  broker_url: str) -> None:
+def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     """A third peer pairing while the Stop hook waits for an answer is no answer: it goes on waiting."""
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     tests.ok("recv")
     asked = json.loads(tests.ok("send", "--json", "--kind", "question", "409 or 422 on a duplicate email?").out)
-    proc = subprocess.Popen([MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"], cwd=tests.cwd,
-                            env=tests.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"],
+        cwd=tests.cwd,
+        env=tests.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps({"session_id": "4f1c2a", "cwd": str(tests.cwd), "hook_event_name": "Stop",
-                                 "stop_hook_active": False}))
+    proc.stdin.write(
+        json.dumps(
+            {"session_id": "4f1c2a", "cwd": str(tests.cwd), "hook_event_name": "Stop", "stop_hook_active": False}
+        )
+    )
     proc.stdin.close()
     time.sleep(2.0)
     docs = Session("docs", impl.cwd.parent)
@@ -390,8 +431,9 @@ def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(sessions: tuple
     assert f"re={asked['id']}" in json.loads(out)["reason"]
 
 
-def test_stop_hook_lets_the_agent_stop_when_no_reply_is_awaited(sessions: tuple[Session, Session],
-                                                                broker_url: str) -> None:
+def test_stop_hook_lets_the_agent_stop_when_no_reply_is_awaited(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")
@@ -415,8 +457,10 @@ def test_install_claude_merges_into_settings_and_is_idempotent(sessions: tuple[S
     impl, _ = sessions
     settings = impl.cwd / ".claude" / "settings.json"
     settings.parent.mkdir()
-    mine = {"permissions": {"allow": ["Bash(npm test)"]},
-            "hooks": {"PostToolUse": [{"matcher": "Write", "hooks": [{"type": "command", "command": "prettier -w"}]}]}}
+    mine = {
+        "permissions": {"allow": ["Bash(npm test)"]},
+        "hooks": {"PostToolUse": [{"matcher": "Write", "hooks": [{"type": "command", "command": "prettier -w"}]}]},
+    }
     settings.write_text(json.dumps(mine))
     dry = impl.ok("install", "claude", "--dry-run")
     assert "would change" in dry.out and json.loads(settings.read_text()) == mine
@@ -437,9 +481,16 @@ def test_install_claude_merges_into_settings_and_is_idempotent(sessions: tuple[S
     second = impl.ok("install", "claude")
     assert second.out.startswith("mqttalk: nothing to change") and settings.read_bytes() == before
     command = got["hooks"]["UserPromptSubmit"][0]["hooks"][0]["command"]
-    ran = subprocess.run(["bash", "-c", command], cwd=impl.cwd, env=impl.env, input=json.dumps(
-        {"hook_event_name": "UserPromptSubmit", "cwd": str(impl.cwd), "prompt": "hi"}), capture_output=True,
-        text=True, timeout=60, check=False)
+    ran = subprocess.run(
+        ["bash", "-c", command],
+        cwd=impl.cwd,
+        env=impl.env,
+        input=json.dumps({"hook_event_name": "UserPromptSubmit", "cwd": str(impl.cwd), "prompt": "hi"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert (ran.returncode, ran.stdout, ran.stderr) == (0, "", "")  # the written command runs (no channel here)
 
 
@@ -459,8 +510,9 @@ def test_install_claude_for_the_user_and_refuses_broken_settings(sessions: tuple
 # -- two agents that know only what the guide tells them -------------------------------------------
 
 
-def test_two_agents_negotiate_and_report_using_only_the_guides_commands(sessions: tuple[Session, Session],
-                                                                         broker_url: str) -> None:
+def test_two_agents_negotiate_and_report_using_only_the_guides_commands(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     transcripts: dict[str, list[str]] = {"impl": [], "tests": []}
 
@@ -474,8 +526,11 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(sessions
 
     start = run(impl, ["guide"]).out
     create = next(c for c in re.findall(r"`(mqttalk [^`]+)`", start) if c.startswith("mqttalk create"))
-    created = run(impl, fill(create, NAME="impl", **{"WHAT YOU WORK ON": "implements POST /users"}),
-                  env={"MQTTALK_BROKER": broker_url})  # configuration, not a command: which broker to use
+    created = run(
+        impl,
+        fill(create, NAME="impl", **{"WHAT YOU WORK ON": "implements POST /users"}),
+        env={"MQTTALK_BROKER": broker_url},
+    )  # configuration, not a command: which broker to use
     share = created.out.split("Paste this into the other session:", 1)[1].strip()
     pair_command = re.search(r"(mqttalk pair '[^']+' --as tests)", share)
     assert pair_command is not None
@@ -494,8 +549,15 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(sessions
     assert spec_id is not None
     got = run(tests, fill(tests_says["Read new messages"])).out
     assert f"kind=spec subject='POST /users' rev=1 state=proposed id={spec_id.group(1)}" in got and spec in got
-    run(tests, fill(tests_says["Agree to a proposal"], SUBJECT="POST /users", ID=spec_id.group(1),
-                    TEXT="agreed; writing tests against it"))
+    run(
+        tests,
+        fill(
+            tests_says["Agree to a proposal"],
+            SUBJECT="POST /users",
+            ID=spec_id.group(1),
+            TEXT="agreed; writing tests against it",
+        ),
+    )
     run(tests, fill(tests_says["Report that your tests fail"], TEXT="tests written, all red"))
     got = run(impl, fill(impl_says["Wait for a reply, up to 60 s"])).out
     assert "state=agreed id=" in got and f"re={spec_id.group(1)}" in got and "kind=status state=red" in got
@@ -506,11 +568,25 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(sessions
     assert "impl [implements POST /users]: left" in run(tests, fill(tests_says["Who is here, and are they online"])).out
 
     impl_log, tests_log = "\n".join(transcripts["impl"]), "\n".join(transcripts["tests"])
-    order = ["$ mqttalk create", "PAIRED with tests", "SENT kind=spec", "state=agreed", "state=red",
-             "--state green", "mqttalk: LEFT channel"]
+    order = [
+        "$ mqttalk create",
+        "PAIRED with tests",
+        "SENT kind=spec",
+        "state=agreed",
+        "state=red",
+        "--state green",
+        "mqttalk: LEFT channel",
+    ]
     assert [impl_log.find(step) for step in order] == sorted(impl_log.find(step) for step in order), impl_log
     assert -1 not in [impl_log.find(step) for step in order], impl_log
-    order = ["$ mqttalk pair", "PAIRED with impl", "state=proposed", "--state agreed", "--state red",
-             "state=green", "impl [implements POST /users]: left"]
+    order = [
+        "$ mqttalk pair",
+        "PAIRED with impl",
+        "state=proposed",
+        "--state agreed",
+        "--state red",
+        "state=green",
+        "impl [implements POST /users]: left",
+    ]
     assert -1 not in [tests_log.find(step) for step in order], tests_log
     assert [tests_log.find(step) for step in order] == sorted(tests_log.find(step) for step in order), tests_log

@@ -132,8 +132,9 @@ def _wait_delivered(tests: Session, listener: Listener | None, count: int) -> No
 
 
 @pytest.mark.parametrize("reader", ["live", "offline"])
-def test_sigterm_mid_delivery_loses_nothing_acknowledged(sessions: tuple[Session, Session], broker: EmbeddedBroker,
-                                                         reader: str) -> None:
+def test_sigterm_mid_delivery_loses_nothing_acknowledged(
+    sessions: tuple[Session, Session], broker: EmbeddedBroker, reader: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker.url)
     listener = Listener(tests) if reader == "live" else None
@@ -158,8 +159,9 @@ def test_sigterm_mid_delivery_loses_nothing_acknowledged(sessions: tuple[Session
     _assert_all_once(tests, acknowledged, sender.ids)
 
 
-def test_kill_9_mid_delivery_loses_nothing_acknowledged(sessions: tuple[Session, Session],
-                                                        broker: EmbeddedBroker) -> None:
+def test_kill_9_mid_delivery_loses_nothing_acknowledged(
+    sessions: tuple[Session, Session], broker: EmbeddedBroker
+) -> None:
     """kill -9 while the reader collects what was queued for it while it was away.
 
     (A kill -9 while a live reader keeps up, or is stalled with SIGSTOP, lost nothing even before the
@@ -201,8 +203,10 @@ def test_a_dead_embedded_broker_is_started_again_by_the_next_command(sessions: t
         assert res.code == 0, f"send exited {res.code}: {res.err}"
         after = json.loads(record.read_text())
         assert after["port"] == before["port"] and after["pid"] != before["pid"]
-        assert [m["body"] for m in _messages(tests)] == [*(f"before the crash {i}" for i in range(3)),
-                                                         "after the crash"]
+        assert [m["body"] for m in _messages(tests)] == [
+            *(f"before the crash {i}" for i in range(3)),
+            "after the crash",
+        ]
         # and recv, status, listen... as well: another crash, then recv of the other peer's reply
         tests.ok("send", "reply")
         os.kill(after["pid"], signal.SIGKILL)

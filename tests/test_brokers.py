@@ -85,8 +85,14 @@ def messages(result_lines: list[str]) -> list[dict[str, Any]]:
 
 
 def peer_state(session: Session, peer: str) -> str | None:
-    return next((str(p["state"]) for p in status_of(session)["peers"]  # type: ignore[attr-defined]
-                 if p["name"] == peer), None)
+    return next(
+        (
+            str(p["state"])
+            for p in status_of(session)["peers"]  # type: ignore[attr-defined]
+            if p["name"] == peer
+        ),
+        None,
+    )
 
 
 def wait_state(session: Session, peer: str, state: str, within: float = 20) -> None:
@@ -101,15 +107,17 @@ def wait_state(session: Session, peer: str, state: str, within: float = 20) -> N
 # -- the matrix ----------------------------------------------------------------------------------------
 
 
-def test_a_waiting_creator_and_the_joiner_both_print_paired_at_once(sessions: tuple[Session, Session],
-                                                                   broker: MatrixBroker) -> None:
+def test_a_waiting_creator_and_the_joiner_both_print_paired_at_once(
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     assert "PAIRED" not in impl.ok("recv").out + tests.ok("recv").out  # told once
 
 
 def test_a_creator_that_runs_nothing_pairs_when_each_side_next_runs(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--role", "owns src/api/users.ts", "--broker", broker.url))
     joined = tests.run("pair", url, "--as", "tests", "--wait", "2")
@@ -121,7 +129,8 @@ def test_a_creator_that_runs_nothing_pairs_when_each_side_next_runs(
 
 
 def test_status_lists_both_peers_over_the_right_mqtt_version(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     for me in (impl, impl, tests, tests):  # and again: status reads presence, it does not use it up
@@ -133,28 +142,41 @@ def test_status_lists_both_peers_over_the_right_mqtt_version(
 
 
 def test_spec_and_status_messages_travel_both_ways_with_their_typed_fields(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
-    spec = json.loads(impl.ok("send", "--json", "--kind", "spec", "--subject", "POST /users",
-                              "takes {email,name}, returns {id, created_at}, 409 on duplicate").out)
+    spec = json.loads(
+        impl.ok(
+            "send",
+            "--json",
+            "--kind",
+            "spec",
+            "--subject",
+            "POST /users",
+            "takes {email,name}, returns {id, created_at}, 409 on duplicate",
+        ).out
+    )
     got = messages(tests.ok("recv", "--json").lines)
     assert [(m["kind"], m["id"], m["from"]) for m in got] == [("spec", spec["id"], "impl")]
     assert got[0]["data"] == {"subject": "POST /users", "rev": 1, "state": "proposed"}
     assert got[0]["body"] == "takes {email,name}, returns {id, created_at}, 409 on duplicate"
     tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--state", "agreed", "--re", spec["id"], "ok")
-    tests.ok("send", "--kind", "status", "--state", "red", "--commit", "abc1234", "-",
-             input="tests written,\nall red\n")
+    tests.ok(
+        "send", "--kind", "status", "--state", "red", "--commit", "abc1234", "-", input="tests written,\nall red\n"
+    )
     back = messages(impl.ok("recv", "--json").lines)
     assert [(m["kind"], m["data"]) for m in back] == [
         ("spec", {"subject": "POST /users", "rev": 1, "state": "agreed"}),
-        ("status", {"state": "red", "commit": "abc1234"})]
+        ("status", {"state": "red", "commit": "abc1234"}),
+    ]
     assert back[0]["re"] == spec["id"] and back[1]["body"] == "tests written,\nall red\n"
     assert messages(impl.ok("recv", "--json").lines) == []  # shown once
 
 
 def test_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     for i in range(12):  # tests runs no process: the broker queues for its persistent session
@@ -171,8 +193,7 @@ def drop_session(broker_url: str, client_id: str) -> None:
     from mqttalk._url import parse_broker
 
     address = parse_broker(broker_url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                         clean_session=True)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
     if address.username:
         client.username_pw_set(address.username, address.password)
     client.connect(address.host, address.port)
@@ -183,7 +204,8 @@ def drop_session(broker_url: str, client_id: str) -> None:
 
 
 def test_messages_a_broker_lost_are_repaired_from_the_sender(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     """The broker is a cache: what it lost of a reader's queue, the reader asks the sender for, and the
     sender's next command sends again from its store. Every message shown once, in order, no GAP."""
     impl, tests = sessions
@@ -200,8 +222,9 @@ def test_messages_a_broker_lost_are_repaired_from_the_sender(
     assert messages(again.lines) == [] and "gap" not in again.out.lower()
 
 
-def test_a_late_joiner_is_not_shown_what_a_repair_sends_again(sessions: tuple[Session, Session],
-                                                              broker: MatrixBroker) -> None:
+def test_a_late_joiner_is_not_shown_what_a_repair_sends_again(
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     """A repair sends old messages to the whole channel again: a member who joined after they were
     first sent does not get them (they were not sent to it), while the member who missed them does."""
     impl, tests = sessions
@@ -220,7 +243,8 @@ def test_a_late_joiner_is_not_shown_what_a_repair_sends_again(sessions: tuple[Se
 
 
 def test_a_listening_peer_shows_online_and_sees_the_other_leave(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     impl, tests = sessions
     both_paired(impl, tests, broker.url)
     listener = tests.start("listen", "--timeout", "60")
@@ -256,7 +280,8 @@ def _retained_roster(channel: Any) -> set[str]:
 
 
 def test_a_member_left_out_of_the_roster_by_a_concurrent_joiner_puts_itself_back(
-        sessions: tuple[Session, Session], broker: MatrixBroker) -> None:
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
     """Two members joining at once each publish the roster they read plus themselves, and the later
     retained one wins. On RabbitMQ a newcomer finds members only by that roster: the member left out
     must notice (it holds a live connection) and publish it again with itself in it."""
@@ -270,8 +295,9 @@ def test_a_member_left_out_of_the_roster_by_a_concurrent_joiner_puts_itself_back
         wait_state(tests, "impl", "online")
         writer: Any = tests.channel()
         with writer.link() as link:  # what a joiner that read the roster before impl was in it writes
-            link.publish(writer.topics.roster, writer.wrap(writer.topics.roster, encode_roster({"tests", "late"})),
-                         retain=True)
+            link.publish(
+                writer.topics.roster, writer.wrap(writer.topics.roster, encode_roster({"tests", "late"})), retain=True
+            )
         deadline = time.monotonic() + 15
         roster = _retained_roster(tests.channel())
         while "impl" not in roster and time.monotonic() < deadline:
@@ -295,8 +321,7 @@ def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], brok
     wait_state(impl, "tests", "away")
 
 
-def test_nats_refuses_a_prefix_with_a_dot_and_mqttalk_says_why(tmp_path: Path,
-                                                               request: pytest.FixtureRequest) -> None:
+def test_nats_refuses_a_prefix_with_a_dot_and_mqttalk_says_why(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     nats: Any = request.getfixturevalue("nats_broker")
     res = Session("impl", tmp_path).run("create", "--as", "impl", "--broker", nats.url, "--prefix", "plant.7/mqttalk")
     assert res.code == 5 and "refused subscription" in res.err and "'.'" in res.err and "--prefix" in res.err
@@ -315,14 +340,23 @@ class FencedMosquitto(PrivateMosquitto):
             pytest.skip("mosquitto_passwd is not installed (apt-get install mosquitto)")
         passwd = self.dir / "mqttalk.passwd"
         for n, (user, password) in enumerate(users.items()):
-            subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, password],
-                           check=True, capture_output=True)
-        self.conf.write_text(substitute((CONFIG / "mosquitto.conf").read_text(), {
-            r"^listener .*$": f"listener {self.port} 127.0.0.1",
-            r"^password_file .*$": f"password_file {passwd}",
-            r"^acl_file .*$": f"acl_file {CONFIG / 'mosquitto.acl'}",
-            r"^persistence_location .*$": f"persistence_location {self.dir}/",
-        }) + f"user root\nlog_dest file {self.dir}/mosquitto.log\n")
+            subprocess.run(
+                ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwd), user, password],
+                check=True,
+                capture_output=True,
+            )
+        self.conf.write_text(
+            substitute(
+                (CONFIG / "mosquitto.conf").read_text(),
+                {
+                    r"^listener .*$": f"listener {self.port} 127.0.0.1",
+                    r"^password_file .*$": f"password_file {passwd}",
+                    r"^acl_file .*$": f"acl_file {CONFIG / 'mosquitto.acl'}",
+                    r"^persistence_location .*$": f"persistence_location {self.dir}/",
+                },
+            )
+            + f"user root\nlog_dest file {self.dir}/mosquitto.log\n"
+        )
 
     def broker(self, user: str, password: str) -> str:
         return f"mqtt://{user}:{password}@127.0.0.1:{self.port}"
@@ -400,16 +434,16 @@ def test_the_mosquitto_acl_keeps_each_user_in_its_own_channels(tmp_path: Path, f
     res = bob.run("pair", stolen, "--as", "bob")
     assert res.code == 5 and "Not authorized" in res.err, res.err
     # ... while his own prefix is his.
-    bob_url = join_url(bob.ok("create", "--as", "bob", "--broker", fenced.broker("bob", "bob-pw"),
-                              "--prefix", "mqttalk/bob"))
+    bob_url = join_url(
+        bob.ok("create", "--as", "bob", "--broker", fenced.broker("bob", "bob-pw"), "--prefix", "mqttalk/bob")
+    )
     assert "/mqttalk/bob/" in bob_url
     # A wrong password is refused at the door.
     wrong = bob.run("create", "--as", "bob", "--broker", fenced.broker("bob", "nope"), "--prefix", "mqttalk/bob")
     assert wrong.code == 5 and "refused the connection" in wrong.err
 
 
-def test_the_embedded_brokers_reference_yaml_is_what_it_runs_and_keeps_offline_messages(
-        tmp_path: Path) -> None:
+def test_the_embedded_brokers_reference_yaml_is_what_it_runs_and_keeps_offline_messages(tmp_path: Path) -> None:
     from mqttalk_broker import CONFIG_FILE, broker_config
 
     reference = CONFIG / "mqttalk-broker.yaml"
@@ -419,11 +453,14 @@ def test_the_embedded_brokers_reference_yaml_is_what_it_runs_and_keeps_offline_m
     # Run an embedded broker from the reference file, and check what its settings are for: a peer that
     # runs no process still gets what was sent meanwhile (QueueingAuthPlugin, session expiry).
     port = free_port()
-    script = ("import sys; from pathlib import Path; from mqttalk_broker import run; "
-              "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))")
+    script = (
+        "import sys; from pathlib import Path; from mqttalk_broker import run; "
+        "run(port=int(sys.argv[1]), config_file=Path(sys.argv[2]), db=Path(sys.argv[3]))"
+    )
     log = open(tmp_path / "broker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(reference), str(tmp_path / "b.sqlite3")],
-                            stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(port), str(reference), str(tmp_path / "b.sqlite3")], stdout=log, stderr=log
+    )
     log.close()
     try:
         wait_port(port, proc)
@@ -432,15 +469,15 @@ def test_the_embedded_brokers_reference_yaml_is_what_it_runs_and_keeps_offline_m
         for i in range(3):
             impl.ok("send", f"while tests was away {i}")
         assert [m["body"] for m in messages(tests.ok("recv", "--json").lines)] == [
-            f"while tests was away {i}" for i in range(3)]
+            f"while tests was away {i}" for i in range(3)
+        ]
     finally:
         proc.terminate()
         proc.wait(10)
     assert proc.returncode is not None, tail(tmp_path / "broker.log")
 
 
-def test_rabbitmq_from_the_config_snippet_admits_only_its_users(tmp_path: Path,
-                                                                request: pytest.FixtureRequest) -> None:
+def test_rabbitmq_from_the_config_snippet_admits_only_its_users(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     rabbit: Any = request.getfixturevalue("rabbitmq_broker")
     impl = Session("impl", tmp_path)
     anonymous = impl.run("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{rabbit.port}")

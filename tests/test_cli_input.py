@@ -33,8 +33,15 @@ from mqttalk._wire import MAX_PAYLOAD, WIRE_VERSION
 NOWHERE = "mqtt://127.0.0.1:1"  # nothing listens there: a command that gets that far fails with exit 5
 
 
-def run_raw(session: Session, *args: str | bytes, stdin: Any = None, closed_stdin: bool = False,
-            umask: int | None = None, env: dict[str, str] | None = None, timeout: float = 30) -> Result:
+def run_raw(
+    session: Session,
+    *args: str | bytes,
+    stdin: Any = None,
+    closed_stdin: bool = False,
+    umask: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> Result:
     """`mqttalk` with bytes arguments allowed, stdin closed (fd 0 not open at all) or a given umask."""
 
     def setup() -> None:
@@ -43,8 +50,16 @@ def run_raw(session: Session, *args: str | bytes, stdin: Any = None, closed_stdi
         if umask is not None:
             os.umask(umask)
 
-    proc = subprocess.run([MQTTALK, *args], cwd=session.cwd, env={**session.env, **(env or {})}, stdin=stdin,
-                          capture_output=True, timeout=timeout, check=False, preexec_fn=setup)
+    proc = subprocess.run(
+        [MQTTALK, *args],
+        cwd=session.cwd,
+        env={**session.env, **(env or {})},
+        stdin=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        preexec_fn=setup,
+    )
     return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
 
 
@@ -73,8 +88,9 @@ def test_text_that_is_not_utf8_is_refused_like_a_file(sessions: tuple[Session, S
     one_clear_line(run_raw(impl, "send", "--file", b"/no/such/\xff"), 2, "cannot read message file")
 
 
-def test_a_file_over_the_limit_is_refused_without_reading_it_all(sessions: tuple[Session, Session],
-                                                                   tmp_path: Path) -> None:
+def test_a_file_over_the_limit_is_refused_without_reading_it_all(
+    sessions: tuple[Session, Session], tmp_path: Path
+) -> None:
     impl, _ = sessions
     started = time.monotonic()
     one_clear_line(run_raw(impl, "send", "--file", "/dev/zero", timeout=20), 2, "limit", str(MAX_PAYLOAD))
@@ -99,21 +115,38 @@ def test_text_and_file_together_are_refused(sessions: tuple[Session, Session], t
     one_clear_line(impl.run("send", "-", "--file", str(note), input="from stdin"), 2, "not both")
 
 
-@pytest.mark.parametrize(("flags", "needle"), [
-    (("--kind", "spec", "--commit", "abc123"), "--commit does not apply to a spec"),
-    (("--kind", "status", "--state", "red", "--subject", "POST /users"), "--subject does not apply to a status"),
-    (("--kind", "status", "--state", "red", "--rev", "2"), "--rev does not apply to a status"),
-    (("--kind", "question", "--commit", "abc123"), "--commit only applies to --kind spec or status"),
-    (("--kind", "note", "--state", "red", "--rev", "2"), "--rev, --state only apply to --kind spec or status"),
-])
-def test_fields_that_do_not_belong_to_the_kind_are_refused(sessions: tuple[Session, Session],
-                                                            flags: tuple[str, ...], needle: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (("--kind", "spec", "--commit", "abc123"), "--commit does not apply to a spec"),
+        (("--kind", "status", "--state", "red", "--subject", "POST /users"), "--subject does not apply to a status"),
+        (("--kind", "status", "--state", "red", "--rev", "2"), "--rev does not apply to a status"),
+        (("--kind", "question", "--commit", "abc123"), "--commit only applies to --kind spec or status"),
+        (("--kind", "note", "--state", "red", "--rev", "2"), "--rev, --state only apply to --kind spec or status"),
+    ],
+)
+def test_fields_that_do_not_belong_to_the_kind_are_refused(
+    sessions: tuple[Session, Session], flags: tuple[str, ...], needle: str
+) -> None:
     impl, _ = sessions
     one_clear_line(impl.run("send", *flags, "text"), 2, needle)
 
 
-@pytest.mark.parametrize("value", ["not an id", "id=01a226cc-c661-7b7f-8f00-a41eedc1af6f", "x" * 65, "-rf",
-                                   "a\x1b[2Jb", "<msg>", "hello", "123", "01a2", "01a226cc-c661-7b7f-8f00-a41eedc1af6"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not an id",
+        "id=01a226cc-c661-7b7f-8f00-a41eedc1af6f",
+        "x" * 65,
+        "-rf",
+        "a\x1b[2Jb",
+        "<msg>",
+        "hello",
+        "123",
+        "01a2",
+        "01a226cc-c661-7b7f-8f00-a41eedc1af6",
+    ],
+)
 def test_re_must_be_a_message_id(sessions: tuple[Session, Session], value: str) -> None:
     impl, _ = sessions
     one_clear_line(impl.run("send", "--kind", "answer", f"--re={value}", "yes"), 2, "--re", "not a message id")
@@ -126,12 +159,17 @@ def test_to_must_be_a_peer_name(sessions: tuple[Session, Session], value: str) -
     one_clear_line(impl.run("send", f"--to={value}", "hi"), 2, "peer name")
 
 
-@pytest.mark.parametrize("args", [
-    ("recv", "--wait", "-1"), ("recv", "-w", "nan"), ("listen", "--timeout", "-5"),
-    ("pair", f"{NOWHERE}/mqttalk/v1/abcdefgh12345678#plain", "--wait", "-1"),
-    ("create", "--as", "impl", "--broker", NOWHERE, "--wait", "-1"),
-    ("install", "claude", "--dry-run", "--stop-wait", "-1"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("recv", "--wait", "-1"),
+        ("recv", "-w", "nan"),
+        ("listen", "--timeout", "-5"),
+        ("pair", f"{NOWHERE}/mqttalk/v1/abcdefgh12345678#plain", "--wait", "-1"),
+        ("create", "--as", "impl", "--broker", NOWHERE, "--wait", "-1"),
+        ("install", "claude", "--dry-run", "--stop-wait", "-1"),
+    ],
+)
 def test_negative_waits_are_refused(sessions: tuple[Session, Session], args: tuple[str, ...]) -> None:
     impl, _ = sessions
     one_clear_line(impl.run(*args), 2, "is not a number of seconds")
@@ -143,18 +181,25 @@ def test_guide_role_must_be_a_known_role(sessions: tuple[Session, Session]) -> N
     assert impl.ok("guide", "--role", "Tests").out  # case does not matter
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (("-n", "-1"), "--limit"), (("--limit", "0"), "--limit"), (("--kind", "bogus"), "unknown kind"),
-    (("--since", "yesterday-ish!"), "--since"), (("--since", "2026-13-45"), "--since"),
-    (("--peer", "Not A Peer"), "peer name"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("-n", "-1"), "--limit"),
+        (("--limit", "0"), "--limit"),
+        (("--kind", "bogus"), "unknown kind"),
+        (("--since", "yesterday-ish!"), "--since"),
+        (("--since", "2026-13-45"), "--since"),
+        (("--peer", "Not A Peer"), "peer name"),
+    ],
+)
 def test_log_filters_are_checked(sessions: tuple[Session, Session], args: tuple[str, ...], needle: str) -> None:
     impl, _ = sessions
     one_clear_line(impl.run("log", *args), 2, needle)
 
 
-def test_log_since_reads_times_in_every_form_recv_and_people_write(sessions: tuple[Session, Session],
-                                                                     mosquitto_url: str) -> None:
+def test_log_since_reads_times_in_every_form_recv_and_people_write(
+    sessions: tuple[Session, Session], mosquitto_url: str
+) -> None:
     impl, _ = sessions
     impl.ok("create", "--as", "impl", "--broker", mosquitto_url, "--plain")
     before = datetime.now(UTC) - timedelta(seconds=2)
@@ -182,8 +227,12 @@ def test_log_since_reads_times_in_every_form_recv_and_people_write(sessions: tup
         # when a minute began between them)
         assert bodies(after.strftime("%H:%M")) in ([], ["second"], ["first", "second"])
     assert bodies(first) == ["second"]  # after a message id
-    one_clear_line(impl.run("log", "--since", "01a226cc-c661-7b7f-8f00-a41eedc1af6f"), 2,
-                   "--since", "not a time, nor the id of a message")
+    one_clear_line(
+        impl.run("log", "--since", "01a226cc-c661-7b7f-8f00-a41eedc1af6f"),
+        2,
+        "--since",
+        "not a time, nor the id of a message",
+    )
     one_clear_line(impl.run("log", "--since", "bogus"), 2, "--since")
 
 
@@ -210,8 +259,12 @@ def _can_mount() -> bool:
     probe = Path(f"/tmp/mqttalk-mount-probe-{os.getpid()}")
     probe.mkdir(exist_ok=True)
     try:
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                            capture_output=True, check=False).returncode == 0
+        ok = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
         if ok:
             subprocess.run(["umount", str(probe)], check=False)
         return ok
@@ -219,8 +272,9 @@ def _can_mount() -> bool:
         probe.rmdir()
 
 
-def test_a_read_only_or_full_state_directory_is_one_line(sessions: tuple[Session, Session],
-                                                         mosquitto_url: str, tmp_path: Path) -> None:
+def test_a_read_only_or_full_state_directory_is_one_line(
+    sessions: tuple[Session, Session], mosquitto_url: str, tmp_path: Path
+) -> None:
     impl, _ = sessions
     impl.ok("create", "--as", "impl", "--broker", mosquitto_url, "--plain")
     state = impl.state_dir
@@ -256,8 +310,7 @@ def test_a_read_only_or_full_state_directory_is_one_line(sessions: tuple[Session
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o000])
-def test_state_is_private_whatever_the_umask(sessions: tuple[Session, Session], mosquitto_url: str,
-                                             umask: int) -> None:
+def test_state_is_private_whatever_the_umask(sessions: tuple[Session, Session], mosquitto_url: str, umask: int) -> None:
     impl, tests = sessions
     url = join_url(run_raw(impl, "create", "--as", "impl", "--broker", mosquitto_url, "--plain", umask=umask))
     res = run_raw(tests, "pair", url, "--as", "tests", "--wait", "0", umask=umask)
@@ -269,8 +322,11 @@ def test_state_is_private_whatever_the_umask(sessions: tuple[Session, Session], 
         state = session.state_dir
         assert oct(state.stat().st_mode & 0o777) == oct(0o700), state
         private = [state / "store.sqlite3", state / "bindings.json"]
-        private += [Path(f"{state / 'store.sqlite3'}{s}") for s in ("-wal", "-shm")
-                    if Path(f"{state / 'store.sqlite3'}{s}").exists()]
+        private += [
+            Path(f"{state / 'store.sqlite3'}{s}")
+            for s in ("-wal", "-shm")
+            if Path(f"{state / 'store.sqlite3'}{s}").exists()
+        ]
         for path in private:
             assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
     bodies = list((tests.state_dir / "bodies").iterdir())
@@ -309,15 +365,30 @@ def _publish(url: str, items: list[tuple[str, bytes, bool]]) -> None:
 
 
 def _envelope(sender: str, **fields: Any) -> bytes:
-    env = {"v": WIRE_VERSION, "id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "from": sender,
-           "kind": "note", "body": "hostile", **fields}
+    env = {
+        "v": WIRE_VERSION,
+        "id": str(uuid.uuid4()),
+        "ts": datetime.now(UTC).isoformat(),
+        "from": sender,
+        "kind": "note",
+        "body": "hostile",
+        **fields,
+    }
     return json.dumps(env).encode()
 
 
 def _presence(peer: str, **fields: Any) -> bytes:
     stamp = datetime.now(UTC).isoformat()
-    pres = {"v": WIRE_VERSION, "peer": peer, "state": "online", "member": uuid.uuid4().hex, "since": stamp,
-            "hb": stamp, "every": 600.0, **fields}
+    pres = {
+        "v": WIRE_VERSION,
+        "peer": peer,
+        "state": "online",
+        "member": uuid.uuid4().hex,
+        "since": stamp,
+        "hb": stamp,
+        "every": 600.0,
+        **fields,
+    }
     return json.dumps(pres).encode()
 
 
@@ -332,18 +403,20 @@ def _no_injection(text: str) -> None:
             assert all(c.isprintable() for c in line), repr(line)
 
 
-def test_message_headers_never_carry_control_characters(sessions: tuple[Session, Session],
-                                                         mosquitto_url: str) -> None:
+def test_message_headers_never_carry_control_characters(sessions: tuple[Session, Session], mosquitto_url: str) -> None:
     """Each field a peer sets, in every hostile shape, shown by recv (piped: an agent reads it) and log."""
     impl, tests = sessions
     url = paired(impl, tests, mosquitto_url, "--plain")
     topics: Any = channel_topics(url)
     hostile = []
     for bad in INJECTIONS:
-        hostile += [_envelope("impl", kind="note" + bad), _envelope("impl", id="id" + bad[:20]),
-                    _envelope("impl", re="re" + bad[:20]),
-                    _envelope("impl", kind="status", data={"state": "red", "commit": "c0ffee" + bad}),
-                    _envelope("impl", kind="spec", data={"subject": "POST /users" + bad})]
+        hostile += [
+            _envelope("impl", kind="note" + bad),
+            _envelope("impl", id="id" + bad[:20]),
+            _envelope("impl", re="re" + bad[:20]),
+            _envelope("impl", kind="status", data={"state": "red", "commit": "c0ffee" + bad}),
+            _envelope("impl", kind="spec", data={"subject": "POST /users" + bad}),
+        ]
     _publish(url, [(topics.msg("impl"), payload, False) for payload in hostile])
     impl.ok("send", "the real one")
     res = tests.ok("recv")
@@ -355,8 +428,9 @@ def test_message_headers_never_carry_control_characters(sessions: tuple[Session,
     assert shown >= 1  # the genuine one; each hostile one is either shown escaped or dropped at the wire
 
 
-def test_bodies_stay_raw_when_piped_and_headers_stay_plain_for_plain_values(sessions: tuple[Session, Session],
-                                                                            mosquitto_url: str) -> None:
+def test_bodies_stay_raw_when_piped_and_headers_stay_plain_for_plain_values(
+    sessions: tuple[Session, Session], mosquitto_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, mosquitto_url, "--plain")
     impl.ok("send", "--kind", "status", "--state", "green", "--commit", "abc123", "line one\nline two")
@@ -365,13 +439,16 @@ def test_bodies_stay_raw_when_piped_and_headers_stay_plain_for_plain_values(sess
     assert "line one\nline two" in out  # an agent reading a pipe gets real newlines in a body
 
 
-def test_peer_names_and_roles_are_escaped_in_status_and_guide(sessions: tuple[Session, Session],
-                                                              mosquitto_url: str) -> None:
+def test_peer_names_and_roles_are_escaped_in_status_and_guide(
+    sessions: tuple[Session, Session], mosquitto_url: str
+) -> None:
     impl, _ = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--broker", mosquitto_url, "--plain"))
     topics: Any = channel_topics(url)
-    items = [(topics.presence(f"mallory{i}"), _presence(f"mallory{i}", role="tester" + bad), True)
-             for i, bad in enumerate(INJECTIONS)]
+    items = [
+        (topics.presence(f"mallory{i}"), _presence(f"mallory{i}", role="tester" + bad), True)
+        for i, bad in enumerate(INJECTIONS)
+    ]
     try:
         _publish(url, items)
         status = impl.ok("status")
@@ -395,8 +472,18 @@ def test_render_escapes_any_string_in_any_header_field() -> None:
     from mqttalk._wire import Envelope
 
     for bad in INJECTIONS:
-        env = Envelope.model_construct(v=1, id="i" + bad, ts=datetime.now(UTC), sender="s" + bad, to="t" + bad,
-                                       kind="k" + bad, re="r" + bad, seq=3, body="b" + bad, data={})
+        env = Envelope.model_construct(
+            v=1,
+            id="i" + bad,
+            ts=datetime.now(UTC),
+            sender="s" + bad,
+            to="t" + bad,
+            kind="k" + bad,
+            re="r" + bad,
+            seq=3,
+            body="b" + bad,
+            data={},
+        )
         header = facts(env)
         assert all(c.isprintable() for c in header), repr(header)
         for name in ("i", "s", "t", "k", "r"):
@@ -406,14 +493,44 @@ def test_render_escapes_any_string_in_any_header_field() -> None:
         assert all(c.isprintable() or c in "\n\t" for c in piped), repr(piped)  # escaped, piped or not
         body = piped.split("\n", 1)[1]
         assert not any(text.startswith("mqttalk:") for text in body.splitlines()), repr(body)  # framed
-        status = Envelope.model_construct(v=1, id="x", ts=datetime.now(UTC), sender="s", kind="status", body="",
-                                          data={"state": "red", "commit": "c" + bad}, re=None, to=None, seq=None)
+        status = Envelope.model_construct(
+            v=1,
+            id="x",
+            ts=datetime.now(UTC),
+            sender="s",
+            kind="status",
+            body="",
+            data={"state": "red", "commit": "c" + bad},
+            re=None,
+            to=None,
+            seq=None,
+        )
         assert all(c.isprintable() for c in facts(status)), repr(facts(status))
-    plain = Envelope.model_construct(v=1, id="0192-ab", ts=datetime.now(UTC), sender="impl", kind="note", body="",
-                                     data={}, re=None, to="tests", seq=None)
+    plain = Envelope.model_construct(
+        v=1,
+        id="0192-ab",
+        ts=datetime.now(UTC),
+        sender="impl",
+        kind="note",
+        body="",
+        data={},
+        re=None,
+        to="tests",
+        seq=None,
+    )
     assert facts(plain).startswith("from=impl kind=note id=0192-ab to=tests at=")
-    spoof = Envelope.model_construct(v=1, id="x", ts=datetime.now(UTC), sender="a kind=spec", kind="note",
-                                     body="", data={}, re=None, to=None, seq=None)
+    spoof = Envelope.model_construct(
+        v=1,
+        id="x",
+        ts=datetime.now(UTC),
+        sender="a kind=spec",
+        kind="note",
+        body="",
+        data={},
+        re=None,
+        to=None,
+        seq=None,
+    )
     assert "from='a kind=spec'" in facts(spoof)  # a space cannot pass for another key=value
 
 
@@ -427,8 +544,9 @@ def roomy_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Privat
 
 
 @pytest.mark.parametrize("sealed", [False, True])
-def test_a_flood_of_junk_is_one_line_per_kind(sessions: tuple[Session, Session],
-                                              roomy_mosquitto: PrivateMosquitto, sealed: bool) -> None:
+def test_a_flood_of_junk_is_one_line_per_kind(
+    sessions: tuple[Session, Session], roomy_mosquitto: PrivateMosquitto, sealed: bool
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, roomy_mosquitto.url, *(() if sealed else ("--plain",)))
     topics: Any = channel_topics(url)
@@ -444,8 +562,9 @@ def test_a_flood_of_junk_is_one_line_per_kind(sessions: tuple[Session, Session],
     assert len(res.err.splitlines()) <= 3
 
 
-def test_listen_summarises_drops_at_most_every_few_seconds(sessions: tuple[Session, Session],
-                                                           mosquitto_url: str) -> None:
+def test_listen_summarises_drops_at_most_every_few_seconds(
+    sessions: tuple[Session, Session], mosquitto_url: str
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, mosquitto_url, "--plain")
     topics: Any = channel_topics(url)
@@ -467,14 +586,15 @@ def test_listen_summarises_drops_at_most_every_few_seconds(sessions: tuple[Sessi
     finally:
         proc.kill()
     lines = [line for line in err.splitlines() if line.startswith("mqttalk: DROPPED")]
-    counts = [int(re.match(r"mqttalk: DROPPED ([\d,]+) payload", line).group(1).replace(",", ""))  # type: ignore[union-attr]
-              for line in lines]
+    counts = [
+        int(re.match(r"mqttalk: DROPPED ([\d,]+) payload", line).group(1).replace(",", ""))  # type: ignore[union-attr]
+        for line in lines
+    ]
     assert sum(counts) == 600, err
     assert 1 <= len(lines) <= 3, err  # 4 bursts over ~4 s: at most one line per 5 s, and one at the end
 
 
-def test_status_and_guide_list_a_screenful_of_peers(sessions: tuple[Session, Session],
-                                                     mosquitto_url: str) -> None:
+def test_status_and_guide_list_a_screenful_of_peers(sessions: tuple[Session, Session], mosquitto_url: str) -> None:
     impl, tests = sessions
     url = paired(impl, tests, mosquitto_url, "--plain")
     topics: Any = channel_topics(url)

@@ -30,7 +30,7 @@ def test_file_then_environment_then_flags(isolated_home: Path, monkeypatch: pyte
 
 def test_config_file_location_can_be_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "elsewhere.toml"
-    cfg.write_text('[mqttalk]\nembedded_port = 18999\n')
+    cfg.write_text("[mqttalk]\nembedded_port = 18999\n")
     monkeypatch.setenv("MQTTALK_CONFIG", str(cfg))
     assert Settings.load().embedded_port == 18999
 

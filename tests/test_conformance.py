@@ -68,19 +68,19 @@ class Packet:
     @property
     def topic(self) -> str:
         n = struct.unpack("!H", self.body[:2])[0]
-        return self.body[2:2 + n].decode()
+        return self.body[2 : 2 + n].decode()
 
     @property
     def packet_id(self) -> int:
         if self.type == PUBLISH:
             n = struct.unpack("!H", self.body[:2])[0]
-            return struct.unpack("!H", self.body[2 + n:4 + n])[0] if self.qos else 0
+            return struct.unpack("!H", self.body[2 + n : 4 + n])[0] if self.qos else 0
         return struct.unpack("!H", self.body[:2])[0]
 
     @property
     def payload(self) -> bytes:
         n = struct.unpack("!H", self.body[:2])[0]
-        return self.body[2 + n + (2 if self.qos else 0):]
+        return self.body[2 + n + (2 if self.qos else 0) :]
 
 
 class Raw:
@@ -93,9 +93,15 @@ class Raw:
     def send(self, type_: int, flags: int, body: bytes) -> None:
         self.sock.sendall(bytes([type_ << 4 | flags]) + _length(len(body)) + body)
 
-    def connect(self, client_id: str, clean: bool = True, keepalive: int = 60,
-                will: tuple[str, bytes, int, bool] | None = None, username: str | None = None) -> tuple[int, int]:
-        flags = (2 if clean else 0)
+    def connect(
+        self,
+        client_id: str,
+        clean: bool = True,
+        keepalive: int = 60,
+        will: tuple[str, bytes, int, bool] | None = None,
+        username: str | None = None,
+    ) -> tuple[int, int]:
+        flags = 2 if clean else 0
         payload = _str(client_id)
         if will:
             flags |= 4 | will[2] << 3 | (32 if will[3] else 0)
@@ -114,8 +120,9 @@ class Raw:
         p = self.expect(SUBACK)
         return list(p.body[2:])
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, pid: int = 0,
-                dup: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, pid: int = 0, dup: bool = False
+    ) -> None:
         body = _str(topic) + (struct.pack("!H", pid) if qos else b"") + payload
         self.send(PUBLISH, (8 if dup else 0) | qos << 1 | (1 if retain else 0), body)
 
@@ -138,8 +145,8 @@ class Raw:
                 else:
                     i = -1
                 if i > 0 and len(self.buf) >= i + n:
-                    p = Packet(self.buf[0] >> 4, self.buf[0] & 15, self.buf[i:i + n])
-                    self.buf = self.buf[i + n:]
+                    p = Packet(self.buf[0] >> 4, self.buf[0] & 15, self.buf[i : i + n])
+                    self.buf = self.buf[i + n :]
                     return p
             left = deadline - time.monotonic()
             if left <= 0:
@@ -212,6 +219,7 @@ def closed(client: Raw, within: float) -> bool:
 
 # Keepalive and will ---------------------------------------------------------------------------------------
 
+
 def test_a_silent_client_is_disconnected_after_1_5_keepalives_and_its_will_published(broker: Any) -> None:
     """[MQTT-3.1.2-24] no packet within 1.5 x Keep Alive: the server MUST disconnect the client as if the network
     had failed; [MQTT-3.1.2-8] the will is then published. (_conformance patch 1: amqtt never disconnected.)"""
@@ -250,6 +258,7 @@ def test_a_client_that_pings_within_its_keepalive_stays_connected(broker: Any) -
 
 
 # Sessions ---------------------------------------------------------------------------------------------
+
 
 def test_session_present_says_whether_the_broker_kept_the_session(broker: Any) -> None:
     """[MQTT-3.2.2-1] clean session: session present 0; [MQTT-3.2.2-2] a stored session: 1; [MQTT-3.2.2-3]
@@ -330,8 +339,11 @@ def test_unacknowledged_publishes_and_pubrels_are_resent_on_reconnect(broker: An
     sub = Raw(broker.port)
     assert sub.connect(cid, clean=False) == (1, 0)
     again = drain(sub)
-    assert [(p.type, p.packet_id) for p in again] == [(PUBLISH, first[0].packet_id), (PUBLISH, first[1].packet_id),
-                                                      (PUBREL, first[2].packet_id)]
+    assert [(p.type, p.packet_id) for p in again] == [
+        (PUBLISH, first[0].packet_id),
+        (PUBLISH, first[1].packet_id),
+        (PUBREL, first[2].packet_id),
+    ]
     assert [(p.payload, p.qos, p.dup) for p in again[:2]] == [(b"one", 1, True), (b"two", 2, True)]
     sub.ack(PUBACK, again[0].packet_id)
     sub.ack(PUBREC, again[1].packet_id)
@@ -440,6 +452,7 @@ def test_the_first_packet_must_be_connect(broker: Any) -> None:
 
 # Routing ---------------------------------------------------------------------------------------------
 
+
 def test_delivery_qos_is_the_lower_of_publish_and_subscription(broker: Any) -> None:
     """[MQTT-3.8.4-6] the QoS of a delivered message is the minimum of the published QoS and the granted QoS.
     (_conformance patch 5.)"""
@@ -520,8 +533,13 @@ def test_wildcards_and_dollar_topics(broker: Any) -> None:
     root = uid("w")
     sub = Raw(broker.port)
     sub.connect(uid("wsub"))
-    assert sub.subscribe(1, ("#", 0), ("+/+/x", 0), (f"{root}/#", 1), (f"/{root}/+", 0), ("$" + root + "/#", 0)) \
-        == [0, 0, 1, 0, 0]
+    assert sub.subscribe(1, ("#", 0), ("+/+/x", 0), (f"{root}/#", 1), (f"/{root}/+", 0), ("$" + root + "/#", 0)) == [
+        0,
+        0,
+        1,
+        0,
+        0,
+    ]
     pub = Raw(broker.port)
     pub.connect(uid("wpub"))
     for topic in (f"{root}", f"{root}/a/x", f"/{root}/b", f"${root}/d", f"{root}/last"):
@@ -531,8 +549,9 @@ def test_wildcards_and_dollar_topics(broker: Any) -> None:
     for p in got:
         if p.qos:
             sub.ack(PUBACK, p.packet_id)
-    assert sorted((p.topic, p.qos) for p in got) == sorted([
-        (root, 1), (f"{root}/a/x", 1), (f"/{root}/b", 0), (f"${root}/d", 0), (f"{root}/last", 1)])
+    assert sorted((p.topic, p.qos) for p in got) == sorted(
+        [(root, 1), (f"{root}/a/x", 1), (f"/{root}/b", 0), (f"${root}/d", 0), (f"{root}/last", 1)]
+    )
     assert closed(pub, 0.2) is False  # still connected after publishing to a '$' topic
     pub.disconnect()
     sub.disconnect()
@@ -571,6 +590,7 @@ def test_a_publish_to_a_wildcard_topic_closes_the_connection_and_publishes_the_w
 
 
 # Limits -----------------------------------------------------------------------------------------------
+
 
 def test_a_packet_over_the_size_limit_closes_the_connection_and_is_never_stored(broker: Any) -> None:
     """limits.max_packet_size (Mosquitto: max_packet_size), 1 MiB: a bigger PUBLISH closes the connection,

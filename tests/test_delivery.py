@@ -70,7 +70,8 @@ def sniffer(url: str) -> Iterator[list[bytes]]:
 
 
 def test_500_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
-        sessions: tuple[Session, Session], durable_broker: Any) -> None:
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
     impl, tests = sessions
     paired(impl, tests, durable_broker.url)
     send_many(impl, 500)
@@ -80,8 +81,9 @@ def test_500_messages_sent_while_the_reader_is_not_running_arrive_once_in_order(
     assert received(tests) == []  # shown once
 
 
-def test_reader_killed_mid_stream_gets_every_message_exactly_once(sessions: tuple[Session, Session],
-                                                                  durable_broker: Any) -> None:
+def test_reader_killed_mid_stream_gets_every_message_exactly_once(
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
     impl, tests = sessions
     paired(impl, tests, durable_broker.url)
     listener = tests.start("listen")
@@ -112,8 +114,9 @@ def test_reader_killed_mid_stream_gets_every_message_exactly_once(sessions: tupl
     assert len({m["id"] for m in msgs}) == 1000
 
 
-def test_send_while_the_broker_is_down_is_queued_then_delivered_once(sessions: tuple[Session, Session],
-                                                                      durable_broker: Any) -> None:
+def test_send_while_the_broker_is_down_is_queued_then_delivered_once(
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
     impl, tests = sessions
     paired(impl, tests, durable_broker.url)
     durable_broker.stop()
@@ -128,8 +131,9 @@ def test_send_while_the_broker_is_down_is_queued_then_delivered_once(sessions: t
     assert received(tests) == []
 
 
-def test_broker_restart_between_send_and_receive_loses_nothing(sessions: tuple[Session, Session],
-                                                               durable_broker: Any) -> None:
+def test_broker_restart_between_send_and_receive_loses_nothing(
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
     impl, tests = sessions
     paired(impl, tests, durable_broker.url)
     for i in range(5):
@@ -146,8 +150,9 @@ def events_of(result: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in result.lines]
 
 
-def test_an_overflowing_offline_queue_is_repaired_from_the_sender(sessions: tuple[Session, Session],
-                                                                   tmp_path: Any) -> None:
+def test_an_overflowing_offline_queue_is_repaired_from_the_sender(
+    sessions: tuple[Session, Session], tmp_path: Any
+) -> None:
     """Mosquitto keeps 5 messages for an absent reader and drops the rest: the reader asks for what it
     misses, the sender's next commands send it again, and the reader ends with all 15, each once, and
     never a GAP line (the queue keeps dropping: it takes a few rounds)."""
@@ -193,13 +198,17 @@ def _stop(proc: Any) -> str:
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
-def test_a_bounded_queue_that_overflowed_is_repaired_exactly_once(sessions: tuple[Session, Session],
-                                                                  tmp_path: Any, kind: str) -> None:
+def test_a_bounded_queue_that_overflowed_is_repaired_exactly_once(
+    sessions: tuple[Session, Session], tmp_path: Any, kind: str
+) -> None:
     """Each broker keeps 100 messages for an absent session; 500 are sent. The reader's next command
     takes the 100 and asks for the rest; it then listens, and the sender's next command sends the 400
     again: all 500 are shown, each once, and no GAP line ever."""
-    broker: Any = (PrivateMosquitto(tmp_path / "q", max_queued_messages=100) if kind == "mosquitto"
-                   else ConfiguredEmbedded(tmp_path / "q", max_queued_messages=100))
+    broker: Any = (
+        PrivateMosquitto(tmp_path / "q", max_queued_messages=100)
+        if kind == "mosquitto"
+        else ConfiguredEmbedded(tmp_path / "q", max_queued_messages=100)
+    )
     broker.start()
     try:
         impl, tests = sessions
@@ -228,13 +237,17 @@ def test_a_bounded_queue_that_overflowed_is_repaired_exactly_once(sessions: tupl
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
-def test_a_broker_restarted_without_persistence_mid_stream_loses_nothing(sessions: tuple[Session, Session],
-                                                                          tmp_path: Any, kind: str) -> None:
+def test_a_broker_restarted_without_persistence_mid_stream_loses_nothing(
+    sessions: tuple[Session, Session], tmp_path: Any, kind: str
+) -> None:
     """The reader listens while the sender streams 300 messages; the broker restarts, keeping nothing,
     in the middle. What it had acknowledged and not yet delivered is asked for and sent again: the
     reader ends with all 300, each once, no GAP."""
-    broker: Any = (PrivateMosquitto(tmp_path / "v", persistence="false") if kind == "mosquitto"
-                   else EmbeddedBroker(tmp_path / "v", memory=True))
+    broker: Any = (
+        PrivateMosquitto(tmp_path / "v", persistence="false")
+        if kind == "mosquitto"
+        else EmbeddedBroker(tmp_path / "v", memory=True)
+    )
     broker.start()
     try:
         impl, tests = sessions
@@ -272,8 +285,9 @@ def test_a_broker_restarted_without_persistence_mid_stream_loses_nothing(session
         broker.stop()
 
 
-def test_a_gap_the_sender_can_no_longer_fill_is_shown_and_says_so(sessions: tuple[Session, Session],
-                                                                  tmp_path: Any) -> None:
+def test_a_gap_the_sender_can_no_longer_fill_is_shown_and_says_so(
+    sessions: tuple[Session, Session], tmp_path: Any
+) -> None:
     """The sender's store was deleted: nobody has the lost messages, so the GAP line stays, once, and
     says why (the sender no longer has them), not that "the broker dropped them"."""
     broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
@@ -299,7 +313,8 @@ def test_a_gap_the_sender_can_no_longer_fill_is_shown_and_says_so(sessions: tupl
 
 
 def test_a_sender_that_never_answers_is_shown_as_a_gap_after_the_repair_timeout(
-        sessions: tuple[Session, Session], tmp_path: Any) -> None:
+    sessions: tuple[Session, Session], tmp_path: Any
+) -> None:
     broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
     broker.start()
     try:
@@ -329,7 +344,8 @@ def test_a_sender_that_never_answers_is_shown_as_a_gap_after_the_repair_timeout(
 
 
 def test_two_processes_of_one_peer_at_once_neither_corrupt_nor_double_send(
-        sessions: tuple[Session, Session], durable_broker: Any) -> None:
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, durable_broker.url)
     errors: list[str] = []
@@ -403,8 +419,9 @@ def test_a_killed_listener_is_shown_away(sessions: tuple[Session, Session], brok
     _wait_state(impl, "tests", "away")  # its Last Will, or (amqtt) its heartbeat going stale
 
 
-def test_a_stalled_listener_is_shown_away_once_its_heartbeat_is_stale(sessions: tuple[Session, Session],
-                                                                       broker_url: str) -> None:
+def test_a_stalled_listener_is_shown_away_once_its_heartbeat_is_stale(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     listener = tests.start("listen", env={"MQTTALK_HEARTBEAT": "0.5"})
@@ -474,8 +491,7 @@ def _wait_state(session: Session, peer: str, state: str, within: float = 20) -> 
     raise AssertionError(f"{peer} stayed {seen!r}, expected {state!r} within {within}s")
 
 
-def test_large_and_small_messages_interleaved_arrive_intact(sessions: tuple[Session, Session],
-                                                            broker_url: str) -> None:
+def test_large_and_small_messages_interleaved_arrive_intact(sessions: tuple[Session, Session], broker_url: str) -> None:
     """Packets of every size through the read-ahead socket: a 200 KB message (near the limit, split
     across reads) between small ones, whose 4-byte acknowledgements arrive by the hundred per read."""
     impl, tests = sessions
@@ -546,13 +562,17 @@ def test_a_store_from_before_the_unsent_table_keeps_its_queued_messages(tmp_path
 
     path = tmp_path / "store.sqlite3"
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE outbox (n INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,"
-               " sender TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, topic TEXT NOT NULL,"
-               " payload BLOB NOT NULL, kind TEXT NOT NULL, ts TEXT NOT NULL, created REAL NOT NULL, sent REAL,"
-               " UNIQUE (channel, sender, seq))")
-    db.executemany("INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created, sent)"
-                   " VALUES ('chan', 'impl', ?, ?, 't', x'7b7d', 'note', '2026-11-25T00:00:00+00:00', 0, ?)",
-                   [(seq, f"id-{seq}", 1.0 if seq <= 3 else None) for seq in range(1, 6)])
+    db.execute(
+        "CREATE TABLE outbox (n INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,"
+        " sender TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL, topic TEXT NOT NULL,"
+        " payload BLOB NOT NULL, kind TEXT NOT NULL, ts TEXT NOT NULL, created REAL NOT NULL, sent REAL,"
+        " UNIQUE (channel, sender, seq))"
+    )
+    db.executemany(
+        "INSERT INTO outbox (channel, sender, seq, id, topic, payload, kind, ts, created, sent)"
+        " VALUES ('chan', 'impl', ?, ?, 't', x'7b7d', 'note', '2026-11-25T00:00:00+00:00', 0, ?)",
+        [(seq, f"id-{seq}", 1.0 if seq <= 3 else None) for seq in range(1, 6)],
+    )
     db.commit()
     db.close()
     store = Store(path)
@@ -594,8 +614,13 @@ def test_a_connection_that_takes_over_its_session_gets_messages_at_once(broker_u
     got: dict[str, list[bytes]] = {"old": [], "new": []}
 
     def connect(name: str, *, clean: bool = False) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
-                             protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
         client.on_message = lambda _c, _u, m: got[name].append(bytes(m.payload))
         client.connect("127.0.0.1", port)
         client.loop_start()

@@ -27,8 +27,7 @@ def test_readme_quick_start_is_what_ci_runs() -> None:
 
 
 def _imported_by(code: str) -> set[str]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
 
 
@@ -45,12 +44,20 @@ def test_importing_the_package_is_lazy() -> None:
 
 def test_demo_runs_the_whole_story(isolated_home: Path) -> None:
     """The README's first command ends with `mqttalk demo`: it must work on a fresh machine."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "mqttalk"), "demo"], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mqttalk"), "demo"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "mqttalk demo: OK" in proc.stdout
-    for step in ("PAIRED with impl", "PAIRED with tests", "kind=spec", "state=agreed", "state=red", "state=green",
-                 "impl [implements POST /users]: left"):
+    for step in (
+        "PAIRED with impl",
+        "PAIRED with tests",
+        "kind=spec",
+        "state=agreed",
+        "state=red",
+        "state=green",
+        "impl [implements POST /users]: left",
+    ):
         assert step in proc.stdout
     # Presence updates a session's broker queue kept while it was away arrive next to the newer retained
     # one (on amqtt, after it): stale copies, no replay, and nothing to alarm a newcomer with.

@@ -24,13 +24,16 @@ def one_clear_line(res: object, code: int, *needles: str) -> None:
         assert needle in lines[0]
 
 
-@pytest.mark.parametrize(("url", "needle"), [
-    ("mqtt//broken", "scheme"),
-    ("http://example.com/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
-    ("mqtt://127.0.0.1:1883", "no channel"),
-    ("mqtt://127.0.0.1:notaport/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
-    ("mqtt://127.0.0.1/mqttalk/v1/bad!channel", "not valid"),
-])
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("mqtt//broken", "scheme"),
+        ("http://example.com/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
+        ("mqtt://127.0.0.1:1883", "no channel"),
+        ("mqtt://127.0.0.1:notaport/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
+        ("mqtt://127.0.0.1/mqttalk/v1/bad!channel", "not valid"),
+    ],
+)
 def test_malformed_join_url(sessions: tuple[Session, Session], url: str, needle: str) -> None:
     _, tests = sessions
     one_clear_line(tests.run("pair", url, "--as", "tests"), 2, needle)
@@ -40,12 +43,15 @@ def test_unreachable_broker_fails_fast_and_clearly(sessions: tuple[Session, Sess
     impl, tests = sessions
     port = free_port()  # nothing listens there
     started = time.monotonic()
-    one_clear_line(impl.run("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{port}"), 5,
-                   "nothing is listening", str(port))
-    one_clear_line(tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678#plain"), 5,
-                   "nothing is listening")
-    one_clear_line(tests.run("pair", "mqtt://no-such-host.invalid:1883/mqttalk/v1/abcdefgh12345678#plain"), 5,
-                   "cannot resolve")
+    one_clear_line(
+        impl.run("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{port}"), 5, "nothing is listening", str(port)
+    )
+    one_clear_line(
+        tests.run("pair", f"mqtt://127.0.0.1:{port}/mqttalk/v1/abcdefgh12345678#plain"), 5, "nothing is listening"
+    )
+    one_clear_line(
+        tests.run("pair", "mqtt://no-such-host.invalid:1883/mqttalk/v1/abcdefgh12345678#plain"), 5, "cannot resolve"
+    )
     assert time.monotonic() - started < 10
 
 
@@ -67,8 +73,7 @@ def test_silent_broker_times_out_within_the_connect_timeout(sessions: tuple[Sess
 def test_commands_without_a_binding_say_how_to_get_one(sessions: tuple[Session, Session]) -> None:
     impl, _ = sessions
     for args in (["send", "hi"], ["recv"], ["status"], ["leave"]):
-        one_clear_line(impl.run(*args), 4, "no mqttalk channel for this directory", "mqttalk create",
-                       "mqttalk pair")
+        one_clear_line(impl.run(*args), 4, "no mqttalk channel for this directory", "mqttalk create", "mqttalk pair")
 
 
 def test_bad_messages_are_refused_before_connecting(sessions: tuple[Session, Session], broker_url: str) -> None:
@@ -99,15 +104,22 @@ def test_bad_names_and_settings(sessions: tuple[Session, Session]) -> None:
     one_clear_line(impl.run("status", env={"MQTTALK_CONNECT_TIMEOUT": "-1"}), 2, "connect_timeout")
 
 
-def test_garbage_on_a_plain_channel_is_dropped_not_delivered(sessions: tuple[Session, Session],
-                                                              broker_url: str) -> None:
+def test_garbage_on_a_plain_channel_is_dropped_not_delivered(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, broker_url, "--plain")
     topics: Any = channel_topics(url)
-    junk = [b"not json", b"\x00\xff" * 10, b'{"id":"x"}', b"[1,2,3]",
-            b'{"v":1,"id":"y","ts":"2026-01-01T00:00:00Z","from":"someone-else","kind":"note","body":"spoof"}']
-    _publish_raw(url, [(topics.msg("impl"), p, False) for p in junk]
-                 + [(topics.presence("ghost"), b"garbage presence", True)])
+    junk = [
+        b"not json",
+        b"\x00\xff" * 10,
+        b'{"id":"x"}',
+        b"[1,2,3]",
+        b'{"v":1,"id":"y","ts":"2026-01-01T00:00:00Z","from":"someone-else","kind":"note","body":"spoof"}',
+    ]
+    _publish_raw(
+        url, [(topics.msg("impl"), p, False) for p in junk] + [(topics.presence("ghost"), b"garbage presence", True)]
+    )
     impl.ok("send", "the real one")
     res = tests.ok("recv")
     assert "the real one" in res.out
@@ -120,8 +132,7 @@ def test_garbage_on_a_plain_channel_is_dropped_not_delivered(sessions: tuple[Ses
     assert "ghost" not in tests.ok("status").out
 
 
-def test_payloads_that_do_not_open_are_dropped_and_reported(sessions: tuple[Session, Session],
-                                                             broker_url: str) -> None:
+def test_payloads_that_do_not_open_are_dropped_and_reported(sessions: tuple[Session, Session], broker_url: str) -> None:
     from mqttalk._seal import Seal
 
     impl, tests = sessions
@@ -129,11 +140,16 @@ def test_payloads_that_do_not_open_are_dropped_and_reported(sessions: tuple[Sess
     topics: Any = channel_topics(url)
     forged = Seal.new()  # a forger who knows the topics (say, from a leaked URL without the key) but not the key
     env = b'{"v":1,"id":"f1","ts":"2026-01-01T00:00:00Z","from":"impl","kind":"note","body":"forged"}'
-    _publish_raw(url, [(topics.msg("impl"), b"plain text, not sealed", False),
-                       (topics.msg("impl"), forged.seal(topics.msg("impl"), env), False),
-                       # a genuine sealed payload moved to another topic does not open either
-                       (topics.msg("impl"), topics.seal.seal(topics.msg("tests"), env), False),
-                       (topics.presence("ghost"), forged.seal(topics.presence("ghost"), b"{}"), True)])
+    _publish_raw(
+        url,
+        [
+            (topics.msg("impl"), b"plain text, not sealed", False),
+            (topics.msg("impl"), forged.seal(topics.msg("impl"), env), False),
+            # a genuine sealed payload moved to another topic does not open either
+            (topics.msg("impl"), topics.seal.seal(topics.msg("tests"), env), False),
+            (topics.presence("ghost"), forged.seal(topics.presence("ghost"), b"{}"), True),
+        ],
+    )
     impl.ok("send", "the real one")
     res = tests.ok("recv")
     assert res.out.count("mqttalk: MESSAGE") == 1 and "the real one" in res.out and "forged" not in res.out
@@ -159,8 +175,13 @@ def test_help_teaches_the_story() -> None:
     from conftest import MQTTALK
 
     out = subprocess.run([MQTTALK, "--help"], capture_output=True, text=True, check=True).stdout
-    for needle in ("mqttalk create --as impl", "mqttalk pair URL", "--kind status --state red", "recv --wait",
-                   "Exit codes"):
+    for needle in (
+        "mqttalk create --as impl",
+        "mqttalk pair URL",
+        "--kind status --state red",
+        "recv --wait",
+        "Exit codes",
+    ):
         assert needle in out
     send_help = subprocess.run([MQTTALK, "send", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--kind" in send_help and "stdin" in send_help

@@ -61,12 +61,20 @@ def live(session: Session, *args: str) -> Iterator[subprocess.Popen[str]]:
                 proc.communicate()
 
 
-def traced(session: Session, *args: str, input: str | None = None,
-           env: dict[str, str] | None = None) -> tuple[Result, set[str]]:
+def traced(
+    session: Session, *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> tuple[Result, set[str]]:
     """Run `python -X importtime -m mqttalk ARGS` as the session: the result and the modules it imported."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "mqttalk", *args], cwd=session.cwd,
-                          env={**session.env, **(env or {})}, input=input, capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mqttalk", *args],
+        cwd=session.cwd,
+        env={**session.env, **(env or {})},
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     mods = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     err = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("import time:"))
     return Result(proc.returncode, proc.stdout, err), mods
@@ -90,8 +98,9 @@ def bodies(session: Session) -> list[str]:
     return [json.loads(line)["body"] for line in out if json.loads(line).get("event") == "message"]
 
 
-def test_send_recv_status_beside_listen_go_through_the_live_process(sessions: tuple[Session, Session],
-                                                                   broker_url: str) -> None:
+def test_send_recv_status_beside_listen_go_through_the_live_process(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     with live(impl) as proc:
@@ -113,8 +122,9 @@ def test_send_recv_status_beside_listen_go_through_the_live_process(sessions: tu
         assert proc.poll() is None
 
 
-def test_errors_and_exit_codes_are_the_same_through_the_live_process(sessions: tuple[Session, Session],
-                                                                     broker_url: str) -> None:
+def test_errors_and_exit_codes_are_the_same_through_the_live_process(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     big = "x" * (256 * 1024 + 10)
@@ -140,8 +150,9 @@ def test_errors_and_exit_codes_are_the_same_through_the_live_process(sessions: t
             assert here.code in (0, 2), (args, here)
 
 
-def test_a_live_process_killed_leaves_a_socket_that_commands_step_over(sessions: tuple[Session, Session],
-                                                                       broker_url: str) -> None:
+def test_a_live_process_killed_leaves_a_socket_that_commands_step_over(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     proc = impl.start("listen")
@@ -161,8 +172,9 @@ def test_a_live_process_killed_leaves_a_socket_that_commands_step_over(sessions:
     assert bodies(tests) == ["through the new one"]
 
 
-def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tuple[Session, Session],
-                                                                    broker_url: str) -> None:
+def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     with live(impl) as proc:
@@ -177,15 +189,27 @@ def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tu
             return s
 
         nested = b"[" * 100_000 + b"]" * 100_000  # deep enough to exhaust the JSON parser's recursion
-        for junk in (b"\xff\xff\xff\xff", struct.pack(">I", 5) + b"[1,2]", struct.pack(">I", 3) + b"{{{",
-                     struct.pack(">I", 2) + b"{}", b"GET / HTTP/1.0\r\n\r\n", struct.pack(">I", len(nested)) + nested):
+        for junk in (
+            b"\xff\xff\xff\xff",
+            struct.pack(">I", 5) + b"[1,2]",
+            struct.pack(">I", 3) + b"{{{",
+            struct.pack(">I", 2) + b"{}",
+            b"GET / HTTP/1.0\r\n\r\n",
+            struct.pack(">I", len(nested)) + nested,
+        ):
             with client() as s:
                 s.sendall(junk)
                 s.shutdown(socket.SHUT_WR)
                 with suppress(ConnectionResetError):  # (dropped with what it sent unread)
                     assert s.recv(100) == b""  # dropped, nothing answered
-        request = {"v": 1, "argv": ["send", "never"], "cwd": str(impl.cwd), "env": {}, "stdin": None,
-                   "tty": [False, False]}
+        request = {
+            "v": 1,
+            "argv": ["send", "never"],
+            "cwd": str(impl.cwd),
+            "env": {},
+            "stdin": None,
+            "tty": [False, False],
+        }
         data = json.dumps(request).encode()
         with client() as s:  # other settings than the live process's: "run it yourself"
             s.sendall(struct.pack(">I", len(data)) + data)
@@ -196,8 +220,14 @@ def test_garbage_silence_and_strangers_do_not_hurt_the_live_process(sessions: tu
         for argv in (["send", "--file", str(secret)], ["send", "-f", str(secret)], ["leave"], ["broker"]):
             from mqttalk._handoff import relevant_env
 
-            request = {"v": 1, "argv": argv, "cwd": str(impl.cwd), "env": relevant_env(impl.env), "stdin": None,
-                       "tty": [False, False]}
+            request = {
+                "v": 1,
+                "argv": argv,
+                "cwd": str(impl.cwd),
+                "env": relevant_env(impl.env),
+                "stdin": None,
+                "tty": [False, False],
+            }
             data = json.dumps(request).encode()
             with client() as s:  # a file this process would open for the caller, a command not served: dropped
                 s.sendall(struct.pack(">I", len(data)) + data)
@@ -262,8 +292,14 @@ def test_recv_marks_read_only_what_was_printed(sessions: tuple[Session, Session]
         while "unread:  2" not in handed_over(impl, "status").out and time.monotonic() < deadline:
             time.sleep(0.1)
         # stdout closed before it prints: exit 1, as when it runs itself, and nothing is marked read
-        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "mqttalk", "recv"], cwd=impl.cwd,
-                                env=impl.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "mqttalk", "recv"],
+            cwd=impl.cwd,
+            env=impl.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         proc.stdout.close()
         _, err = proc.communicate(timeout=30)
@@ -284,8 +320,7 @@ def test_recv_wait_with_nothing_unread_waits_by_itself(sessions: tuple[Session, 
         assert res.code == 0 and "waited for" in res.out
 
 
-def test_a_recv_wait_and_an_mcp_server_serve_commands_too(sessions: tuple[Session, Session],
-                                                         broker_url: str) -> None:
+def test_a_recv_wait_and_an_mcp_server_serve_commands_too(sessions: tuple[Session, Session], broker_url: str) -> None:
     pytest.importorskip("mcp")
     impl, tests = sessions
     paired(impl, tests, broker_url)
@@ -293,8 +328,15 @@ def test_a_recv_wait_and_an_mcp_server_serve_commands_too(sessions: tuple[Sessio
         assert handed_over(impl, "send", "while waiting").code == 0
         assert waiting.poll() is None
     assert bodies(tests) == ["while waiting"]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mqttalk"), "mcp"], cwd=impl.cwd, env=impl.env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mqttalk"), "mcp"],
+        cwd=impl.cwd,
+        env=impl.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_socket(impl, server)  # type: ignore[arg-type]
         res = handed_over(impl, "send", "through the MCP server")
@@ -305,8 +347,9 @@ def test_a_recv_wait_and_an_mcp_server_serve_commands_too(sessions: tuple[Sessio
     assert bodies(tests) == ["through the MCP server"]
 
 
-def test_a_big_recv_to_a_slow_reader_is_printed_whole_and_marked_read(sessions: tuple[Session, Session],
-                                                                     broker_url: str) -> None:
+def test_a_big_recv_to_a_slow_reader_is_printed_whole_and_marked_read(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     """Megabytes of unread messages, printed into a pipe read seconds later: all of it arrives, once, and
     is marked read once the command printed it (not dropped as unconfirmed)."""
     impl, tests = sessions
@@ -318,11 +361,19 @@ def test_a_big_recv_to_a_slow_reader_is_printed_whole_and_marked_read(sessions: 
         while "unread:  20" not in handed_over(impl, "status").out and time.monotonic() < deadline:
             time.sleep(0.2)
         reader = impl.cwd / "slow_reader.py"  # reads nothing for 3 s: the command blocks printing meanwhile
-        reader.write_text("import sys, time\ntime.sleep(3)\ndata = sys.stdin.read()\n"
-                          "print(len(data), data.count('xx\"'))\n")
-        proc = subprocess.run(f"{sys.executable} -m mqttalk recv --json | {sys.executable} {reader}",
-                              shell=True, cwd=impl.cwd, env=impl.env, capture_output=True, text=True, timeout=120,
-                              check=False)
+        reader.write_text(
+            "import sys, time\ntime.sleep(3)\ndata = sys.stdin.read()\nprint(len(data), data.count('xx\"'))\n"
+        )
+        proc = subprocess.run(
+            f"{sys.executable} -m mqttalk recv --json | {sys.executable} {reader}",
+            shell=True,
+            cwd=impl.cwd,
+            env=impl.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         size, bodies_seen = (int(x) for x in proc.stdout.split())
         assert size > 4 * 1024 * 1024 and bodies_seen == 20, proc.stdout

@@ -25,24 +25,62 @@ def test_a_plain_channel_is_readable_json_for_mosquitto_sub(sessions: tuple[Sess
     url = paired(impl, tests, f"mqtt://127.0.0.1:{MOSQUITTO_PORT}", "--plain")
     topics: Any = channel_topics(url)
     assert topics.msg("tests") == f"mqttalk/v1/{url.rsplit('/', 1)[1].split('#')[0]}/msg/tests"  # readable names
-    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(MOSQUITTO_PORT), "-v", "-C", "1",
-                            "-W", "20", "-t", topics.all_msg], stdout=subprocess.PIPE, text=True)
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(MOSQUITTO_PORT),
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-t",
+            topics.all_msg,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     tests.ok("send", "--kind", "status", "--state", "green", "green on my side")
     out, _ = sub.communicate(timeout=30)
     topic, payload = out.strip().split(" ", 1)
     assert topic == topics.msg("tests")
     env = json.loads(payload)
-    assert (env["from"], env["kind"], env["data"], env["body"]) == ("tests", "status", {"state": "green"},
-                                                                    "green on my side")
-    presence = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(MOSQUITTO_PORT), "-C", "2", "-W", "10",
-                               "-t", topics.all_presence], check=True, capture_output=True, text=True, timeout=30)
+    assert (env["from"], env["kind"], env["data"], env["body"]) == (
+        "tests",
+        "status",
+        {"state": "green"},
+        "green on my side",
+    )
+    presence = subprocess.run(
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(MOSQUITTO_PORT),
+            "-C",
+            "2",
+            "-W",
+            "10",
+            "-t",
+            topics.all_presence,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     peers = {json.loads(line)["peer"]: json.loads(line) for line in presence.stdout.splitlines()}
     assert set(peers) == {"impl", "tests"} and peers["tests"]["state"] == "joined"  # retained: read at once
 
 
 def test_mqtt5_publishes_carry_content_type_user_property_and_presence_expiry(
-        sessions: tuple[Session, Session]) -> None:
+    sessions: tuple[Session, Session],
+) -> None:
     impl, tests = sessions
     got: list[mqtt.MQTTMessage] = []
     for flags in (("--plain",), ()):

@@ -58,7 +58,6 @@ def test_library_errors_carry_exit_codes(tmp_path: Path) -> None:
     assert bad.value.exit_code == 2
 
 
-
 def test_a_message_the_library_refuses_is_refused_alone_and_at_once(tmp_path: Path, broker_url: str) -> None:
     """The 51st of 100 wait=False sends holds a lone surrogate: it raises at its own call, and the other
     99 are recorded, sent and received."""
@@ -98,8 +97,9 @@ def test_a_full_disk_loses_no_message_the_library_accepted(tmp_path: Path, broke
     assert [m.envelope.seq for m in got.messages] == list(range(1, 102))
 
 
-def test_the_package_docstring_example_runs(tmp_path: Path, mosquitto_url: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_package_docstring_example_runs(
+    tmp_path: Path, mosquitto_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The example a newcomer reads first (``help(mqttalk)``) is run as a doctest against a real broker."""
     import doctest
 

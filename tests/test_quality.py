@@ -11,8 +11,24 @@ BIN = Path(sys.executable).parent
 
 
 def test_ruff_finds_nothing() -> None:
-    proc = subprocess.run([str(BIN / "ruff"), "check", "mqttalk", "broker", "tests", "bench"], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(BIN / "ruff"), "check", "mqttalk", "broker", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format_would_change_nothing() -> None:
+    proc = subprocess.run(
+        [str(BIN / "ruff"), "format", "--check", "mqttalk", "broker", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -31,8 +47,22 @@ LAYERS = [
     {"_live"},
     {"_outbox"},
     {"_peer"},
-    {"_store", "_transport", "_wire", "_topics", "_seal", "_url", "_config", "_locks", "_bindings", "_embedded",
-     "_input", "_since", "_state", "_handoff"},
+    {
+        "_store",
+        "_transport",
+        "_wire",
+        "_topics",
+        "_seal",
+        "_url",
+        "_config",
+        "_locks",
+        "_bindings",
+        "_embedded",
+        "_input",
+        "_since",
+        "_state",
+        "_handoff",
+    },
     {"_errors", "_version", "errors"},
 ]
 

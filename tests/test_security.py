@@ -56,8 +56,19 @@ def test_a_snooper_on_hash_sees_no_plaintext(sessions: tuple[Session, Session], 
     root: str = channel_topics(url).root  # type: ignore[attr-defined]
     wire = snoop.stop(under=root)
     assert wire.count(root.encode()) >= 6, "the snooper saw the session's traffic"
-    for secret in (b"CANARY", b"POST /users", b"impl", b"tests", b"owns-src-api-users", b'"kind"', b"spec",
-                   b"status", b"red", channel_id.encode(), JoinURL.parse(url).key.encode()):  # type: ignore[union-attr]
+    for secret in (
+        b"CANARY",
+        b"POST /users",
+        b"impl",
+        b"tests",
+        b"owns-src-api-users",
+        b'"kind"',
+        b"spec",
+        b"status",
+        b"red",
+        channel_id.encode(),
+        JoinURL.parse(url).key.encode(),
+    ):  # type: ignore[union-attr]
         assert secret not in wire, f"{secret!r} visible on the wire"
 
 
@@ -66,8 +77,16 @@ def test_a_forged_presence_never_pairs(sessions: tuple[Session, Session], broker
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
     topics: Any = channel_topics(url)
     join = JoinURL.parse(url)
-    presence = json.dumps({"v": 1, "peer": "mallory", "state": "online", "member": "x",
-                           "since": "2026-01-01T00:00:00Z", "hb": "2026-01-01T00:00:00Z"}).encode()
+    presence = json.dumps(
+        {
+            "v": 1,
+            "peer": "mallory",
+            "state": "online",
+            "member": "x",
+            "since": "2026-01-01T00:00:00Z",
+            "hb": "2026-01-01T00:00:00Z",
+        }
+    ).encode()
     forger = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     forger.connect(join.broker.host, join.broker.port)
     forger.loop_start()
@@ -141,15 +160,21 @@ def test_mutated_payloads_never_open_or_crash(at: int, flip: int, at_plain: int,
     assert env is None or env.kind
 
 
-def test_terminal_escapes_in_bodies_are_neutralised_on_a_terminal(sessions: tuple[Session, Session],
-                                                                  broker_url: str) -> None:
+def test_terminal_escapes_in_bodies_are_neutralised_on_a_terminal(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     impl.ok("send", "-", input="before\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m after\n")
-    script = subprocess.run(["script", "-qec", "mqttalk recv", "/dev/null"], cwd=tests.cwd,
-                            env={**tests.env, "PATH": os.path.dirname(__import__("sys").executable) + ":"
-                                 + os.environ.get("PATH", "")}, capture_output=True, text=True, timeout=60,
-                            check=False)
+    script = subprocess.run(
+        ["script", "-qec", "mqttalk recv", "/dev/null"],
+        cwd=tests.cwd,
+        env={**tests.env, "PATH": os.path.dirname(__import__("sys").executable) + ":" + os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "before" in script.stdout and "after" in script.stdout
     assert "\x1b" not in script.stdout.replace("\x1b[?2004l", "").replace("\x1b[?2004h", "")
     assert "\\x1b]0;pwned" in script.stdout
@@ -157,8 +182,7 @@ def test_terminal_escapes_in_bodies_are_neutralised_on_a_terminal(sessions: tupl
     assert raw.startswith("before\x1b]0;pwned")  # stored and --json untouched: programs get the real bytes
 
 
-def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Session, Session],
-                                                            broker_url: str) -> None:
+def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     topics: Any = channel_topics(url)
@@ -187,8 +211,7 @@ def test_pair_reads_the_url_from_stdin(sessions: tuple[Session, Session], broker
     paired(impl, tests, broker_url, url_on_stdin=True)
 
 
-def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Session, Session],
-                                                          broker_url: str) -> None:
+def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Session, Session], broker_url: str) -> None:
     """PAIRED needs a presence that answers this join's fresh challenge. impl's genuine "online"
     presence, recorded while it listened and replayed after it is gone, shows impl as online to a
     newcomer, but cannot answer: no PAIRED, however long one waits."""
@@ -201,8 +224,11 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     snoop = Snooper(url)  # the attacker records impl's live presence (it answers tests' challenge)
     snoop.client.subscribe(topics.presence("impl"), qos=1)
     snoop.stop()
-    recorded = [decode_presence(Seal.from_token(JoinURL.parse(url).key or "").open(topics.presence("impl"), p) or b"")
-                for t, p in snoop.seen if t == topics.presence("impl")]
+    recorded = [
+        decode_presence(Seal.from_token(JoinURL.parse(url).key or "").open(topics.presence("impl"), p) or b"")
+        for t, p in snoop.seen
+        if t == topics.presence("impl")
+    ]
     assert any(p is not None and p.state == "online" and p.answers for p in recorded)
     online = next(p for t, p in snoop.seen if t == topics.presence("impl"))
     listener.send_signal(signal.SIGINT)

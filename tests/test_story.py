@@ -10,8 +10,7 @@ import time
 from conftest import Session, join_url, listening, paired, read_join_url, status_of, until_listening
 
 
-def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session],
-                                                           broker_url: str) -> None:
+def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, _ = sessions
     res = impl.ok("create", "--as", "impl", "--broker", broker_url)
     url = join_url(res)
@@ -70,8 +69,14 @@ def test_create_can_wait_for_the_peer(sessions: tuple[Session, Session], broker_
 def test_typed_messages_arrive_once_in_order(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
-    impl.ok("send", "--kind", "spec", "--subject", "POST /users",
-            "POST /users takes {email,name}, returns {id, created_at}, 409 on duplicate")
+    impl.ok(
+        "send",
+        "--kind",
+        "spec",
+        "--subject",
+        "POST /users",
+        "POST /users takes {email,name}, returns {id, created_at}, 409 on duplicate",
+    )
     impl.ok("send", "--kind", "question", "Do you need pagination on GET /users?")
     impl.ok("send", "plain note")
     res = tests.ok("recv")
@@ -83,8 +88,9 @@ def test_typed_messages_arrive_once_in_order(sessions: tuple[Session, Session], 
     assert "MESSAGE" not in tests.ok("recv").out  # printed once
 
 
-def test_status_and_spec_agreement_carry_typed_fields_in_json(sessions: tuple[Session, Session],
-                                                              broker_url: str) -> None:
+def test_status_and_spec_agreement_carry_typed_fields_in_json(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     sent = json.loads(impl.ok("send", "--json", "--kind", "spec", "--subject", "POST /users", "v1").out)
@@ -102,8 +108,10 @@ def test_status_and_spec_agreement_carry_typed_fields_in_json(sessions: tuple[Se
 def test_bodies_pass_untouched_from_stdin_and_file(sessions: tuple[Session, Session], broker_url: str) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
-    body = ('First paragraph with "double" and \'single\' quotes, $HOME, $(rm -rf /), `whoami`, *.ts ~ !x\n\n'
-            "Second paragraph:\n    indented code { a: [1, 2] }\n\ttab\nünïcödé ✓\n")
+    body = (
+        "First paragraph with \"double\" and 'single' quotes, $HOME, $(rm -rf /), `whoami`, *.ts ~ !x\n\n"
+        "Second paragraph:\n    indented code { a: [1, 2] }\n\ttab\nünïcödé ✓\n"
+    )
     impl.ok("send", "-", input=body)
     path = impl.cwd / "msg.md"
     path.write_text(body)
@@ -138,8 +146,9 @@ def test_recv_wait_times_out_with_exit_code_3(sessions: tuple[Session, Session],
     assert time.monotonic() - started < 8
 
 
-def test_messages_sent_while_the_reader_was_away_are_all_delivered(sessions: tuple[Session, Session],
-                                                                    broker_url: str) -> None:
+def test_messages_sent_while_the_reader_was_away_are_all_delivered(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     for i in range(20):  # tests has no process running: the broker queues for its session
@@ -197,8 +206,9 @@ def test_leave_marks_the_peer_gone(sessions: tuple[Session, Session], broker_url
     assert res.code == 4  # the directory's binding is gone
 
 
-def test_directed_message_reaches_only_its_peer(tmp_path_factory: object, broker_url: str,
-                                                sessions: tuple[Session, Session]) -> None:
+def test_directed_message_reaches_only_its_peer(
+    tmp_path_factory: object, broker_url: str, sessions: tuple[Session, Session]
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     docs = Session("docs", impl.cwd.parent)
@@ -226,8 +236,9 @@ def test_two_checkouts_on_one_machine_are_two_peers(tmp_path: object, broker_url
     assert "from a subdirectory of tests" in impl.ok("recv").out
 
 
-def test_channel_and_peer_from_environment_override_the_binding(sessions: tuple[Session, Session],
-                                                                 broker_url: str) -> None:
+def test_channel_and_peer_from_environment_override_the_binding(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     url = paired(impl, tests, broker_url)
     outsider = Session("elsewhere", impl.cwd.parent, home=tests.home)  # another checkout, same machine and state
@@ -276,7 +287,8 @@ def test_broker_stop_stops_the_background_broker_and_says_so(sessions: tuple[Ses
 
 
 def test_send_to_a_name_nobody_has_and_listen_json_carry_what_a_program_needs(
-        sessions: tuple[Session, Session], broker_url: str) -> None:
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
     impl, tests = sessions
     paired(impl, tests, broker_url)
     res = impl.ok("send", "--to", "nobody", "hello?")

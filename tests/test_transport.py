@@ -16,18 +16,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def _cert(subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer: x509.Name | None,
-          *, ca: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _cert(
+    subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer: x509.Name | None, *, ca: bool
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     return key, builder.sign(issuer_key or key, hashes.SHA256())
 
 
@@ -39,8 +48,9 @@ def make_ca(directory: Path) -> dict[str, Path]:
     files = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    files["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return files
 
 
@@ -64,8 +74,9 @@ def test_mqtts_pairs_with_the_ca_and_is_refused_without(sessions: tuple[Session,
         broker.stop()
 
 
-def test_ws_pairs_through_the_embedded_brokers_websocket_listener(sessions: tuple[Session, Session],
-                                                                   tmp_path: Path) -> None:
+def test_ws_pairs_through_the_embedded_brokers_websocket_listener(
+    sessions: tuple[Session, Session], tmp_path: Path
+) -> None:
     broker = EmbeddedBroker(tmp_path / "ws-broker", websockets=True)
     broker.start()
     try:
@@ -103,8 +114,9 @@ def test_a_burst_corks_the_socket_and_always_uncorks_it(broker_url: str, tmp_pat
         link.publish("mqttalk-test/burst", b"y")  # acknowledged: the corked bytes went out
 
 
-def test_success_pubacks_take_the_short_way_and_none_takes_pahos_way(broker_url: str, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_success_pubacks_take_the_short_way_and_none_takes_pahos_way(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A PUBACK that says success without properties (amqtt: the message id alone; Mosquitto, to a topic
     nobody subscribes to: "No matching subscribers") is handled without paho's per-packet ReasonCode and
     Properties; every publish is still acknowledged, in order, as success."""

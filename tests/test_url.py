@@ -29,19 +29,22 @@ def test_default_ports_per_scheme(scheme: str, port: int) -> None:
     assert JoinURL.parse(f"{scheme}://h/mqttalk/v1/abcdefgh12345678#plain").broker.port == port
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ("", "empty"),
-    ("not a url", "scheme"),
-    ("http://h/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
-    ("mqtt:///mqttalk/v1/abcdefgh12345678#plain", "no host"),
-    ("mqtt://h:99999/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
-    ("mqtt://h:1883#plain", "no channel"),
-    ("mqtt://h:1883/abcdefgh12345678#plain", "no channel"),
-    ("mqtt://h/mqttalk/v1/short", "not valid"),
-    ("mqtt://h/mqtt+alk/v1/abcdefgh12345678#plain", "prefix"),
-    ("mqtt://h/mqttalk/v1/abcdefgh12345678#k=AAAA", "key"),
-    ("mqtt://h/mqttalk/v1/abcdefgh12345678", "cut off"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "empty"),
+        ("not a url", "scheme"),
+        ("http://h/mqttalk/v1/abcdefgh12345678#plain", "unsupported scheme"),
+        ("mqtt:///mqttalk/v1/abcdefgh12345678#plain", "no host"),
+        ("mqtt://h:99999/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
+        ("mqtt://h:1883#plain", "no channel"),
+        ("mqtt://h:1883/abcdefgh12345678#plain", "no channel"),
+        ("mqtt://h/mqttalk/v1/short", "not valid"),
+        ("mqtt://h/mqtt+alk/v1/abcdefgh12345678#plain", "prefix"),
+        ("mqtt://h/mqttalk/v1/abcdefgh12345678#k=AAAA", "key"),
+        ("mqtt://h/mqttalk/v1/abcdefgh12345678", "cut off"),
+    ],
+)
 def test_bad_join_urls_say_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(BadJoinURL) as err:
         JoinURL.parse(text)
@@ -88,7 +91,7 @@ def test_a_sealed_url_with_one_character_changed_is_refused() -> None:
     for i in range(len(key) - 1):  # (the last character carries 2 unused bits: some changes keep the key)
         other = "A" if key[i] != "A" else "B"
         with pytest.raises(BadJoinURL, match="does not belong"):
-            JoinURL.parse(f"{base}#k={key[:i]}{other}{key[i + 1:]}")
+            JoinURL.parse(f"{base}#k={key[:i]}{other}{key[i + 1 :]}")
         refused += 1
     channel = base.rsplit("/", 1)[1]
     with pytest.raises(BadJoinURL, match="does not belong"):

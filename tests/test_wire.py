@@ -36,8 +36,9 @@ EXAMPLES = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_round_trips(kind: str) -> None:
     data, re = EXAMPLES[kind]
-    env = new_envelope("impl", kind, "body with \"quotes\", $HOME, `ticks` and *globs*\n\nsecond paragraph",
-                       data=data, re=re, to="tests")
+    env = new_envelope(
+        "impl", kind, 'body with "quotes", $HOME, `ticks` and *globs*\n\nsecond paragraph', data=data, re=re, to="tests"
+    )
     back = decode_envelope(env.encode())
     assert back == env
     assert back is not None and back.kind == kind and back.data == data
@@ -51,14 +52,17 @@ def test_typed_fields_are_validated_and_exposed() -> None:
     assert isinstance(status, StatusData) and status.state == "red"
 
 
-@pytest.mark.parametrize(("kind", "data", "re", "says"), [
-    ("shout", {}, None, "unknown kind"),
-    ("status", {"state": "purple"}, None, "state"),
-    ("status", {}, None, "state"),
-    ("spec", {"subject": "x", "rev": 0}, None, "rev"),
-    ("answer", {}, None, "--re"),
-    ("note", {"state": "red"}, None, "no typed fields"),
-])
+@pytest.mark.parametrize(
+    ("kind", "data", "re", "says"),
+    [
+        ("shout", {}, None, "unknown kind"),
+        ("status", {"state": "purple"}, None, "state"),
+        ("status", {}, None, "state"),
+        ("spec", {"subject": "x", "rev": 0}, None, "rev"),
+        ("answer", {}, None, "--re"),
+        ("note", {"state": "red"}, None, "no typed fields"),
+    ],
+)
 def test_strict_writer_rejects_bad_messages(kind: str, data: dict[str, object], re: str | None, says: str) -> None:
     with pytest.raises(BadMessage) as err:
         new_envelope("impl", kind, "text", data=data, re=re)
@@ -73,17 +77,38 @@ def test_empty_and_oversize_messages_are_refused() -> None:
 
 
 def test_tolerant_reader_keeps_unknown_kinds_and_fields() -> None:
-    raw = json.dumps({"v": 2, "id": "x1", "ts": "2026-01-01T00:00:00Z", "from": "future", "kind": "diff",
-                      "body": "b", "data": {"hunks": 3}, "sig": "zz"}).encode()
+    raw = json.dumps(
+        {
+            "v": 2,
+            "id": "x1",
+            "ts": "2026-01-01T00:00:00Z",
+            "from": "future",
+            "kind": "diff",
+            "body": "b",
+            "data": {"hunks": 3},
+            "sig": "zz",
+        }
+    ).encode()
     env = decode_envelope(raw)
     assert env is not None and env.kind == "diff" and not env.known_kind
     assert env.data == {"hunks": 3}
     assert env.model_extra == {"sig": "zz"}
 
 
-@pytest.mark.parametrize("payload", [b"", b"not json", b"[]", b"{}", b'{"id": 1}', b"\xff\xfe",
-                                     b'{"id":"x","ts":"yesterday","from":"a","kind":"note"}',
-                                     b"{" + b'"a":' * 10 + b"1}", b"x" * (MAX_PAYLOAD + 1)])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b"{}",
+        b'{"id": 1}',
+        b"\xff\xfe",
+        b'{"id":"x","ts":"yesterday","from":"a","kind":"note"}',
+        b"{" + b'"a":' * 10 + b"1}",
+        b"x" * (MAX_PAYLOAD + 1),
+    ],
+)
 def test_garbage_decodes_to_none_never_raises(payload: bytes) -> None:
     assert decode_envelope(payload) is None
     assert decode_presence(payload) is None
