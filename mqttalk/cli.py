@@ -119,6 +119,20 @@ def _settings(**flags: Any) -> Settings:
     return Settings.load(**flags)
 
 
+def _piped(stdin: Any) -> bool:
+    """Whether text waits on stdin (a pipe with data): only to say why a send without TEXT is empty.
+    Never while serving another process's command (this process's stdin is not that command's)."""
+    if HOST.adopt is not None or stdin is None or getattr(stdin, "closed", True):
+        return False
+    try:
+        import select
+
+        fd = stdin.fileno()
+        return not stdin.isatty() and bool(select.select([fd], [], [], 0)[0]) and bool(os.read(fd, 1))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _safe(text: Any, limit: int = 0) -> str:
     """Text a peer controls (a name, a role, a reason) made safe for one line of ours (see _render.line)."""
     from ._render import line
@@ -394,7 +408,7 @@ def send(
     try:
         data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
     except BadMessage:
-        if text is None and file is None and sys.stdin is not None and not sys.stdin.isatty():
+        if text is None and file is None and _piped(sys.stdin):
             raise BadMessage(
                 "no message given (text piped in is read only when TEXT is '-')", "… | mqttalk send -"
             ) from None
