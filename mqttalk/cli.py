@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from ._channel import Channel
     from ._config import Settings
-    from ._live import ServiceStart
+    from ._live import Live, ServiceStart
     from ._peer import Event
     from ._store import Gap
     from ._wire import Envelope
@@ -504,15 +504,43 @@ def listen(
 
     signal.signal(signal.SIGTERM, stop)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with channel.live(online=True, reconnect=True) as live:
-        live.announce("online")
-        out.note(f"listening as {channel.me} on {channel.url.display()} (Ctrl-C stops)")
-        try:
+    live = channel.live(online=True, reconnect=True)
+    try:
+        if not _first_connect(live, out, deadline):
+            return
+        with live:
+            live.announce("online")
+            out.note(f"listening as {channel.me} on {channel.url.display()} (Ctrl-C stops)")
             while deadline is None or time.monotonic() < deadline:
                 live.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
                 _DROPS.flush(every=_Drops.SUMMARY_EVERY)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def _first_connect(live: Live, out: _Printer, deadline: float | None) -> bool:
+    """Open ``live``, waiting for a broker that is down (BROKER_DOWN, then BROKER_UP once it is there), as
+    `listen` rides out a broker that goes away later; False if ``deadline`` came first. A broker that
+    refuses us (credentials, ACL, another process holding the session) is an error at once."""
+    from ._errors import BrokerUnreachable, TimedOut
+    from ._peer import Event
+
+    backoff, down = 0.5, False
+    while True:
+        try:
+            live.open()
+        except (BrokerUnreachable, TimedOut) as exc:
+            if not down:
+                out.event(Event("disconnected", detail=exc.message))
+                down = True
+            if deadline is not None and time.monotonic() + backoff > deadline:
+                return False
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            continue
+        if down:
+            out.event(Event("reconnected", broker=live.peer.url.broker.display()))
+        return True
 
 
 @app.command()

@@ -441,6 +441,35 @@ def test_a_stalled_listener_is_shown_away_once_its_heartbeat_is_stale(
         listener.wait(10)
 
 
+def test_listen_started_while_the_broker_is_down_waits_for_it(
+    sessions: tuple[Session, Session], durable_broker: Any
+) -> None:
+    """`listen &` started before the broker is up (a machine booting, a broker restarting) waits for it, as
+    it rides out a broker that goes away later: BROKER_DOWN, then BROKER_UP, then the messages."""
+    impl, tests = sessions
+    paired(impl, tests, durable_broker.url)
+    durable_broker.stop()
+    listener = tests.start("listen", "--timeout", "60")
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(listener.stdout or []), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any("BROKER_DOWN" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listener.poll() is None, "listen gave up on a broker that was down when it started"
+        durable_broker.start()
+        until_listening(listener)
+        impl.ok("send", "once the broker was up")
+        deadline = time.monotonic() + 15
+        while not any("MESSAGE" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        listener.terminate()
+        listener.wait(10)
+    words = [line.split()[1] for line in lines]
+    assert words.index("BROKER_DOWN") < words.index("BROKER_UP") < words.index("MESSAGE"), lines
+
+
 def test_listen_rides_out_a_broker_restart(sessions: tuple[Session, Session], durable_broker: Any) -> None:
     impl, tests = sessions
     paired(impl, tests, durable_broker.url)
