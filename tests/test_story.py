@@ -7,7 +7,7 @@ import json
 import threading
 import time
 
-from conftest import Session, join_url, listening, paired, read_join_url, status_of, until_listening
+from conftest import Session, free_port, join_url, listening, paired, read_join_url, status_of, until_listening
 
 
 def test_create_prints_join_url_and_a_plain_share_sentence(sessions: tuple[Session, Session], broker_url: str) -> None:
@@ -284,6 +284,26 @@ def test_broker_stop_stops_the_background_broker_and_says_so(sessions: tuple[Ses
     assert not listening(record["port"])
     again = impl.run("broker", "--stop")
     assert again.code == 1 and "no embedded broker" in again.err
+
+
+def test_a_second_broker_started_by_hand_does_not_take_the_recorded_ones_place(
+    sessions: tuple[Session, Session],
+) -> None:
+    impl, _ = sessions
+    impl.ok("create", "--as", "impl")  # the embedded broker starts in the background and is recorded
+    record = json.loads((impl.state_dir / "broker.json").read_text())
+    port = free_port()
+    other = impl.start("broker", "--port", str(port), "--db", str(impl.state_dir / "other.sqlite3"))
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert listening(port)
+        assert json.loads((impl.state_dir / "broker.json").read_text()) == record
+        assert f":{record['port']}" in impl.ok("broker", "--stop").out  # --stop stops the recorded one
+    finally:
+        other.terminate()
+        other.communicate(timeout=20)
 
 
 def test_send_to_a_name_nobody_has_and_listen_json_carry_what_a_program_needs(
