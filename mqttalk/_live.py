@@ -423,10 +423,14 @@ class Live:
             for env, _, item in held:
                 if not self._member(env.sender):
                     self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
+        # A new member starts each sender's sequence where it stands: what was sent before went to the
+        # members of then, not to it. Except the first to join a sender alone in the channel: what that
+        # sender sent meanwhile was sent to whoever would join, and comes by repair (expect opens the gap).
+        members = ((self._roster or set()) | set(self.presences)) - {us.me}
         for peer, pres in self.presences.items():
             if peer == us.me or not pres.seq:
                 continue
-            if self.new_member:
+            if self.new_member and members - {peer}:
                 us.store.start_head(us.url.channel, peer, pres.seq)
             else:
                 us.store.expect(us.url.channel, peer, pres.seq)

@@ -421,9 +421,8 @@ def send(
     )
     if not set(channel.store.known_presences(channel.url.channel)) - {channel.me}:
         out.note(
-            "nobody else has joined this channel yet, and a peer that joins later does not receive what was "
-            "sent before it joined: send it again once `mqttalk status` shows your peer (or wait for PAIRED "
-            "with `mqttalk recv --wait SECONDS` first)"
+            "nobody else has joined this channel yet: the first peer to join gets this message once it has "
+            "joined and a command of yours runs again (it asks; that command sends it once more)"
         )
     if to is not None and to not in channel.store.known_presences(channel.url.channel):
         out.note(

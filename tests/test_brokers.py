@@ -242,6 +242,31 @@ def test_a_late_joiner_is_not_shown_what_a_repair_sends_again(
     assert [m["body"] for m in messages(docs.ok("recv", "--json").lines)] == ["after docs joined"]
 
 
+def test_what_the_creator_sent_before_anyone_joined_reaches_the_first_to_join(
+    sessions: tuple[Session, Session], broker: MatrixBroker
+) -> None:
+    """The creator proposes before the other session has pasted the URL: the first peer to join gets it
+    (it asks, the creator's next command sends it again), once; a third member joining later does not."""
+    impl, tests = sessions
+    res = impl.ok("create", "--as", "impl", "--broker", broker.url)
+    url = join_url(res)
+    sent = impl.ok("send", "--kind", "spec", "--subject", "POST /users", "takes {email,name}")
+    assert "nobody else has joined this channel yet: the first peer to join gets this message" in sent.err
+    assert tests.run("pair", url, "--as", "tests", "--wait", "2").code in (0, 3)  # impl runs nothing now
+    impl.ok("recv")  # impl's next command: pairs, and sends again what tests asks for
+    got = [m["body"] for m in messages(tests.ok("recv", "--json").lines)]
+    assert got == ["takes {email,name}"]
+    assert "nobody else has joined" not in impl.ok("send", "for both").err
+    assert [m["body"] for m in messages(tests.ok("recv", "--json").lines)] == ["for both"]
+    docs = Session("docs", impl.cwd.parent)
+    assert docs.run("pair", url, "--as", "docs", "--wait", "2").code in (0, 3)
+    impl.ok("recv")
+    tests.ok("recv")
+    impl.ok("send", "after docs joined")
+    assert [m["body"] for m in messages(docs.ok("recv", "--json").lines)] == ["after docs joined"]
+    assert [m["body"] for m in messages(tests.ok("recv", "--json").lines)] == ["after docs joined"]
+
+
 def test_a_listening_peer_shows_online_and_sees_the_other_leave(
     sessions: tuple[Session, Session], broker: MatrixBroker
 ) -> None:
