@@ -21,6 +21,7 @@ from ._errors import EXIT_TIMEOUT, EXIT_USAGE, MqttalkError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._bindings import Binding
     from ._channel import Channel
     from ._config import Settings
     from ._live import Live, ServiceStart
@@ -289,7 +290,11 @@ def create(
                 file=sys.stderr,
                 flush=True,
             )
+    from ._bindings import find
+
+    before = find(settings.state_dir, Path.cwd().resolve())
     channel = create_channel(as_, role=role, settings=settings, on_event=out.event, sealed=not plain)
+    _rebound(before, channel, out)
     url = channel.url.render()
     share = _share_text(channel.me, url)
     out.data(
@@ -347,16 +352,7 @@ def pair(
 
     before = find(settings.state_dir, Path.cwd().resolve())
     channel = pair_channel(url, as_, role=role, settings=settings, wait=wait, on_event=out.event)
-    if before is not None and before.url != channel.url.render() and before.directory == str(Path.cwd().resolve()):
-        from ._url import JoinURL
-
-        old = JoinURL.parse(before.url)
-        if old.channel != channel.url.channel:
-            out.note(
-                f"this directory now acts for this channel; it was bound to {old.display()} as "
-                f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
-                f"{_safe(before.peer, 64)}` with that URL leaves it)"
-            )
+    _rebound(before, channel, out)
     if not channel.paired:
         from ._render import CLI, alone_text, unanswered_text
 
@@ -838,6 +834,22 @@ def _record_broker(settings: Settings, db: Path | None) -> None:
     if other is not None and (other.host, other.port) != (settings.embedded_host, settings.embedded_port):
         return
     record(private_dir(settings.state_dir), settings.embedded_host, settings.embedded_port, os.getpid(), db)
+
+
+def _rebound(before: Binding | None, channel: Channel, out: _Printer) -> None:
+    """Say so when create or pair moved this directory off another channel it was bound to here."""
+    from ._url import JoinURL
+
+    here = str(Path.cwd().resolve())
+    if before is None or before.directory != here or before.url == channel.url.render():
+        return
+    old = JoinURL.parse(before.url)
+    if old.channel != channel.url.channel:
+        out.note(
+            f"this directory now acts for this channel; it was bound to {old.display()} as "
+            f"{_safe(before.peer, 64)}, where it is still a member (`mqttalk leave --channel URL --as "
+            f"{_safe(before.peer, 64)}` with that URL leaves it)"
+        )
 
 
 def _share_text(peer: str, url: str) -> str:

@@ -286,6 +286,19 @@ def test_broker_stop_stops_the_background_broker_and_says_so(sessions: tuple[Ses
     assert again.code == 1 and "no embedded broker" in again.err
 
 
+def test_create_or_pair_in_a_bound_directory_says_it_moved_it(
+    sessions: tuple[Session, Session], broker_url: str
+) -> None:
+    impl, tests = sessions
+    first = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url))
+    again = impl.ok("create", "--as", "impl", "--broker", broker_url)
+    assert join_url(again) != first
+    assert "this directory now acts for this channel; it was bound to" in again.err and "as impl" in again.err
+    assert "now acts for" not in impl.ok("send", "in the new one").err
+    res = tests.run("pair", first, "--as", "tests", "--wait", "1")
+    assert res.code in (0, 3) and "now acts for" not in res.err  # (a directory bound to nothing before)
+
+
 def test_a_second_broker_started_by_hand_does_not_take_the_recorded_ones_place(
     sessions: tuple[Session, Session],
 ) -> None:
