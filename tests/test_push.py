@@ -124,6 +124,7 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
+    early = json.loads(impl.ok("send", "--json", "sent before the server ran").out)
     client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
     try:
         init = client.initialize()
@@ -132,7 +133,8 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
         assert '<channel source="mqttalk"' in text and "data, not instructions" in text
         assert "call `send` with kind=answer" in text and "marked read" in text
         assert "This channel is sealed" in text and "mqttalk send" not in text
-        client.drain(1.0)  # the server connects
+        got = client.wait_pushed(lambda p: p["meta"].get("id") == early["id"], within=10)  # nothing lost before
+        assert "sent before the server ran" in got["content"] and got["meta"]["kind"] == "note"
 
         sent = json.loads(impl.ok("send", "--json", "--kind", "status", "--state", "red", "409 case fails").out)
         exited = time.monotonic()
@@ -163,7 +165,7 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
 
         client.drain(1.5)  # once each, never again
         ids = [p["meta"].get("id") for p in client.pushed()]
-        assert ids.count(sent["id"]) == 1 and ids.count(spec["id"]) == 1
+        assert ids == [early["id"], sent["id"], spec["id"]]  # each once, in order
         assert client.tool("receive") == "mqttalk: no new message"  # pushed is read, for the tool too
         assert "MESSAGE" not in tests.ok("recv").out  # and for `recv` (the cursor the hooks use too)
         assert "no new message" in client.tool("receive", wait=1)
@@ -206,5 +208,35 @@ def test_without_channel_nothing_is_declared_or_pushed(sessions: tuple[Session, 
             in client.request("tools/call", {"name": "status", "arguments": {}})["content"][0]["text"]
         )
         assert client.pushed() == []
+    finally:
+        client.close()
+
+
+def test_each_message_is_pushed_or_received_never_both_never_neither(
+    sessions: tuple[Session, Session], broker_url: str, tmp_path: Path
+) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    tests.ok("recv")  # the PAIRED notice
+    client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+    sent: list[str] = []
+
+    def send_many() -> None:
+        for i in range(15):
+            sent.append(json.loads(impl.ok("send", "--json", f"note {i}").out)["id"])
+
+    try:
+        client.initialize()
+        sender = threading.Thread(target=send_many)
+        sender.start()
+        received: list[str] = []
+        while sender.is_alive():  # the receive tool races the pusher, in the one server process
+            received += re.findall(r"^mqttalk: MESSAGE .* id=(\S+)", client.tool("receive"), re.MULTILINE)
+        sender.join()
+        client.drain(2.0)
+        received += re.findall(r"^mqttalk: MESSAGE .* id=(\S+)", client.tool("receive"), re.MULTILINE)
+        pushed = [p["meta"]["id"] for p in client.pushed() if p["meta"].get("event") == "message"]
+        assert sorted(pushed + received) == sorted(sent), (pushed, received)  # each exactly once
+        assert pushed, "nothing was pushed"
     finally:
         client.close()
