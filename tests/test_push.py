@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import MQTTALK, Session, join_url, paired
+from conftest import MQTTALK, PrivateMosquitto, Session, join_url, paired
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the meta keys Claude Code keeps
 
@@ -240,3 +240,35 @@ def test_each_message_is_pushed_or_received_never_both_never_neither(
         assert pushed, "nothing was pushed"
     finally:
         client.close()
+
+
+def test_a_gap_is_pushed_once(sessions: tuple[Session, Session], tmp_path: Path) -> None:
+    """A queue of 5 drops the rest of 12 messages and the sender's store is lost: the GAP is pushed."""
+    broker = PrivateMosquitto(tmp_path / "small-queue", max_queued_messages=5)
+    broker.start()
+    try:
+        impl, tests = sessions
+        paired(impl, tests, broker.url)
+        channel: Any = impl.channel()
+        with channel.live(online=False) as live:
+            for i in range(12):
+                live.send(f"message {i}", wait=False)
+            live.drain(timeout=30)
+        client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+        try:
+            client.initialize()
+            client.wait_pushed(lambda p: "message 3" in p["content"], within=15)
+            for name in ("store.sqlite3", "store.sqlite3-wal", "store.sqlite3-shm"):
+                (impl.state_dir / name).unlink(missing_ok=True)
+            impl.ok("recv")  # impl finds it has none of them, and says so
+            got = client.wait_pushed(lambda p: p["meta"].get("event") == "gap", within=20)
+            assert got["content"].startswith("mqttalk: GAP from=impl seq=") and "no longer has" in got["content"]
+            assert got["meta"]["peer"] == "impl" and got["meta"]["last"] == "12" and is_channel_meta(got["meta"])
+            client.drain(1.5)
+            assert [p["meta"]["event"] for p in client.pushed()].count("gap") == 1
+            assert "GAP" not in client.tool("receive")
+            assert "GAP" not in tests.ok("recv").out + tests.ok("recv").err
+        finally:
+            client.close()
+    finally:
+        broker.stop()
