@@ -173,7 +173,7 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
         client.close()
 
 
-def test_a_pairing_is_pushed_and_a_plain_channel_is_called_plain(
+def test_a_pairing_and_a_peer_leaving_are_pushed_and_a_plain_channel_is_called_plain(
     sessions: tuple[Session, Session], broker_url: str, tmp_path: Path
 ) -> None:
     impl, tests = sessions
@@ -192,6 +192,10 @@ def test_a_pairing_is_pushed_and_a_plain_channel_is_called_plain(
         assert got["meta"]["from"] == "tests" and "hello from tests" in got["content"]
         client.drain(1.0)
         assert "PAIRED" not in client.tool("receive")  # the notice was pushed, not kept for receive
+        tests.ok("leave")
+        got = client.wait_pushed(lambda p: p["meta"].get("event") == "offline", within=15)
+        assert got == {"content": "mqttalk: OFFLINE tests (left)", "meta": {"event": "offline", "peer": "tests"}}
+        assert "OFFLINE" not in client.tool("receive")
     finally:
         client.close()
 
@@ -272,3 +276,23 @@ def test_a_gap_is_pushed_once(sessions: tuple[Session, Session], tmp_path: Path)
             client.close()
     finally:
         broker.stop()
+
+
+def test_nothing_is_pushed_or_marked_read_before_the_client_is_initialized(
+    sessions: tuple[Session, Session], broker_url: str, tmp_path: Path
+) -> None:
+    impl, tests = sessions
+    paired(impl, tests, broker_url)
+    tests.ok("recv")  # the PAIRED notice
+    client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+    try:
+        client.request(  # initialize, but never notifications/initialized: the client cannot take pushes yet
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+        )
+        sent = json.loads(impl.ok("send", "--json", "not for a client that is not ready").out)
+        client.drain(3.0)
+        assert client.pushed() == []
+        assert f"id={sent['id']}" in tests.ok("recv").out  # still unread: shown by the next reader
+    finally:
+        client.close()
