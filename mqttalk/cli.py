@@ -729,13 +729,25 @@ def guide(
 
 
 @app.command()
-def mcp() -> None:
+def mcp(
+    channel: Annotated[
+        bool,
+        typer.Option(
+            "--channel",
+            help="Be a Claude Code channel: push each peer message and notice to the session as it arrives "
+            "(and mark it read). Only for a Claude Code started with the channel enabled: another client "
+            "drops the pushes.",
+        ),
+    ] = False,
+) -> None:
     """Run an MCP server on stdin/stdout, so an agent uses mqttalk as native tools.
 
     \b
     Tools: receive (waits up to 55 s), send, status, history, create, pair, leave; the guide is a
     resource (mqttalk://guide) and a prompt. It holds this directory's channel with presence online and
     stores messages as they arrive. Claude Code: claude mcp add mqttalk -- mqttalk mcp
+    With channels: claude mcp add mqttalk -- mqttalk mcp --channel, then
+    claude --dangerously-load-development-channels server:mqttalk (Claude Code 2.1.80+).
     Needs the mcp package: pip install 'mqttalk[mcp]'."""
     try:
         import mcp.server.mcpserver  # noqa: F401 - only to say clearly when the optional package is missing
@@ -744,7 +756,7 @@ def mcp() -> None:
         raise typer.Exit(1) from None
     from ._mcp import serve
 
-    serve(_settings(), Path.cwd().resolve(), service=SERVICE)
+    serve(_settings(), Path.cwd().resolve(), service=SERVICE, push=channel)
 
 
 @app.command()
