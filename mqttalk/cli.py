@@ -733,7 +733,7 @@ def mcp(
     channel: Annotated[
         bool,
         typer.Option(
-            "--channel",
+            "--claude-channel",
             help="Be a Claude Code channel: push each peer message and notice to the session as it arrives "
             "(and mark it read). Only for a Claude Code started with the channel enabled: another client "
             "drops the pushes.",
@@ -746,7 +746,7 @@ def mcp(
     Tools: receive (waits up to 55 s), send, status, history, create, pair, leave; the guide is a
     resource (mqttalk://guide) and a prompt. It holds this directory's channel with presence online and
     stores messages as they arrive. Claude Code: claude mcp add mqttalk -- mqttalk mcp
-    With channels: claude mcp add mqttalk -- mqttalk mcp --channel, then
+    With channels: claude mcp add mqttalk -- mqttalk mcp --claude-channel, then
     claude --dangerously-load-development-channels server:mqttalk (Claude Code 2.1.80+).
     Needs the mcp package: pip install 'mqttalk[mcp]'."""
     try:

@@ -1,4 +1,4 @@
-"""`mqttalk mcp --channel` is a Claude Code channel: it declares `claude/channel` and pushes each peer
+"""`mqttalk mcp --claude-channel` is a Claude Code channel: it declares `claude/channel` and pushes each peer
 event as a `notifications/claude/channel` the moment it arrives, marked read so no other way of reading
 shows it again. Driven by a raw JSON-RPC client over the real process's stdio (the SDK's client drops
 notifications it does not know), on real brokers."""
@@ -125,7 +125,7 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
     early = json.loads(impl.ok("send", "--json", "sent before the server ran").out)
-    client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+    client = RawClient(tests, "--claude-channel", errlog=tmp_path / "mcp.err")
     try:
         init = client.initialize()
         assert init["capabilities"]["experimental"]["claude/channel"] == {}
@@ -178,7 +178,7 @@ def test_a_pairing_and_a_peer_leaving_are_pushed_and_a_plain_channel_is_called_p
 ) -> None:
     impl, tests = sessions
     url = join_url(impl.ok("create", "--as", "impl", "--broker", broker_url, "--plain"))
-    client = RawClient(impl, "--channel", errlog=tmp_path / "mcp.err")
+    client = RawClient(impl, "--claude-channel", errlog=tmp_path / "mcp.err")
     try:
         init = client.initialize()
         text = " ".join(init["instructions"].split())
@@ -222,7 +222,7 @@ def test_each_message_is_pushed_or_received_never_both_never_neither(
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
-    client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+    client = RawClient(tests, "--claude-channel", errlog=tmp_path / "mcp.err")
     sent: list[str] = []
 
     def send_many() -> None:
@@ -258,7 +258,7 @@ def test_a_gap_is_pushed_once(sessions: tuple[Session, Session], tmp_path: Path)
             for i in range(12):
                 live.send(f"message {i}", wait=False)
             live.drain(timeout=30)
-        client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+        client = RawClient(tests, "--claude-channel", errlog=tmp_path / "mcp.err")
         try:
             client.initialize()
             client.wait_pushed(lambda p: "message 3" in p["content"], within=15)
@@ -284,7 +284,7 @@ def test_nothing_is_pushed_or_marked_read_before_the_client_is_initialized(
     impl, tests = sessions
     paired(impl, tests, broker_url)
     tests.ok("recv")  # the PAIRED notice
-    client = RawClient(tests, "--channel", errlog=tmp_path / "mcp.err")
+    client = RawClient(tests, "--claude-channel", errlog=tmp_path / "mcp.err")
     try:
         client.request(  # initialize, but never notifications/initialized: the client cannot take pushes yet
             "initialize",
