@@ -21,6 +21,7 @@ Only this module imports the ``mcp`` SDK (an optional dependency: ``pip install 
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -353,6 +354,17 @@ class Session:
         raise UsageError(f"this directory is already in a channel, as {ch.me}", "use `leave` first")
 
 
+_TAG = re.compile(r"<\s*(/?\s*channel)", re.IGNORECASE)
+
+
+def untagged(text: str, *, quotes: bool = False) -> str:
+    """Text a peer wrote, made unable to close or open the ``<channel …>`` block Claude Code wraps a push
+    in (a body holding ``</channel>`` and words after it must not pass for text outside the block); in an
+    attribute value also no double quote (it cannot end the attribute)."""
+    text = _TAG.sub(lambda m: "\u2039" + m.group(1), text)
+    return text.replace('"', "'") if quotes else text
+
+
 def message_meta(env: Envelope) -> dict[str, str]:
     """A message's channel attributes: string values under identifier keys (Claude Code drops other
     keys), each value a peer chose kept on one line."""
@@ -458,8 +470,12 @@ class Push:
 
         if self._write is None or not self._ready.is_set() or self._stop.is_set():
             return False
+        params = {
+            "content": untagged(content),
+            "meta": {key: untagged(value, quotes=True) for key, value in meta.items()},
+        }
         try:
-            anyio.from_thread.run(self._send, {"content": content, "meta": meta}, token=self._token)
+            anyio.from_thread.run(self._send, params, token=self._token)
         except Exception as exc:  # noqa: BLE001 - a closed stream, a stopped loop, a timeout: stays unread
             print(f"mqttalk mcp: a channel notification was not written ({type(exc).__name__})", file=sys.stderr)
             return False
