@@ -234,7 +234,8 @@ class Live:
         ``wait=False`` is for throughput: messages are recorded in the outbox in groups (one SQLite
         transaction per group, so a group's ``env.seq`` is filled in when it is recorded) and each
         group is recorded before it is published. :meth:`drain`, :meth:`poll` and leaving the
-        ``with`` block record and send what is left.
+        ``with`` block record and send what is left. A connection lost meanwhile raises nothing here
+        (what was sent is in the outbox, for the next sender): :meth:`drain` says so.
         """
         if to is not None:
             check_peer(to)
@@ -261,7 +262,8 @@ class Live:
         except _NETWORK_ERRORS as exc:
             if wait:
                 raise Queued(env.id, exc.message) from None
-            raise
+            # wait=False: recorded (alone or in its group) or still in the group being filled; either way it
+            # goes out with the next sender, as the rest of the outbox does: no error for this message
         if wait and not self.peer.store.is_sent(self.peer.url.channel, self.peer.me, env.seq):
             raise Queued(env.id, "the broker did not acknowledge it")
         return env
@@ -273,6 +275,12 @@ class Live:
         if self._outbox.batched:
             self._outbox.flush_batch()
             self._publish_pending()
+        us = self.peer
+        if self._link is None and not self.reconnect and us.store.pending(us.url.channel, us.me):
+            raise BrokerUnreachable(
+                f"not connected to {us.url.broker.display()}: what was sent waits in the outbox and goes out "
+                "with the next mqttalk command that reaches the broker"
+            )
         while self._outbox.busy and self._link is not None:
             left = deadline - time.monotonic()
             try:
