@@ -496,6 +496,7 @@ class Outlet:
         self._write_out: Wire  # ... and the stdout it ends in (set with it, by attach)
         self._token: Any = None  # that event loop, for anyio.from_thread
         self._thread: threading.Thread | None = None
+        self.bus: Any = None  # the MCP SDK's subscription bus (set by build)
 
     # -- from the live thread --------------------------------------------------------------------------
 
@@ -517,10 +518,9 @@ class Outlet:
         return False
 
     def changed(self, uri: str) -> None:
-        """A resource changed: tell the client, if it subscribed to it."""
+        """A resource changed: tell the client, if it subscribed to it (``resources/subscribe``, or a
+        ``subscriptions/listen`` stream, which the SDK's subscription bus filters)."""
         with self._notes_lock:
-            if uri not in self._subscribed:
-                return
             self._changed.add(uri)
         self._wake.set()
 
@@ -564,20 +564,31 @@ class Outlet:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if not self._ready.is_set():
-                continue
             try:
-                if self.push:
-                    self.session.push_pending(self)
                 with self._notes_lock:
                     changed, self._changed = sorted(self._changed), set()
-                for i, uri in enumerate(changed):
+                    told = [uri for uri in changed if uri in self._subscribed]
+                for uri in changed:  # (2026-07-28 clients: subscriptions/listen streams, no handshake)
+                    self._publish(uri)
+                if not self._ready.is_set():
+                    continue
+                if self.push:
+                    self.session.push_pending(self)
+                for i, uri in enumerate(told):  # (handshake clients: resources/subscribe)
                     if not self.notify(UPDATED_METHOD, {"uri": uri}):
                         with self._notes_lock:  # told next time, unless unsubscribed meanwhile
-                            self._changed.update(u for u in changed[i:] if u in self._subscribed)
+                            self._changed.update(u for u in told[i:] if u in self._subscribed)
                         break
             except Exception as exc:  # noqa: BLE001 - the outlet must outlive any one failure
                 print(f"mqttalk mcp: push: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+    def _publish(self, uri: str) -> None:
+        """A changed resource, on the SDK's subscription bus (it delivers to the listen streams that asked)."""
+        import anyio.from_thread
+        from mcp.shared.subscriptions import ResourceUpdated
+
+        if self.bus is not None and self._token is not None:
+            anyio.from_thread.run(self.bus.publish, ResourceUpdated(uri=uri), token=self._token)
 
     def send(self, content: str, meta: dict[str, str]) -> bool:
         """Write one channel notification (from the outlet thread); False if it was not handed over."""
@@ -669,6 +680,7 @@ def build(session: Session, sealed: bool | None = None) -> Any:
     """The MCP server: tools over ``session``, the guide as a resource and a prompt."""
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+    from mcp.server.subscriptions import InMemorySubscriptionBus
 
     from ._version import __version__
 
@@ -681,12 +693,14 @@ def build(session: Session, sealed: bool | None = None) -> Any:
             outlet.ready()
         return result
 
+    outlet.bus = InMemorySubscriptionBus()
     server: MCPServer[Any] = MCPServer(
         "mqttalk",
         instructions=instructions(outlet.push, sealed),
         version=__version__,
         log_level="WARNING",
         middleware=[on_initialized],
+        subscriptions=outlet.bus,
     )
 
     def said(exc: MqttalkError) -> str:

@@ -27,6 +27,7 @@ def server_command() -> list[str]:
     return [sys.executable, str(FAKE_CLAUDE), *CHANNELS_ON, "--", MQTTALK, "mcp", "--claude-channel"]
 
 
+@pytest.mark.filterwarnings("ignore:resources/subscribe is removed")  # (the handshake-era way, on purpose)
 def test_the_python_sdk_client_gets_a_spec_pushed_once_and_inbox_updates(
     sessions: tuple[Session, Session], mosquitto_url: str, tmp_path: Path
 ) -> None:
@@ -192,3 +193,35 @@ def test_the_node_sdk_client_sees_the_capability_a_push_and_an_inbox_update(
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_2026_client_listens_for_inbox_updates(
+    sessions: tuple[Session, Session], mosquitto_url: str, tmp_path: Path
+) -> None:
+    """Protocol 2026-07-28 drops resources/subscribe for a subscriptions/listen stream: the SDK's `Client`
+    (which negotiates the newest version it can) hears mqttalk://inbox change on one."""
+    from mcp import Client, StdioServerParameters
+    from mcp.shared.subscriptions import ResourceUpdated
+
+    impl, tests = sessions
+    paired(impl, tests, mosquitto_url)
+    tests.ok("recv")
+
+    async def run() -> None:
+        params = StdioServerParameters(command=MQTTALK, args=["mcp"], cwd=tests.cwd, env=tests.env)
+        async with Client(params) as client:
+            assert (client.session.protocol_version or "") >= "2026-07-28", client.session.protocol_version
+            async with client.listen(resource_subscriptions=["mqttalk://inbox"]) as events:
+                await anyio.sleep(1.0)  # (the first look of a new server announces everything once)
+                sent = json.loads(
+                    (await anyio.to_thread.run_sync(lambda: impl.ok("send", "--json", "listen to this"))).out
+                )
+                with anyio.fail_after(10):
+                    async for event in events:
+                        if isinstance(event, ResourceUpdated) and event.uri == "mqttalk://inbox":
+                            inbox = await client.read_resource("mqttalk://inbox")
+                            if sent["id"] in inbox.contents[0].text:  # type: ignore[union-attr]
+                                break
+
+    anyio.run(run)
+    assert "listen to this" in tests.ok("recv").out  # reading the resource marked nothing read
