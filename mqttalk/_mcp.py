@@ -231,8 +231,8 @@ class Session:
 
     def push_pending(self, push: Outlet) -> None:
         """Push every notice kept and every unread gap and message, oldest first, each marked read right
-        after its notification was handed to the transport's writer; the first that fails ends the pass and
-        it and the rest stay unread (``receive``, ``recv`` and the hooks show them, or the next pass pushes
+        after its notification was written and flushed to stdout (see :class:`Wire`); the first that fails
+        ends the pass and it and the rest stay unread (``receive``, ``recv`` and the hooks show them, or the next pass pushes
         them). All of it under the lock ``receive`` holds while it reads and marks: a message is pushed or
         returned by ``receive``, never both, never neither. The cursor is one position in arrival order,
         so messages are pushed in that order (the order they arrive in, which is when they are pushed)."""
