@@ -217,6 +217,11 @@ def test_a_peers_message_is_pushed_at_once_and_never_read_again(
         assert ids == [early["id"], sent["id"], spec["id"], evil["id"]]  # each once, in order
         assert client.tool("receive") == "mqttalk: no new message"  # pushed is read, for the tool too
         assert "MESSAGE" not in tests.ok("recv").out  # and for `recv` (the cursor the hooks use too)
+        late = json.loads(impl.ok("send", "--json", "one more").out)
+        client.wait_pushed(lambda p: p["meta"].get("id") == late["id"], within=10)
+        hook = {"hook_event_name": "UserPromptSubmit", "cwd": str(tests.cwd), "prompt": "go on"}
+        shown = tests.ok("hook", "claude", "--event", "UserPromptSubmit", input=json.dumps(hook))
+        assert (shown.out, shown.err) == ("", "")  # the hook (the fallback) shows nothing pushed, and did not fail
         assert "no new message" in client.tool("receive", wait=1)
     finally:
         client.close()
