@@ -551,6 +551,9 @@ def _bind(host: str, port: int | None, remembered: int | None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for candidate in [port] if port is not None else [remembered, 0] if remembered else [0]:
         sock = socket.socket(family, socket.SOCK_STREAM)
+        # (a restarted watch takes its port back while the last one's connections are in TIME_WAIT; two
+        # listeners on one port are still refused on Linux)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, candidate or 0))
         except OSError as exc:
