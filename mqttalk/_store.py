@@ -497,6 +497,15 @@ class Store:
         got.sort(key=lambda env: env.ts)
         return got, (ends[0], ends[1])
 
+    def message(self, channel: str, msg_id: str) -> Envelope | None:
+        """One message of the channel by its id (received or sent here), or None."""
+        row = self.db.execute(
+            "SELECT raw FROM messages WHERE channel = ? AND id = ? UNION ALL"
+            " SELECT payload FROM outbox WHERE channel = ? AND id = ? LIMIT 1",
+            (channel, msg_id, channel, msg_id),
+        ).fetchone()
+        return _envelope(row[0]) if row else None
+
     def ends(self, channel: str) -> tuple[int, int]:
         """The newest received and sent row numbers of a channel (see :meth:`newer`)."""
         row = self.db.execute(

@@ -28,6 +28,7 @@ Node = Any  # an element tree: [tag, attrs, *children] or a str (see the module'
 
 PERSON_ROLE = "person"  # the presence role of a person's peer (`mqttalk watch`): never an agent's
 BODY_SHOWN = 4000  # characters of a body the live page shows at first (the rest: a link to the whole text)
+MEMBERS_SHOWN = 40  # members listed at most; the rest are counted
 PAGE_ROWS = 300  # messages the page shows at first (older ones: a button loads them)
 TAGS = frozenset(
     [
@@ -239,7 +240,7 @@ def gap_tree(gap: Gap, found: float) -> Node:
 
 def members_tree(members: list[Member], statuses: dict[str, Envelope]) -> Node:
     items: list[Node] = []
-    for m in members:
+    for m in members[:MEMBERS_SHOWN]:
         head: list[Node] = [
             ["span", {"class": f"dot s-{m.state}", "title": m.state}, "●"],
             ["span", {"class": "from"}, m.name],
@@ -258,6 +259,8 @@ def members_tree(members: list[Member], statuses: dict[str, Envelope]) -> Node:
         if st is not None:
             kids.append(_status_line(st))
         items.append(["li", {"class": f"member s-{m.state}", "data-from": m.name}, *kids])
+    if len(members) > MEMBERS_SHOWN:  # (a channel flooded with made-up peers stays readable)
+        items.append(["li", {"class": "member more"}, f"and {len(members) - MEMBERS_SHOWN:,} more"])
     for name, st in sorted(statuses.items()):  # senders whose presence is not known here (a transcript)
         if name not in {m.name for m in members}:
             items.append(

@@ -57,12 +57,14 @@ if TYPE_CHECKING:
 
     from ._channel import Channel
     from ._config import Settings
+    from ._live import Live
     from ._peer import Event
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TICK = 0.25  # s between looks at the store and the members: new items show within a second
 BEAT = 10.0  # s between the stream's heartbeats (the page reconnects after 30 s without one)
-MAX_STREAMS = 8  # event streams open at once; more are refused (503), a stalled one costs one slot
+MAX_STREAMS = 32  # event streams open at once; more are refused (503), a stalled one costs one slot
+INDEXED_BODY = 200  # characters of a message's body kept in memory (see Hub.keep)
 SEND_STALL = 30.0  # s a stream may wait for a browser that does not read it before it is dropped
 
 
@@ -162,6 +164,13 @@ class Watcher:
         elif event.kind == "reconnected":
             self.link_text = "live"
 
+    def _look(self, live: Live) -> None:
+        snapshot = members_of(live.presences.values(), self.me)
+        with self._lock:
+            if snapshot != self._members:
+                self._members = snapshot
+                self.changed.set()
+
     def _run(self) -> None:
         from ._errors import SessionBusy
         from ._live import Live
@@ -177,15 +186,12 @@ class Watcher:
                     self.first = False
                     live.announce("online")
                     self.link_text = "live"
+                    self._look(live)
                     self._ready.set()
                     backoff = 1.0
                     while not self._stop.is_set():
                         live.poll(TICK)
-                        snapshot = members_of(live.presences.values(), ch.me)
-                        with self._lock:
-                            if snapshot != self._members:
-                                self._members = snapshot
-                                self.changed.set()
+                        self._look(live)
                     with contextlib.suppress(BrokerUnreachable, TimedOut):
                         live.drain()
                         if live.connected:
@@ -232,13 +238,20 @@ class Hub:
     def lookup(self, msg_id: str) -> Envelope | None:
         return self.index.get(msg_id)
 
+    def keep(self, env: Envelope) -> None:
+        """Index a message: specs and statuses whole (the panels show them), others by their first
+        line only (what an answer shows of the message it answers): 10,000 long bodies stay on disk."""
+        if env.kind not in ("spec", "status") and len(env.body) > INDEXED_BODY:
+            env = env.model_copy(update={"body": env.body[:INDEXED_BODY]})
+        self.index[env.id] = env
+
     def refresh(self) -> None:
         ch = self.channel
         cid = ch.url.channel
         store = ch.store
         envs, self.ends = store.newer(cid, self.ends, limit=100_000)
         for env in envs:
-            self.index[env.id] = env
+            self.keep(env)
         members = self.watcher.members()
         self.persons = {m.name for m in members if m.person}
         if envs or members != self._seen.get("members_raw"):
@@ -399,7 +412,7 @@ def build_app(server: Server, hub: Hub) -> Any:
         if (no := refuse(request, strict=False)) is not None:
             return no
         msg_id = request.path_params["msg_id"]
-        env = hub.index.get(msg_id) or next((e for e in hub.channel.history() if e.id == msg_id), None)
+        env = hub.channel.store.message(hub.channel.url.channel, msg_id)
         if env is None:
             return PlainTextResponse("no such message\n", 404, headers=HEADERS)
         return PlainTextResponse(env.body, headers={**HEADERS, "Content-Security-Policy": "default-src 'none'"})
@@ -447,7 +460,8 @@ async def stream(request: Request, hub: Hub, after: tuple[int, int], token: str)
             envs, ends = hub.channel.store.newer(hub.channel.url.channel, cursor, limit=200)
             if ends != cursor:
                 for env in envs:
-                    hub.index.setdefault(env.id, env)
+                    if env.id not in hub.index:
+                        hub.keep(env)
                 cursor = ends
                 text = f"{cursor[0]}.{cursor[1]}"
                 yield {"event": "rows", "id": text, "data": json.dumps({"rows": hub.rows(envs, token), "cursor": text})}

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -153,6 +154,9 @@ def test_the_page_shows_messages_live_and_the_person_takes_part(
     assert row.locator(".body").text_content() == "pagination on GET /users?"
     page.wait_for_selector("#member-list .member[data-from=tests] .status .st-red")
     page.wait_for_selector("#spec-list h3:has-text('POST /users')")
+    tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--rev", "2", "takes {email,name}\nreturns {id, at}")
+    page.wait_for_selector("#spec-list details summary:has-text('diff rev 1 → rev 2')", timeout=2000)
+    assert "rev 2 · proposed" in (page.locator("#spec-list h3").text_content() or "")
 
     # A hostile body is text: no script ran, no element was made of it.
     hostile = tests.ok("send", "-", input=HOSTILE).out.split("id=")[1].split()[0]
@@ -178,10 +182,13 @@ def test_the_page_shows_messages_live_and_the_person_takes_part(
     assert f"kind=answer re={question}" in got.replace("  ", " ") or (f"re={question}" in got and "kind=answer" in got)
     page.wait_for_selector("article.msg.reply .from:has-text('alice')")
 
+    page.click("#spec-list details summary")
+    assert page.locator("#spec-list .diff .add").first.text_content() == "+returns {id, at}\n"
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(tmp_path / "watch.png"), full_page=False)
     assert (tmp_path / "watch.png").stat().st_size > 10_000
-    if os.environ.get("MQTTALK_WATCH_SCREENSHOT"):  # (how docs/watch.png was made)
-        shutil.copy(tmp_path / "watch.png", os.environ["MQTTALK_WATCH_SCREENSHOT"])
+    if os.environ.get("WATCH_SCREENSHOT_TO"):  # (how docs/watch.png was made)
+        shutil.copy(tmp_path / "watch.png", os.environ["WATCH_SCREENSHOT_TO"])
     page.close()
 
     # Ctrl-C: a clean exit, and the person's presence says it left.
@@ -247,6 +254,12 @@ def test_watch_refuses_an_agents_name_a_busy_port_and_a_second_watch(
     res = impl.run("watch", "--as", "alice", "--port", "0")  # alice is watching already
     assert res.code == 5 and len(res.err.strip().splitlines()) == 1, res.err
     assert "another mqttalk process of alice" in res.err
+    bob = Watch(impl, "--as", "bob")  # a second person at the same time: a peer of its own, its own port
+    watching.append(bob)
+    assert bob.port != w.port
+    status, page = bob.request("GET", f"/?token={bob.token}")
+    assert status == 200 and 'data-from="alice"' in page
+    assert bob.stop()[0] == 0
     res = impl.run("watch", "--as", "bob", "--port", str(w.port))
     assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
     assert f"cannot serve on 127.0.0.1:{w.port}" in res.err
@@ -333,17 +346,22 @@ def test_a_long_body_and_a_long_history_keep_the_page_usable(
     paired(impl, tests, mosquitto_url)
     import mqttalk
 
-    ch = mqttalk.open_channel(tests.settings(), cwd=tests.cwd)  # type: ignore[arg-type]
-    with ch.live(online=False) as live:
-        for i in range(700):  # (the machine's Mosquitto queues 1,000 messages for an absent session)
-            live.send(f"message {i}", wait=False)
-        live.send("x" * 250_000 + "END", wait=False)
-        live.drain(30)
+    from mqttalk._wire import new_envelope
+
+    # 10,000 messages already in impl's store (as if received over the weeks), then a 250 KB one sent now.
+    ch = mqttalk.open_channel(impl.settings(), cwd=impl.cwd)  # type: ignore[arg-type]
+    old = [new_envelope("tests", "note", f"message {i}\n<b>{i}</b>") for i in range(10_000)]
+    ch.store.add_many(ch.url.channel, [(env, env.encode()) for env in old])
+    tests.ok("send", "--file", str(_write(tests.cwd / "long.txt", "x" * 250_000 + "END")))
     deadline = time.monotonic() + 30
     while "END" not in impl.ok("log", "-n", "1", "--json").out and time.monotonic() < deadline:
         impl.run("recv", "--wait", "2")
     w = Watch(impl, "--as", "alice")
     watching.append(w)
+    # Three clients open the event stream and never read it: the page is served all the same.
+    stalled = [socket.create_connection((w.host, w.port)) for _ in range(3)]
+    for sock in stalled:
+        sock.sendall(f"GET /events?token={w.token} HTTP/1.1\r\nHost: 127.0.0.1:{w.port}\r\n\r\n".encode())
     page = browser.new_page()
     started = time.monotonic()
     page.goto(w.url)
@@ -351,7 +369,7 @@ def test_a_long_body_and_a_long_history_keep_the_page_usable(
     assert time.monotonic() - started < 10
     shown = page.locator("article.msg").count()
     assert 250 <= shown <= 320, shown
-    assert "earlier messages not shown" in (page.locator("#earlier").text_content() or "")
+    assert "9,701 earlier messages not shown" in (page.locator("#earlier").text_content() or "")
     long = page.locator("article.msg .more a").first
     assert "250,003 characters in all" in (long.text_content() or "")
     href = long.get_attribute("href") or ""
@@ -362,7 +380,12 @@ def test_a_long_body_and_a_long_history_keep_the_page_usable(
     while page.locator("article.msg").count() <= shown and time.monotonic() < deadline:
         time.sleep(0.1)
     assert page.locator("article.msg").count() > shown
+    assert page.locator("article.msg b").count() == 0
+    fresh = tests.ok("send", "still live").out.split("id=")[1].split()[0]
+    page.wait_for_selector(f"article#m-{fresh}", timeout=2000)
     page.close()
+    for sock in stalled:
+        sock.close()
     assert w.stop()[0] == 0
 
 
@@ -382,3 +405,8 @@ def test_a_restarted_watch_serves_the_same_url_and_the_open_page_catches_up(
     page.wait_for_selector(f"article#m-{missed}", timeout=15_000)
     page.close()
     assert again.stop()[0] == 0
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
