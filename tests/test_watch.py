@@ -345,7 +345,6 @@ def test_a_long_body_and_a_long_history_keep_the_page_usable(
     impl, tests = sessions
     paired(impl, tests, mosquitto_url)
     import mqttalk
-
     from mqttalk._wire import new_envelope
 
     # 10,000 messages already in impl's store (as if received over the weeks), then a 250 KB one sent now.
