@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -584,13 +585,26 @@ def _bind(host: str, port: int | None, remembered: int | None) -> socket.socket:
     raise UsageError(f"cannot serve on {host}: no free port")
 
 
+def loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _interrupted(*_: object) -> None:
+    raise KeyboardInterrupt  # (SIGTERM as Ctrl-C: the person's presence is left, not away)
+
+
 def serve(settings: Settings, cwd: Path, *, as_: str | None, host: str, port: int | None, open_browser: bool) -> int:
     import uvicorn
 
     from ._state import private_file
 
     channel = person_channel(settings, cwd, as_)
-    if host not in LOOPBACK:
+    if not loopback(host):
         print(
             f"mqttalk: warning: serving on {host}, not loopback: anyone who can reach it and has the URL can read "
             "this channel and write to it as you",
@@ -622,6 +636,8 @@ def serve(settings: Settings, cwd: Path, *, as_: str | None, host: str, port: in
         config = uvicorn.Config(
             build_app(server, hub), log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="on"
         )
+        # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again: ours ends as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupted)
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run(sockets=[sock])
     finally:
