@@ -42,6 +42,8 @@ Either side: mqttalk send "POST /users takes {email,name}"
 Agents:      mqttalk guide                     (the manual an agent reads: who is here, what to run when)
              mqttalk mcp                       (the same as MCP tools over stdio)
              mqttalk install claude            (Claude Code hooks that show new messages as they come)
+You:         mqttalk watch                     (the channel live in your browser; say something from it)
+             mqttalk log --format html > t.html  (a transcript: md, html or json)
 
 Each directory remembers the channel and peer it joined; --channel URL --as NAME (or MQTTALK_CHANNEL,
 MQTTALK_PEER) act for another. With no broker configured, `create` starts the embedded broker on

@@ -153,6 +153,10 @@ def test_the_page_shows_messages_live_and_the_person_takes_part(
     assert row.locator(".from").text_content() == "tests"
     assert row.locator(".body").text_content() == "pagination on GET /users?"
     page.wait_for_selector("#member-list .member[data-from=tests] .status .st-red")
+    # The row the script built is the row the server renders (the transcript's rendering).
+    live_row = row.evaluate("e => e.outerHTML")
+    page.reload()
+    assert page.locator(f"article#m-{question}").evaluate("e => e.outerHTML") == live_row
     page.wait_for_selector("#spec-list h3:has-text('POST /users')")
     tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--rev", "2", "takes {email,name}\nreturns {id, at}")
     page.wait_for_selector("#spec-list details summary:has-text('diff rev 1 → rev 2')", timeout=2000)
