@@ -611,10 +611,15 @@ def log(
 def watch(
     port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="TCP port (default: the last one used if free, else any free one)."),
+        typer.Option(
+            min=0, max=65535, metavar="N", help="TCP port (default: the last one used if free, else any free one)."
+        ),
     ] = None,
     host: Annotated[
-        str, typer.Option(help="Interface to serve on. Anything but loopback lets others on the network try it.")
+        str,
+        typer.Option(
+            metavar="HOST", help="Interface to serve on. Anything but loopback lets others on the network try it."
+        ),
     ] = "127.0.0.1",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
     as_: Annotated[
