@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import logging
 import secrets
 import signal
 import socket
@@ -101,6 +102,7 @@ class Watcher:
         # it asks the senders for what this store lacks, and they send it again (to the whole channel).
         self.first = channel.store.recorded_identity(channel.url.channel, channel.me) is None
         self.link_text = "connecting to the broker…"
+        self.connected = False
         self._members: list[Member] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -129,8 +131,10 @@ class Watcher:
             self.changed.set()
         elif event.kind == "disconnected":
             self.link_text = "broker connection lost; reconnecting…"
+            self.connected = False
         elif event.kind == "reconnected":
             self.link_text = "live"
+            self.connected = True
 
     def _look(self, live: Live) -> None:
         snapshot = members_of(live.presences.values(), self.me)
@@ -154,6 +158,7 @@ class Watcher:
                     self.first = False
                     live.announce("online")
                     self.link_text = "live"
+                    self.connected = True
                     self._look(live)
                     self._ready.set()
                     backoff = 1.0
@@ -232,6 +237,29 @@ def loopback(host: str) -> bool:
         return False
 
 
+class _OneLine(logging.Formatter):
+    """uvicorn's and starlette's complaints as one line each, never a traceback (MQTTALK_DEBUG shows it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"mqttalk watch: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {type(exc).__name__}: {exc}"
+        return " ".join(text.split())
+
+
+def _quiet_logs() -> None:
+    import os
+
+    handler = logging.StreamHandler(sys.stderr)
+    if not os.environ.get("MQTTALK_DEBUG"):
+        handler.setFormatter(_OneLine())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        log = logging.getLogger(name)
+        log.handlers = [handler] if name == "uvicorn" else []
+        log.setLevel(logging.WARNING)
+
+
 def _interrupted(*_: object) -> None:
     raise KeyboardInterrupt  # (SIGTERM as Ctrl-C: the person's presence is left, not away)
 
@@ -249,14 +277,24 @@ def serve(settings: Settings, cwd: Path, *, as_: str | None, host: str, port: in
             file=sys.stderr,
             flush=True,
         )
+    memory, saved = _remembered(settings, channel)
+    token = str(saved.get("token") or secrets.token_urlsafe(24))
+    sock = _bind(host, port, saved.get("port") if isinstance(saved.get("port"), int) else None)
     watcher = Watcher(channel)
-    watcher.start(settings.connect_timeout * 2 + 5)
     try:
-        memory, saved = _remembered(settings, channel)
-        token = str(saved.get("token") or secrets.token_urlsafe(24))
-        sock = _bind(host, port, saved.get("port") if isinstance(saved.get("port"), int) else None)
+        watcher.start(settings.connect_timeout * 2 + 5)
+    except BaseException:
+        sock.close()
+        raise
+    try:
         bound = sock.getsockname()[1]
         private_file(memory).write_text(json.dumps({"port": bound, "token": token}))
+        if not watcher.connected:
+            print(
+                f"mqttalk: {watcher.link_text}: the page shows what this machine holds until the broker answers",
+                file=sys.stderr,
+                flush=True,
+            )
         shown_host = f"[{host}]" if ":" in host else host
         url = f"http://{shown_host}:{bound}/?token={token}"
         print(f"mqttalk: WATCH {url}", flush=True)
@@ -274,8 +312,13 @@ def serve(settings: Settings, cwd: Path, *, as_: str | None, host: str, port: in
         hub = Hub(watcher)
         server = Server(host.strip("[]"), bound, token)
         config = uvicorn.Config(
-            build_app(server, hub), log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="on"
+            build_app(server, hub),
+            log_config=None,  # (ours: one line per problem, see _quiet_logs)
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            lifespan="on",
         )
+        _quiet_logs()
         # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again: ours ends as Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupted)
         with contextlib.suppress(KeyboardInterrupt):
