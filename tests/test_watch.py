@@ -53,11 +53,11 @@ def browser() -> Iterator[Any]:
 class Watch:
     """A running `mqttalk watch` in a session's directory (a real process: it is stopped with SIGINT)."""
 
-    def __init__(self, session: Session, *args: str) -> None:
+    def __init__(self, session: Session, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [MQTTALK, "watch", *args],
             cwd=session.cwd,
-            env=session.env,
+            env={**session.env, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -435,13 +435,36 @@ def test_a_watch_whose_broker_is_down_serves_what_this_machine_holds_and_says_so
     url = paired(impl, tests, mosquitto_url)
     impl.ok("send", "kept here")
     dead = url.replace(mosquitto_url, f"mqtt://127.0.0.1:{_free_port()}")
-    w = Watch(impl, "--as", "carl", "--channel", dead)
+    opened = impl.cwd / "opened.txt"  # --open: the default browser (here $BROWSER) is given the URL
+    opener = _write(impl.cwd / "opener.sh", f'#!/bin/sh\necho "$1" > {opened}\n')
+    opener.chmod(0o755)
+    w = Watch(impl, "--as", "carl", "--channel", dead, "--open", env={"BROWSER": str(opener)})
     watching.append(w)
     status, page = w.request("GET", f"/?token={w.token}")
     assert status == 200 and "kept here" in page
     assert "not connected" in w.stream(1.5)
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     code, err = w.stop()
     assert code == 0 and "the page shows what this machine holds" in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert opened.read_text().strip() == w.url
+
+
+def test_the_person_is_named_after_the_login_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mqttalk._errors import UsageError
+    from mqttalk._watch import person_name
+
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LOGNAME", "Ann Lee")
+    assert person_name(None) == "ann-lee"
+    assert person_name("bob") == "bob"
+    with pytest.raises(UsageError):
+        person_name("Not A Name")
 
 
 def _free_port() -> int:
