@@ -53,10 +53,14 @@ class Document:
     me: str | None = None  # the person watching (the page)
     earlier: int = 0  # older messages not in ``envelopes`` (the page shows the newest PAGE_ROWS)
     specs: list[Spec] = field(default_factory=list)
+    _by_id: dict[str, Envelope] = field(default_factory=dict, init=False, repr=False)
+    _indexed: tuple[int, int] = field(default=(0, -1), init=False, repr=False)
 
     def lookup(self, msg_id: str) -> Envelope | None:
-        if not hasattr(self, "_by_id"):
-            self._by_id = {env.id: env for env in self.envelopes}
+        """A message of the document by id (what an answer answers), if the document holds it."""
+        made_of = (id(self.envelopes), len(self.envelopes))
+        if self._indexed != made_of:
+            self._by_id, self._indexed = {env.id: env for env in self.envelopes}, made_of
         return self._by_id.get(msg_id)
 
 

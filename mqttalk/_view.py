@@ -178,7 +178,7 @@ def fields_of(env: Envelope) -> list[str]:
         return [f"subject: {typed.subject}", f"rev {typed.rev}", typed.state]
     if isinstance(typed, StatusData):
         return [typed.state] + ([f"commit {typed.commit}"] if typed.commit else [])
-    return [f"{k}: {v}" for k, v in sorted(env.data.items())][:8] if env.data else []
+    return [first_line(f"{k}: {v}", 120) for k, v in sorted(env.data.items())[:8]]  # (a newer peer's kind)
 
 
 def message_tree(
