@@ -468,3 +468,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_page_from_another_origin_cannot_post_even_with_the_token(
+    sessions: tuple[Session, Session], mosquitto_url: str, browser: Any, watching: list[Watch], tmp_path: Path
+) -> None:
+    """In the browser: another site's script (which somehow has the token) tries both ways to post."""
+    import http.server
+
+    _, tests = sessions
+    w = _pair_and_watch(sessions, mosquitto_url, watching)
+    target = f"http://127.0.0.1:{w.port}/api/send"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "index.html").write_text(
+        "<!doctype html><p id=out>...</p><script>\n"
+        "const said = [];\n"
+        f"fetch('{target}', {{method: 'POST', headers: {{'Content-Type': 'application/json', "
+        f"'X-Mqttalk-Token': '{w.token}'}}, body: JSON.stringify({{text: 'evil json'}})}})\n"
+        "  .then(r => said.push('json ' + r.status), e => said.push('json refused'))\n"
+        f"  .then(() => fetch('{target}?token={w.token}', {{method: 'POST', mode: 'no-cors', "
+        "body: JSON.stringify({text: 'evil simple'})}))\n"
+        "  .then(r => said.push('simple sent'), e => said.push('simple refused'))\n"
+        "  .then(() => { document.getElementById('out').textContent = said.join(', '); });\n"
+        "</script>"
+    )
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(evil))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
+        page.wait_for_selector("#out:has-text('simple')")
+        assert (page.locator("#out").text_content() or "").startswith("json refused")
+        page.close()
+    finally:
+        httpd.shutdown()
+    got = tests.run("recv", "--wait", "2")
+    assert "evil" not in got.out
+    assert w.stop()[0] == 0
