@@ -262,7 +262,7 @@ def test_the_server_refuses_no_token_another_origin_and_another_host_and_never_s
 def test_watch_refuses_an_agents_name_a_busy_port_and_a_second_watch(
     sessions: tuple[Session, Session], mosquitto_url: str, watching: list[Watch]
 ) -> None:
-    impl, tests = sessions
+    impl, _ = sessions
     w = _pair_and_watch(sessions, mosquitto_url, watching)
     for name in ("impl", "tests"):  # this directory's agent, and the other one
         res = impl.run("watch", "--as", name)
@@ -288,7 +288,6 @@ def test_watch_refuses_an_agents_name_a_busy_port_and_a_second_watch(
     )
     assert res.returncode == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert w.stop()[0] == 0
-    del tests
 
 
 def test_transcripts_in_markdown_html_and_json(
