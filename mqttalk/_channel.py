@@ -11,8 +11,9 @@ Two kinds of connection:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from ._bindings import Binding
 from ._config import Settings
 from ._errors import BrokerUnreachable, EmptyChannel, NameTaken, Queued, SessionBusy, TimedOut, UsageError
 from ._live import Live, ServiceStart
-from ._locks import held
+from ._locks import held, waiting_lock
 from ._outbox import Outbox
 from ._peer import Event, Inbox, Message, Peer, PeerInfo, Status, judge
 from ._topics import check_peer
@@ -31,6 +32,7 @@ __all__ = ["Channel", "Event", "Inbox", "Message", "PeerInfo", "Status"]
 
 ANSWER_GRACE = 1.0  # s a join waits for an answer from peers that are present but show no live process
 SEND_POLL = 0.02  # s between looks at the store while another process of this peer sends our message
+READ_LOCK_WAIT = 15.0  # s a reader waits for another to finish handing messages over (then goes on)
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 
@@ -192,6 +194,19 @@ class Channel(Peer):
             self.on_event = emit
         got.paired = paired
         return got
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold this peer's read lock: from choosing which unread messages to show to marking them read,
+        no other reader of this peer (a `recv`, a hook, the MCP server's push, in any process) shows the
+        same ones. Pair it with :meth:`still_unread` (what another reader took meanwhile is dropped)."""
+        with waiting_lock(self.lock_path("read"), READ_LOCK_WAIT):
+            yield
+
+    def still_unread(self, inbox: Inbox) -> Inbox:
+        """``inbox`` without what was marked read since it was fetched (by another reader)."""
+        n, gap = self.store.cursor(self.url.channel, self.me)
+        return Inbox([m for m in inbox.messages if m.n > n], [g for g in inbox.gaps if g.n > gap], inbox.paired)
 
     def mark_read(self, inbox: Inbox) -> None:
         n = max((m.n for m in inbox.messages), default=0)

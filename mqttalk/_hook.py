@@ -62,13 +62,16 @@ def run(
         reply = _claude(event, stdin.read(), wait=wait, every=every)
         if reply is None:
             return 0
-        out, shown = reply
+        out, shown, done = reply
         try:
-            stdout.write(json.dumps(out) + "\n")
-            stdout.flush()
-        except OSError:
-            return 0  # not shown: the messages stay unread for the next hook, `recv` or `receive`
-        shown()  # only now: the read cursor moves past what the agent was given
+            try:
+                stdout.write(json.dumps(out) + "\n")
+                stdout.flush()
+            except OSError:
+                return 0  # not shown: the messages stay unread for the next hook, `recv` or `receive`
+            shown()  # only now: the read cursor moves past what the agent was given
+        finally:
+            done()
     except Exception as exc:  # noqa: BLE001 - fail open: whatever went wrong, the agent goes on
         print(f"mqttalk hook: skipped: {type(exc).__name__}: {_line(exc)}", file=stderr, flush=True)
     return 0
@@ -80,7 +83,8 @@ def _line(exc: Exception) -> str:
     return exc.line() if isinstance(exc, MqttalkError) else str(exc).splitlines()[0] if str(exc) else ""
 
 
-Reply = tuple[dict[str, Any], Callable[[], None]]  # what to print, and what to do once it was printed
+# What to print, what to do once it was printed, and what to do in any case (let go of the read lock).
+Reply = tuple[dict[str, Any], Callable[[], None], Callable[[], None]]
 
 
 def _claude(event_flag: str | None, raw: str, *, wait: float, every: float) -> Reply | None:
@@ -137,21 +141,31 @@ def _check(event: str, payload: dict[str, Any], cwd: Path, *, wait: float, every
     if event == "PostToolUse" and not _due(settings.state_dir, channel.client_id, every):
         return None
     inbox = channel.fetch(0)
-    if event == "Stop":
-        if not _news(inbox) and not payload.get("stop_hook_active") and _awaiting_reply(channel):
-            deadline = time.monotonic() + wait
-            while not _news(inbox) and (left := deadline - time.monotonic()) > 0:
-                inbox = channel.fetch(left)  # (a wait also ends on a new pairing: that is no reply)
-        if not _news(inbox):
+    if event == "Stop" and not _news(inbox) and not payload.get("stop_hook_active") and _awaiting_reply(channel):
+        deadline = time.monotonic() + wait
+        while not _news(inbox) and (left := deadline - time.monotonic()) > 0:
+            inbox = channel.fetch(left)  # (a wait also ends on a new pairing: that is no reply)
+    held = contextlib.ExitStack()  # the read lock, until printed and marked: no other reader shows these
+    held.enter_context(channel.reading())
+    try:
+        inbox = channel.still_unread(inbox)
+        if event == "Stop":
+            if not _news(inbox):
+                held.close()
+                return None
+            text = _context(channel, inbox, [], waited=True)
+            return {"decision": "block", "reason": text}, lambda: channel.mark_read(inbox), held.close
+        if not _news(inbox) and not notices:
+            held.close()
             return None
-        text = _context(channel, inbox, [], waited=True)
-        return {"decision": "block", "reason": text}, lambda: channel.mark_read(inbox)
-    if not _news(inbox) and not notices:
-        return None
-    text = _context(channel, inbox, notices, waited=False)
+        text = _context(channel, inbox, notices, waited=False)
+    except BaseException:
+        held.close()
+        raise
     return (
         {"hookSpecificOutput": {"hookEventName": event, "additionalContext": text}},
         lambda: channel.mark_read(inbox),
+        held.close,
     )
 
 

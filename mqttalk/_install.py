@@ -52,10 +52,11 @@ class Plan:
 
     def write(self) -> None:
         for path, (_old, new) in self.files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+            target = path.resolve() if path.is_symlink() else path  # (a dotfiles link: write its target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
             tmp.write_text(new, encoding="utf-8")
-            tmp.replace(path)
+            tmp.replace(target)
 
 
 def mqttalk_command() -> str:
@@ -128,9 +129,16 @@ def start_lines(command: str, *, user: bool) -> list[str]:
     lines += [
         "mqttalk: start Claude Code with the channel, so peer messages arrive in the session as they come: "
         f"claude --dangerously-load-development-channels server:{SERVER_NAME}",
-        "mqttalk: (Claude Code 2.1.80+, signed in with claude.ai; it asks once to trust the project's .mcp.json"
-        " server. Started without the flag, the hooks show peer messages on the next prompt, tool call or stop.)",
+        "mqttalk: (channels need Claude Code 2.1.80+ signed in with claude.ai, not Bedrock, Vertex or Foundry;"
+        " a Team or Enterprise organisation must enable them."
+        + ("" if user else " Claude Code asks once to trust the project's .mcp.json server.")
+        + " Started without the flag, the hooks show peer messages on the next prompt, tool call or stop.)",
     ]
+    if Path(command).is_absolute() and not user:
+        lines.append(
+            f"mqttalk: .mcp.json runs {command}, a path on this machine (mqttalk is not on PATH): "
+            "if the project shares .mcp.json, install mqttalk on PATH (pipx install) and run this again"
+        )
     return lines
 
 
@@ -144,7 +152,7 @@ def merge_mcp_json(config: dict[str, Any], command: str) -> list[str]:
     if current is None:
         servers[SERVER_NAME] = {"type": "stdio", **wanted}
         return [f"added MCP server {SERVER_NAME}: {command} {' '.join(CHANNEL_ARGS)}"]
-    if not isinstance(current, dict) or "mqttalk" not in Path(str(current.get("command", ""))).name:
+    if not isinstance(current, dict) or Path(str(current.get("command", ""))).name not in ("mqttalk", "mqttalk.exe"):
         raise UsageError(
             f'.mcp.json already has a server named "{SERVER_NAME}" that does not run mqttalk',
             "rename or remove it, then run this again; nothing was changed",
@@ -156,14 +164,36 @@ def merge_mcp_json(config: dict[str, Any], command: str) -> list[str]:
 
 
 def _json_object(path: Path) -> tuple[str | None, dict[str, Any]]:
-    old = path.read_text(encoding="utf-8") if path.exists() else None
+    """A JSON settings file's text and object (none yet: ``None`` and ``{}``); anything else is refused."""
+    fix = "fix it by hand; nothing was changed"
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{path} is a link to a file that does not exist", fix)
     try:
-        value = json.loads(old) if old and old.strip() else {}
+        old = path.read_text(encoding="utf-8") if path.exists() else None
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"{path} cannot be read: {exc}", fix) from None
+    try:
+        value = json.loads(old, parse_constant=_no_constant) if old and old.strip() else {}
     except ValueError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}", "fix it by hand; nothing was changed") from None
+        raise UsageError(f"{path} is not valid JSON: {exc}", fix) from None
     if not isinstance(value, dict):
-        raise UsageError(f"{path} does not hold a JSON object", "fix it by hand; nothing was changed")
+        raise UsageError(f"{path} does not hold a JSON object", fix)
     return old, value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def dumped(value: dict[str, Any], path: Path) -> str:
+    """``value`` as the file's new text: strict JSON (a number too large for a double, read as infinity,
+    would be written as Infinity, which JavaScript's JSON.parse refuses: Claude Code would load none of it)."""
+    try:
+        return json.dumps(value, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise UsageError(
+            f"{path} holds a number too large to write back as JSON", "fix it by hand; nothing was changed"
+        ) from None
 
 
 def plan_claude(
@@ -178,19 +208,21 @@ def plan_claude(
         old, config = _json_object(path)
         changes = merge_mcp_json(config, command)
         if changes:
-            plan.files[path] = (old, json.dumps(config, indent=2) + "\n")
+            plan.files[path] = (old, dumped(config, path))
             plan.changes += [f"{path}: {c}" for c in changes]
     path = target / ".claude" / "settings.json"
     old, settings = _json_object(path)
     changes = merge_settings(settings, wanted_hooks(command, stop_wait))
     if changes:
-        plan.files[path] = (old, json.dumps(settings, indent=2) + "\n")
+        plan.files[path] = (old, dumped(settings, path))
         plan.changes += [f"{path}: {c}" for c in changes]
     if skill:
         from ._guide import data_text
 
         skill_path = target / ".claude" / "skills" / "mqttalk" / "SKILL.md"
         text = data_text("skill.md")
+        if command != "mqttalk":  # (not on PATH: the agent's shell runs it by its path)
+            text = text.replace("`mqttalk ", f"`{command} ")
         current = skill_path.read_text(encoding="utf-8") if skill_path.exists() else None
         if current != text:
             plan.files[skill_path] = (current, text)

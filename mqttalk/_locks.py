@@ -1,16 +1,18 @@
 """File locks that let the processes of one peer on one machine agree without talking: who holds its
-broker session (one live process at a time), who sends its outbox (one sender at a time)."""
+broker session (one live process at a time), who sends its outbox (one sender at a time), who is
+handing unread messages to the agent right now (one reader at a time: see ``Channel.reading``)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Literal
 
-LockName = Literal["session", "outbox"]
+LockName = Literal["session", "outbox", "read"]
 
 
 def lock_path(state_dir: Path, channel: str, peer: str, what: LockName) -> Path:
@@ -65,3 +67,18 @@ def held(path: Path) -> bool:
         return False
     with try_lock(path) as got:
         return not got
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, timeout: float) -> Iterator[bool]:
+    """Hold the lock at ``path`` for a ``with`` block, waiting up to ``timeout`` seconds for it; yields
+    whether we got it (after the timeout the block runs anyway: a reader stuck elsewhere must not stop
+    this one for good)."""
+    lock = FileLock(path)
+    deadline = time.monotonic() + timeout
+    try:
+        while not lock.acquire() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        yield lock.held
+    finally:
+        lock.release()

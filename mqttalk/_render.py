@@ -160,7 +160,17 @@ def mcp_voiced(text: str) -> str:
                 return words
         return match.group(0)  # (unreachable: the alternation is made of the same patterns)
 
-    return _TOOL_NAMES.sub(tool, _RUN_TOOL.sub("call ", text))
+    text = text.replace(" (`mqttalk recv --json` lists them all)", "")  # (no tool lists gaps: all are read)
+    return _FLAGS.sub(_parameter, _TOOL_NAMES.sub(tool, _RUN_TOOL.sub("call ", text)))
+
+
+_FLAGS = re.compile(r"`--([a-z][a-z-]*)(?: ([^`]*))?`")  # a flag named in a sentence: `--re ID`, `--as impl`
+_PARAMETERS = {"as": "name"}  # a flag whose tool parameter has another name
+
+
+def _parameter(match: re.Match[str]) -> str:
+    name = _PARAMETERS.get(match.group(1), match.group(1).replace("-", "_"))
+    return f"`{name}={match.group(2)}`" if match.group(2) else f"`{name}`"
 
 
 def paired_text(peer: str, role: str | None) -> str:

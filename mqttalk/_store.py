@@ -535,6 +535,10 @@ class Store:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def cursor(self, channel: str, peer: str) -> tuple[int, int]:
+        """Where ``peer``'s read cursors stand: the last message and gap numbers it has read."""
+        return self._cursor(channel, peer)
+
     def _cursor(self, channel: str, peer: str) -> tuple[int, int]:
         row = self.db.execute("SELECT n, gap FROM cursors WHERE channel = ? AND peer = ?", (channel, peer)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)

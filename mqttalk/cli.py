@@ -456,17 +456,19 @@ def recv(
     channel = _open(channel_url, as_, out)
     out.bodies = channel.settings.state_dir / "bodies"
     inbox = channel.fetch(wait)
-    if out.json:
-        for gap in inbox.gaps:
-            out.gap(gap)
-    else:
-        from ._render import gap_lines
+    with channel.reading():  # (another reader of this peer, such as the MCP server's push, may have taken some)
+        inbox = channel.still_unread(inbox)
+        if out.json:
+            for gap in inbox.gaps:
+                out.gap(gap)
+        else:
+            from ._render import gap_lines
 
-        for text in gap_lines(inbox.gaps):  # at most a screenful, and how many more
-            print(text, flush=True)
-    for m in inbox.messages:
-        out.message(m.envelope)
-    channel.mark_read(inbox)
+            for text in gap_lines(inbox.gaps):  # at most a screenful, and how many more
+                print(text, flush=True)
+        for m in inbox.messages:
+            out.message(m.envelope)
+        channel.mark_read(inbox)
     if not inbox:
         if wait > 0:
             out.note(f"no new message within {wait:g}s")
@@ -824,6 +826,14 @@ def mcp(
     server_name: Annotated[
         str, typer.Option("--server-name", metavar="NAME", help="The name Claude Code knows this server by.")
     ] = "mqttalk",
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            metavar="PATH",
+            help="Act for this project directory (default: the one the client starts the server in).",
+        ),
+    ] = None,
 ) -> None:
     """Run an MCP server on stdin/stdout, so an agent uses mqttalk as native tools.
 
@@ -834,7 +844,7 @@ def mcp(
     arrive. `mqttalk install claude` sets up Claude Code (hooks, and .mcp.json with --claude-channel);
     then start it with: claude --dangerously-load-development-channels server:mqttalk (2.1.80+).
     Other clients: command `mqttalk`, arguments `mcp` (README: one section per client).
-    Needs the mcp package: pip install 'mqttalk[mcp]'."""
+    The MCP SDK (the mcp package) is one of mqttalk's dependencies."""
     from ._errors import UsageError
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", server_name):
@@ -842,13 +852,18 @@ def mcp(
     try:
         import mcp.server.mcpserver  # noqa: F401 - only to say clearly when the optional package is missing
     except ImportError:
-        print("mqttalk: error: `mqttalk mcp` needs the MCP SDK: pip install 'mqttalk[mcp]'", file=sys.stderr)
+        print(
+            "mqttalk: error: `mqttalk mcp` needs the MCP SDK, a dependency of mqttalk: pip install 'mcp>=2.3,<3'",
+            file=sys.stderr,
+        )
         raise typer.Exit(1) from None
     from ._mcp import serve
 
+    if directory is not None and not directory.is_dir():
+        raise UsageError(f"--dir {str(directory)[:200]!r} is not a directory", "give the project's directory")
     serve(
         _settings(),
-        Path.cwd().resolve(),
+        (directory or Path.cwd()).resolve(),
         service=SERVICE,
         push=channel or always,
         always=always,
@@ -935,7 +950,10 @@ def install(
         print(f"mqttalk: {'would change' if dry_run else 'changed'}: {change}")
     print(plan.diff(), end="")
     if not dry_run:
-        plan.write()
+        try:
+            plan.write()
+        except OSError as exc:
+            raise UsageError(f"could not write the settings: {exc}", "nothing else was changed") from None
     if mcp_server:
         print("\n".join(start_lines(command, user=user)))
 

@@ -244,7 +244,10 @@ def test_mcp_command_without_the_sdk_says_how_to_install_it(sessions: tuple[Sess
         check=False,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "mqttalk: error: `mqttalk mcp` needs the MCP SDK: pip install 'mqttalk[mcp]'"
+    assert (
+        proc.stderr.strip()
+        == "mqttalk: error: `mqttalk mcp` needs the MCP SDK, a dependency of mqttalk: pip install 'mcp>=2.3,<3'"
+    )
     assert proc.stdout == ""
 
 
@@ -515,9 +518,33 @@ def test_install_claude_for_the_user_and_refuses_broken_settings(sessions: tuple
     taken = impl.run("install", "claude")
     assert taken.code == 2 and 'already has a server named "mqttalk" that does not run mqttalk' in taken.err
     assert not (impl.cwd / ".claude").exists()  # nothing written
+    for hostile, why in (
+        ('{"mcpServers": {"mqttalk": {"command": "/opt/evil-mqttalk-shim"}}}', "does not run mqttalk"),
+        ('{"x": 1e999, "mcpServers": {}}', "number too large"),  # would be written back as Infinity
+        ("[1, 2]", "does not hold a JSON object"),
+        ('{"x": NaN}', "not valid JSON"),
+    ):
+        (impl.cwd / ".mcp.json").write_text(hostile)
+        res = impl.run("install", "claude")
+        assert res.code == 2 and why in res.err and "Traceback" not in res.err, (hostile, res.err)
+        assert (impl.cwd / ".mcp.json").read_text() == hostile
+    (impl.cwd / ".mcp.json").write_bytes(b'{"x": "\xff"}')
+    res = impl.run("install", "claude")
+    assert res.code == 2 and "cannot be read" in res.err
+    (impl.cwd / ".mcp.json").unlink()
+    (impl.cwd / ".mcp.json").mkdir()
+    res = impl.run("install", "claude")
+    assert res.code == 2 and "cannot be read" in res.err
+    (impl.cwd / ".mcp.json").rmdir()
+    real = impl.cwd / "dotfiles" / "mcp.json"
+    real.parent.mkdir()
+    real.write_text('{"mcpServers": {}}')
+    (impl.cwd / ".mcp.json").symlink_to(real)
+    impl.ok("install", "claude", "--no-skill")
+    assert (impl.cwd / ".mcp.json").is_symlink() and "mqttalk" in json.loads(real.read_text())["mcpServers"]
     (impl.cwd / ".mcp.json").unlink()
     broken = impl.cwd / ".claude" / "settings.json"
-    broken.parent.mkdir()
+    broken.parent.mkdir(exist_ok=True)
     broken.write_text("{ not json")
     res = impl.run("install", "claude")
     assert res.code == 2 and "not valid JSON" in res.err and broken.read_text() == "{ not json"
