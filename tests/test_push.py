@@ -522,6 +522,10 @@ def test_a_long_backlog_is_announced_once_not_pushed_one_by_one(
         live.drain(timeout=60)
     client = RawClient(tests, "--claude-channel", errlog=tmp_path / "mcp.err", claude=CHANNELS_ON)
     try:
+        deadline = time.monotonic() + 30  # (the server takes in the queued 30 before the client is ready)
+        while json.loads(tests.ok("status", "--json").out)["unread"] < 30:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
         client.initialize()
         got = client.wait_pushed(lambda p: p["meta"].get("event") == "backlog", within=15)
         assert got["meta"] == {"event": "backlog", "unread": "30", "gaps": "0"} and "call `receive`" in got["content"]
@@ -530,7 +534,9 @@ def test_a_long_backlog_is_announced_once_not_pushed_one_by_one(
         first = client.tool("receive", limit=25)  # (at most 50 by default; the oldest first)
         assert len(re.findall(r"^mqttalk: MESSAGE ", first, re.MULTILINE)) == 25 and "5 more unread" in first
         assert "away 0\n" in first and "away 25\n" not in first
-        assert len(re.findall(r"^mqttalk: MESSAGE ", client.tool("receive"), re.MULTILINE)) == 5
+        client.wait_pushed(lambda p: "away 29" in p["content"], within=10)  # few enough again: pushed
+        assert sum("while you were away" in p["content"] for p in client.pushed()) == 5
+        assert client.tool("receive") == "mqttalk: no new message"
         sent = json.loads(impl.ok("send", "--json", "back to normal").out)
         client.wait_pushed(lambda p: p["meta"].get("id") == sent["id"], within=10)
     finally:
