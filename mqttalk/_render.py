@@ -54,7 +54,12 @@ def _typed_facts(env: Envelope) -> list[str]:
         ]
     if isinstance(typed, StatusData):
         commit = typed.commit
-        return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
+        spec = (
+            [f"spec={printable(repr(str(typed.spec)), line=True)}", f"rev={typed.rev}"]
+            if typed.spec and typed.rev
+            else []
+        )
+        return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else []) + spec
     return []
 
 

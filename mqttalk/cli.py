@@ -903,9 +903,9 @@ def _spec_done(out: _Printer, verb: str, env: Envelope | None, envs: list[Envelo
     subj = fold(envs).subjects[subject]
     rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
     out.data(
-        f"mqttalk: {verb} {_spec_name(subject)} rev {rev.rev} (sha256 {rev.digest[:12]})"
+        f"mqttalk: {verb} {_spec_name(subject)} rev {rev.rev}"
         + (f" id={env.id}" if env else "")
-        + f": {spec_state_text(subj)}",
+        + f" sha256={rev.digest[:12]}: {spec_state_text(subj)}",
         {
             "event": verb.lower(),
             "subject": subject,

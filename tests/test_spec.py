@@ -65,7 +65,8 @@ def negotiate_to_rev3(impl: Session, tests: Session) -> None:
     third = impl.ok("spec", "propose", SUBJECT, "-", input=REV3)
     assert "rev 3" in third.out and "waiting for tests" in third.out
     agreed = tests.ok("spec", "agree", SUBJECT)
-    assert f"mqttalk: AGREED '{SUBJECT}' rev 3 (sha256 {hashlib.sha256(REV3.encode()).hexdigest()[:12]})" in agreed.out
+    assert f"mqttalk: AGREED '{SUBJECT}' rev 3 id=" in agreed.out
+    assert f" sha256={hashlib.sha256(REV3.encode()).hexdigest()[:12]}: " in agreed.out
     assert "agreed by all (impl and tests)" in agreed.out
 
 
