@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._bindings import Binding
 from ._config import Settings
@@ -28,6 +28,10 @@ from ._url import JoinURL
 from ._wire import Envelope, StatusData, new_envelope
 
 SpecPlan = tuple[str, dict[str, Any], str | None]  # what a spec command sends: body, spec fields, --re
+SpecDone = tuple[Envelope | None, "Contract"]  # what a spec command sent (None: nothing), and the contract after
+
+if TYPE_CHECKING:
+    from ._spec import Contract
 
 __all__ = ["Channel", "Event", "Inbox", "Message", "PeerInfo", "Status"]
 
@@ -238,6 +242,66 @@ class Channel(Peer):
                 live.publish_contract(envs)
             return env, envs
 
+    # (the spec commands: each reads the contract, checks the command against it, sends, see _spec)
+
+    def spec_propose(self, subject: str, text: str, *, re: str | None = None, to: list[str] | None = None) -> SpecDone:
+        """Propose the next revision of ``subject``; it needs the agreement of ``to`` (default: every member
+        present now)."""
+        from ._spec import check_subject, plan_propose
+
+        check_subject(subject)
+        for name in to or []:
+            check_peer(name)
+
+        def plan(envs: list[Envelope], members: list[str]) -> SpecPlan:
+            return text, plan_propose(_fold(envs), subject, text, self.me, to or members), re
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_agree(self, subject: str, rev: int | None = None) -> SpecDone:
+        """Agree to the latest revision of ``subject`` (its digest); refused for any other revision."""
+        from ._spec import check_rev, check_subject, plan_agree
+
+        check_subject(subject)
+        check_rev(rev)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_agree(_fold(envs), subject, self.me, rev)
+            return f"agreed to rev {target.rev} (sha256 {target.digest})", data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_reject(self, subject: str, why: str) -> SpecDone:
+        """Reject the latest revision of ``subject``, saying why."""
+        from ._spec import check_subject, plan_reject
+
+        check_subject(subject)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_reject(_fold(envs), subject, self.me, why)
+            return why, data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_withdraw(self, subject: str) -> SpecDone:
+        """Withdraw ``subject`` (its latest proposer only)."""
+        from ._spec import check_subject, plan_withdraw
+
+        check_subject(subject)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_withdraw(_fold(envs), subject, self.me)
+            return f"withdrew rev {target.rev}", data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def contract(self) -> Contract:
+        """The channel's contract now (what the broker holds for us taken in first)."""
+        return _fold(self.spec_op()[1])
+
+    def _spec_done(self, done: tuple[Envelope | None, list[Envelope]]) -> SpecDone:
+        return done[0], _fold(done[1])
+
     def mark_read(self, inbox: Inbox) -> None:
         n = max((m.n for m in inbox.messages), default=0)
         gap = max((g.n for g in inbox.gaps), default=0)
@@ -339,6 +403,12 @@ class Channel(Peer):
                 "pick another with --as NAME",
             )
         return empty
+
+
+def _fold(envs: list[Envelope]) -> Contract:
+    from ._spec import fold
+
+    return fold(envs)
 
 
 def _in_sender_order(messages: list[Message]) -> list[Message]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._peer import Event, PeerInfo, Status
-    from ._spec import Revision, Subject
+    from ._spec import Contract, Revision, Subject
     from ._store import Gap
     from ._wire import Envelope
 
@@ -393,4 +393,26 @@ def spec_data(subj: Subject) -> dict[str, Any]:
         "waiting_for": rev.waiting_for(subj.seen),
         "rejected_by": sorted(rev.rejected),
         "in_force": force.rev if force else None,
+    }
+
+
+def spec_done_text(verb: str, env: Envelope | None, contract: Contract, subject: str) -> str:
+    """What a spec command did: ``PROPOSED 'POST /users' rev 2 id=ID sha256=…: waiting for tests``."""
+    from ._spec import quoted
+
+    subj = contract.subjects[subject]
+    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    sent = f" id={env.id}" if env is not None else ""
+    return f"mqttalk: {verb} {quoted(subject)} rev {rev.rev}{sent} sha256={rev.digest[:12]}: {spec_state_text(subj)}"
+
+
+def spec_done_data(verb: str, env: Envelope | None, contract: Contract, subject: str) -> dict[str, Any]:
+    subj = contract.subjects[subject]
+    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    return {
+        "event": verb.lower(),
+        "id": env.id if env is not None else None,
+        **spec_data(subj),
+        "rev": rev.rev,
+        "digest": rev.digest,
     }

@@ -240,11 +240,22 @@ def check_rev(rev: int | None) -> int | None:
     return rev
 
 
+def check_text(text: str) -> str:
+    if not text.strip():
+        raise UsageError("empty spec text", "give the text as an argument, '-' for stdin, or --file PATH")
+    return text
+
+
+def check_reason(why: str, subject: str) -> str:
+    if not why.strip():
+        raise UsageError("a rejection needs a reason", f'`mqttalk spec reject "{subject}" "why"`')
+    return why
+
+
 def plan_propose(contract: Contract, subject: str, text: str, me: str, needs: list[str]) -> dict[str, Any]:
     """The fields of a new revision of ``subject``: the next number after the latest anyone proposed."""
     check_subject(subject)
-    if not text.strip():
-        raise UsageError("empty spec text", "give the text as an argument, '-' for stdin, or --file PATH")
+    check_text(text)
     if len(needs) > MAX_NEEDS:
         raise UsageError(f"--to names {len(needs)} peers, more than {MAX_NEEDS}")
     subj = contract.subjects.get(subject)
@@ -287,8 +298,7 @@ def plan_agree(contract: Contract, subject: str, me: str, rev: int | None = None
 
 def plan_reject(contract: Contract, subject: str, me: str, why: str) -> tuple[dict[str, Any], Revision]:
     subj = _open_subject(contract, subject, "reject")
-    if not why.strip():
-        raise UsageError("a rejection needs a reason", f'`mqttalk spec reject "{subject}" "why"`')
+    check_reason(why, subject)
     return _fields(subject, subj.latest, "rejected", "reject"), subj.latest
 
 

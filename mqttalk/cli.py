@@ -22,10 +22,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._bindings import Binding
-    from ._channel import Channel, SpecPlan
+    from ._channel import Channel, SpecDone
     from ._config import Settings
     from ._live import Live, ServiceStart
     from ._peer import Event
+    from ._spec import Contract
     from ._store import Gap
     from ._wire import Envelope
 
@@ -883,39 +884,11 @@ SubjectArg = Annotated[str, typer.Argument(metavar="SUBJECT", help='What the spe
 RevOpt = Annotated[int | None, typer.Option("--rev", metavar="N", help="A revision (default: the latest).")]
 
 
-def _spec_plan(
-    act: Callable[[Any, list[str]], SpecPlan | None],
-) -> Callable[[list[Envelope], list[str]], SpecPlan | None]:
-    """A plan for Channel.spec_op: fold the spec messages, then ``act`` on the contract and members."""
+def _spec_done(out: _Printer, verb: str, done: SpecDone, subject: str) -> None:
+    from ._render import spec_done_data, spec_done_text
 
-    def plan(envs: list[Envelope], members: list[str]) -> SpecPlan | None:
-        from ._spec import fold
-
-        return act(fold(envs), members)
-
-    return plan
-
-
-def _spec_done(out: _Printer, verb: str, env: Envelope | None, envs: list[Envelope], subject: str) -> None:
-    from ._render import spec_state_text
-    from ._spec import fold
-
-    subj = fold(envs).subjects[subject]
-    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
-    out.data(
-        f"mqttalk: {verb} {_spec_name(subject)} rev {rev.rev}"
-        + (f" id={env.id}" if env else "")
-        + f" sha256={rev.digest[:12]}: {spec_state_text(subj)}",
-        {
-            "event": verb.lower(),
-            "subject": subject,
-            "rev": rev.rev,
-            "digest": rev.digest,
-            "id": env.id if env else None,
-            "state": subj.state,
-            "waiting_for": subj.latest.waiting_for(subj.seen),
-        },
-    )
+    env, contract = done
+    out.data(spec_done_text(verb, env, contract, subject), spec_done_data(verb, env, contract, subject))
 
 
 def _spec_name(subject: str) -> str:
@@ -924,20 +897,21 @@ def _spec_name(subject: str) -> str:
     return quoted(subject)
 
 
-def _spec_read(channel: Channel) -> list[Envelope]:
-    """Every spec message known, the broker's view taken in first; with the broker out of reach, what
-    this machine knows (said on stderr)."""
+def _spec_read(channel: Channel) -> Contract:
+    """The contract, the broker's view taken in first; with the broker out of reach, what this machine
+    knows (said on stderr)."""
     from ._errors import BrokerUnreachable, TimedOut
+    from ._spec import fold
 
     try:
-        return channel.spec_op()[1]
+        return channel.contract()
     except (BrokerUnreachable, TimedOut) as exc:
         print(
             f"mqttalk: warning: broker not reached ({_safe(exc.message, 200)}): showing what this machine knows",
             file=sys.stderr,
             flush=True,
         )
-        return channel.store.specs(channel.url.channel)
+        return fold(channel.store.specs(channel.url.channel))
 
 
 @spec_app.command("propose")
@@ -963,26 +937,16 @@ def spec_propose(
 ) -> None:
     """Propose a new revision of SUBJECT (its number is the next after the latest anyone proposed)."""
     from ._input import check_id, read_body
-    from ._spec import check_subject, plan_propose
+    from ._spec import check_subject, check_text
     from ._topics import check_peer
 
     check_subject(subject)
     check_id(re, "--re")
     needs = [check_peer(n.strip()) for names in to or [] for n in names.split(",") if n.strip()]
-    body = read_body(text, file, sys.stdin)
-    if not body.strip():
-        from ._errors import UsageError
-
-        raise UsageError("empty spec text", "give the text as an argument, '-' for stdin, or --file PATH")
+    body = check_text(read_body(text, file, sys.stdin))
     out = _Printer(as_json)
-    channel = _open(channel_url, as_, out)
-    me = channel.me
-
-    def act(contract: Any, members: list[str]) -> SpecPlan:
-        return body, plan_propose(contract, subject, body, me, needs or members), re
-
-    env, envs = channel.spec_op(_spec_plan(act))
-    _spec_done(out, "PROPOSED", env, envs, subject)
+    done = _open(channel_url, as_, out).spec_propose(subject, body, re=re, to=needs)
+    _spec_done(out, "PROPOSED", done, subject)
 
 
 @spec_app.command("agree")
@@ -990,19 +954,12 @@ def spec_agree(
     subject: SubjectArg, rev: RevOpt = None, channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Agree to the latest revision of SUBJECT (refused for an older one: the line says which is the latest)."""
-    from ._spec import check_rev, check_subject, plan_agree
+    from ._spec import check_rev, check_subject
 
     check_subject(subject)
     check_rev(rev)
     out = _Printer(as_json)
-    channel = _open(channel_url, as_, out)
-
-    def act(contract: Any, _members: list[str]) -> SpecPlan:
-        data, target = plan_agree(contract, subject, channel.me, rev)
-        return f"agreed to rev {target.rev} (sha256 {target.digest})", data, target.id
-
-    env, envs = channel.spec_op(_spec_plan(act))
-    _spec_done(out, "AGREED", env, envs, subject)
+    _spec_done(out, "AGREED", _open(channel_url, as_, out).spec_agree(subject, rev), subject)
 
 
 @spec_app.command("reject")
@@ -1015,19 +972,12 @@ def spec_reject(
 ) -> None:
     """Reject the latest revision of SUBJECT, saying why (answer with a new `spec propose --re ID`)."""
     from ._input import read_body
-    from ._spec import check_subject, plan_reject
+    from ._spec import check_reason, check_subject
 
     check_subject(subject)
-    reason = read_body(why, None, sys.stdin)
+    reason = check_reason(read_body(why, None, sys.stdin), subject)
     out = _Printer(as_json)
-    channel = _open(channel_url, as_, out)
-
-    def act(contract: Any, _members: list[str]) -> SpecPlan:
-        data, target = plan_reject(contract, subject, channel.me, reason)
-        return reason, data, target.id
-
-    env, envs = channel.spec_op(_spec_plan(act))
-    _spec_done(out, "REJECTED", env, envs, subject)
+    _spec_done(out, "REJECTED", _open(channel_url, as_, out).spec_reject(subject, reason), subject)
 
 
 @spec_app.command("withdraw")
@@ -1035,18 +985,11 @@ def spec_withdraw(
     subject: SubjectArg, channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Withdraw SUBJECT (only its latest proposer can); a new `spec propose` opens it again."""
-    from ._spec import check_subject, plan_withdraw
+    from ._spec import check_subject
 
     check_subject(subject)
     out = _Printer(as_json)
-    channel = _open(channel_url, as_, out)
-
-    def act(contract: Any, _members: list[str]) -> SpecPlan:
-        data, target = plan_withdraw(contract, subject, channel.me)
-        return f"withdrew rev {target.rev}", data, target.id
-
-    env, envs = channel.spec_op(_spec_plan(act))
-    _spec_done(out, "WITHDRAWN", env, envs, subject)
+    _spec_done(out, "WITHDRAWN", _open(channel_url, as_, out).spec_withdraw(subject), subject)
 
 
 @spec_app.command("list")
@@ -1054,10 +997,9 @@ def spec_list(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOp
     """One line per subject: latest revision, its state (agreed by all / waiting for NAMES / rejected /
     conflict), who proposed it, when."""
     from ._render import spec_data, spec_line
-    from ._spec import fold
 
     out = _Printer(as_json)
-    contract = fold(_spec_read(_open(channel_url, as_, out)))
+    contract = _spec_read(_open(channel_url, as_, out))
     subjects = [s for s in contract.subjects.values() if s.revisions]
     for subj in subjects:
         out.data(spec_line(subj), {"event": "spec", **spec_data(subj)})
@@ -1071,12 +1013,12 @@ def spec_show(
 ) -> None:
     """Print the text of SUBJECT's latest revision (or --rev N) exactly as proposed; its facts go to stderr."""
     from ._render import spec_revision_text
-    from ._spec import check_rev, check_subject, fold
+    from ._spec import check_rev, check_subject
 
     check_subject(subject)
     check_rev(rev)
     out = _Printer(as_json)
-    subj = fold(_spec_read(_open(channel_url, as_, out))).subject(subject)
+    subj = _spec_read(_open(channel_url, as_, out)).subject(subject)
     got = subj.revision(rev) if rev is not None else subj.latest
     if as_json:
         out.data("", {"event": "spec_text", "subject": subject, "rev": got.rev, "digest": got.digest, "text": got.text})
@@ -1098,13 +1040,13 @@ def spec_diff(
     """A unified diff between revisions A and B of SUBJECT."""
     import difflib
 
-    from ._spec import check_rev, check_subject, fold
+    from ._spec import check_rev, check_subject
 
     check_subject(subject)
     check_rev(a)
     check_rev(b)
     out = _Printer(as_json)
-    subj = fold(_spec_read(_open(channel_url, as_, out))).subject(subject)
+    subj = _spec_read(_open(channel_url, as_, out)).subject(subject)
     old, new = subj.revision(a), subj.revision(b)
     lines = difflib.unified_diff(
         old.text.splitlines(keepends=True),
@@ -1137,11 +1079,11 @@ def spec_export(
     """Write each agreed subject as one Markdown file: a small header (subject, revision, digest, agreed by,
     when), then the agreed text byte for byte."""
     from ._errors import UsageError
-    from ._spec import export_files, fold
+    from ._spec import export_files
 
     out = _Printer(as_json)
     channel = _open(channel_url, as_, out)
-    contract = fold(_spec_read(channel))
+    contract = _spec_read(channel)
     where = out_dir if out_dir is not None else channel.settings.state_dir / "specs" / channel.url.channel[:16]
     files = export_files(contract)
     try:

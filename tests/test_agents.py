@@ -153,7 +153,8 @@ def test_mcp_server_lists_its_tools_and_serves_the_guide(sessions: tuple[Session
     async def scenario() -> None:
         async with mcp_client(impl, tmp_path / "mcp.err") as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-            assert set(tools) == {"receive", "send", "status", "history", "create", "pair", "leave"}
+            spec = {f"spec_{c}" for c in ("propose", "agree", "reject", "withdraw", "list", "show", "diff", "export")}
+            assert set(tools) == {"receive", "send", "status", "history", "create", "pair", "leave"} | spec
             assert "wait" in tools["receive"].input_schema["properties"]
             assert {"text", "kind", "subject", "state", "re"} <= set(tools["send"].input_schema["properties"])
             resource = await client.read_resource("mqttalk://guide")

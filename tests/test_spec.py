@@ -357,3 +357,35 @@ def test_the_previous_version_reads_the_new_spec_and_status_fields() -> None:
         assert wire is not None and wire.v == 2  # (no new wire version: nothing an older reader refuses)
         old = model.model_validate(wire.data)
         assert {k: getattr(old, k) for k in expect} == expect
+
+
+def test_mcp_tools_negotiate_the_same_contract(pair_of: tuple[Session, Session], tmp_path: Path) -> None:
+    """The spec tools of two MCP servers (each holding its peer's session): the same contract, the same
+    refusals, worded as tool results."""
+    import anyio
+    from test_agents import call, mcp_client
+
+    impl, tests = pair_of
+
+    async def scenario() -> None:
+        async with mcp_client(impl, tmp_path / "impl.err") as a, mcp_client(tests, tmp_path / "tests.err") as b:
+            proposed = await call(a, "spec_propose", subject=SUBJECT, text=REV1)
+            assert f"PROPOSED '{SUBJECT}' rev 1 id=" in proposed and "waiting for tests" in proposed
+            shown = await call(b, "spec_show", subject=SUBJECT)
+            assert shown.endswith("the text, exactly as proposed:\n\n" + REV1)
+            counter = await call(b, "spec_propose", subject=SUBJECT, text=REV2)
+            assert "rev 2" in counter
+            stale = await a.call_tool("spec_agree", {"subject": SUBJECT, "rev": 1})
+            assert stale.is_error and "rev 1 of 'POST /users' is not the latest: rev 2 is" in stale.content[0].text
+            assert "agreed by all (impl and tests)" in await call(a, "spec_agree", subject=SUBJECT)
+            listed = await call(b, "spec_list")
+            assert listed.startswith(f"'{SUBJECT}' rev 2: agreed by all")
+            assert "+POST /users takes" in await call(b, "spec_diff", subject=SUBJECT, a=1, b=2)
+            exported = await call(b, "spec_export", out=str(tmp_path / "out"))
+            assert "EXPORTED 'POST /users' rev 2" in exported
+            assert read_export((tmp_path / "out" / "post-users.md").read_bytes())[1] == REV2
+            bad = await b.call_tool("spec_agree", {"subject": "GET /nothing"})
+            assert bad.is_error and "mqttalk: error: no spec subject 'GET /nothing'" in bad.content[0].text
+
+    anyio.run(scenario)
+    assert spec_list(impl)[SUBJECT]["state"] == "agreed"
