@@ -389,3 +389,33 @@ def test_mcp_tools_negotiate_the_same_contract(pair_of: tuple[Session, Session],
 
     anyio.run(scenario)
     assert spec_list(impl)[SUBJECT]["state"] == "agreed"
+
+
+def test_stop_hook_waits_for_the_answer_to_a_proposal(pair_of: tuple[Session, Session]) -> None:
+    """An agent that proposed a revision and stops is kept waiting (Claude Code's Stop hook) until the
+    other side agrees or counter-proposes, and continues with that answer."""
+    import subprocess
+    import time
+
+    from conftest import MQTTALK
+
+    impl, tests = pair_of
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    proc = subprocess.Popen(
+        [MQTTALK, "hook", "claude", "--event", "Stop", "--wait", "40"],
+        cwd=impl.cwd,
+        env=impl.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    payload = {"session_id": "4f1c2a", "cwd": str(impl.cwd), "hook_event_name": "Stop", "stop_hook_active": False}
+    time.sleep(2.0)
+    assert proc.poll() is None  # it waits: nobody answered the proposal yet
+    tests.ok("spec", "agree", SUBJECT)
+    out, err = proc.communicate(json.dumps(payload), timeout=60)
+    assert proc.returncode == 0, err
+    decision = json.loads(out)
+    assert decision["decision"] == "block"
+    assert f"kind=spec subject='{SUBJECT}' rev=1 state=agreed" in decision["reason"]
