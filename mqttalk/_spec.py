@@ -83,6 +83,8 @@ class Subject:
 
     @property
     def state(self) -> SubjectState:
+        if not self.revisions:
+            return "proposed"
         if self.withdrawn is not None and self.withdrawn[1] >= self.latest_rev:
             return "withdrawn"
         if self.conflict:
@@ -168,9 +170,9 @@ def fold(envelopes: list[Envelope]) -> Contract:
         by_id[env.id] = rev
     for env, data in specs:
         action = _action(data)
-        if action == "propose":
-            continue
-        subj = contract.subjects.setdefault(data.subject, Subject(data.subject))
+        subj = contract.subjects.get(data.subject)
+        if action == "propose" or subj is None:
+            continue  # (an answer to a proposal nobody here has seen counts for nothing)
         subj.seen.add(env.sender)
         if action == "withdraw":
             if subj.withdrawn is None or data.rev >= subj.withdrawn[1]:

@@ -168,7 +168,8 @@ def test_spec_and_status_messages_travel_both_ways_with_their_typed_fields(
     back = messages(impl.ok("recv", "--json").lines)
     assert [(m["kind"], m["data"]) for m in back] == [
         ("spec", {"subject": "POST /users", "rev": 1, "state": "agreed"}),
-        ("status", {"state": "red", "commit": "abc1234"}),
+        # (the one agreed subject: the status is against its revision in force, even agreed the old way)
+        ("status", {"state": "red", "commit": "abc1234", "spec": "POST /users", "rev": 1}),
     ]
     assert back[0]["re"] == spec["id"] and back[1]["body"] == "tests written,\nall red\n"
     assert messages(impl.ok("recv", "--json").lines) == []  # shown once

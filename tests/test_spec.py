@@ -419,3 +419,58 @@ def test_stop_hook_waits_for_the_answer_to_a_proposal(pair_of: tuple[Session, Se
     decision = json.loads(out)
     assert decision["decision"] == "block"
     assert f"kind=spec subject='{SUBJECT}' rev=1 state=agreed" in decision["reason"]
+
+
+def test_any_mix_of_spec_messages_folds_without_raising() -> None:
+    """Whatever spec messages arrive, in any order (answers before proposals, digests of other texts,
+    agreements to revisions never seen, old `send --kind spec` ones), the fold and every command's check
+    give a state or a one-line UsageError, never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mqttalk._errors import UsageError
+    from mqttalk._spec import digest, fold, plan_agree, plan_propose, plan_reject, plan_withdraw, status_spec
+    from mqttalk._wire import new_envelope
+
+    texts = ["a", "b", "a "]
+    message = st.fixed_dictionaries(
+        {
+            "sender": st.sampled_from(["impl", "tests", "review"]),
+            "subject": st.sampled_from(["S", "T"]),
+            "rev": st.integers(1, 3),
+            "action": st.sampled_from([None, "propose", "agree", "reject", "withdraw"]),
+            "state": st.sampled_from(["proposed", "agreed", "rejected"]),
+            "text": st.sampled_from(texts),
+            "digest": st.sampled_from([None, *[digest(t) for t in texts], "0" * 64]),
+            "needs": st.sampled_from([None, [], ["tests"], ["impl", "review"]]),
+        }
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(message, max_size=12), st.randoms())
+    def check(items: list[dict[str, object]], rnd: object) -> None:
+        envs = []
+        for item in items:
+            data = {k: item[k] for k in ("subject", "rev", "state", "action", "digest", "needs")}
+            envs.append(new_envelope(str(item["sender"]), "spec", str(item["text"]), data=data))
+        rnd.shuffle(envs)  # type: ignore[attr-defined]
+        contract = fold(envs)
+        for subj in contract.subjects.values():
+            assert subj.state in ("proposed", "waiting", "agreed", "rejected", "conflict", "withdrawn")
+            if subj.in_force is not None:
+                assert subj.in_force.agreed
+        for act in (
+            lambda: plan_agree(contract, "S", "tests"),
+            lambda: plan_agree(contract, "S", "tests", 2),
+            lambda: plan_reject(contract, "T", "impl", "why"),
+            lambda: plan_withdraw(contract, "S", "impl"),
+            lambda: plan_propose(contract, "S", "a", "impl", ["tests"]),
+            lambda: status_spec(contract, None, None),
+            lambda: status_spec(contract, "T", None),
+        ):
+            try:
+                act()
+            except UsageError as exc:
+                assert "\n" not in exc.line()
+
+    check()
