@@ -170,9 +170,9 @@ def fold(envelopes: list[Envelope]) -> Contract:
         by_id[env.id] = rev
     for env, data in specs:
         action = _action(data)
-        subj = contract.subjects.get(data.subject)
-        if action == "propose" or subj is None:
+        if action == "propose" or data.subject not in contract.subjects:
             continue  # (an answer to a proposal nobody here has seen counts for nothing)
+        subj = contract.subjects[data.subject]
         subj.seen.add(env.sender)
         if action == "withdraw":
             if subj.withdrawn is None or data.rev >= subj.withdrawn[1]:
