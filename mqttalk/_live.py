@@ -373,8 +373,8 @@ class Live:
             # Our own name included: a name check (Channel._check_name) must see who holds it.
             roster = sorted((self._roster or set()) - self._fresh)
             missing = (roster + sorted(set(known) - self._fresh - set(roster)))[:MAX_EXACT]
-            if missing:
-                link.subscribe([us.topics.presence(peer) for peer in missing])
+            if missing:  # (and their retained spec contract states, which such a broker left out too)
+                link.subscribe([us.topics.presence(peer) for peer in missing] + [us.topics.spec(p) for p in missing])
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
