@@ -54,8 +54,9 @@ RETRY_EVERY = 1.0  # seconds between push passes when nothing wakes the pusher (
 
 INSTRUCTIONS = """\
 mqttalk connects this coding-agent session with other sessions working on the same project (another
-checkout, maybe another machine): agree on interfaces (kind spec), report progress (kind status), ask
-and answer (question, answer), leave notes. Call `receive` at the start of a task and after each step;
+checkout, maybe another machine): agree on interfaces (spec_propose, spec_agree, spec_list: a contract
+of numbered revisions, each agreed to by its exact text), report progress (kind status: it names the
+agreed revision), ask and answer (question, answer), leave notes. Call `receive` at the start of a task and after each step;
 after you asked or proposed something and have nothing else to do, `receive` with wait=50. `status`
 lists the peers. If there is no channel yet, `create` one (then show the join URL to your user) or
 `pair` with a join URL your user gives you. The `guide` resource and prompt say more.

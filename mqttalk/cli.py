@@ -1179,6 +1179,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if not args:
             args = ["--help"]
+        elif args == ["spec"]:  # (a group alone: its help, as `mqttalk` alone shows the app's)
+            args = ["spec", "--help"]
         if not all(arg.isascii() for arg in args):  # (cheap: most command lines are ASCII)
             from ._input import check_args
 
@@ -1193,6 +1195,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
         command = next((a for a in args if not a.startswith("-")), "")
         hint = f"see `mqttalk {command} --help`" if command in app_commands() else "see `mqttalk --help`"
+        sub = next((a for a in args[args.index(command) + 1 :] if not a.startswith("-")), "") if command else ""
+        if command == "spec" and sub in spec_app_commands():
+            hint = f"see `mqttalk spec {sub} --help`"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"mqttalk: error: {message} ({hint})", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 0) or EXIT_USAGE)
@@ -1243,6 +1248,10 @@ def _group_name(group: typer.models.TyperInfo) -> str:
 
 def _name(command: typer.models.CommandInfo) -> str:
     return command.name or (command.callback.__name__ if command.callback else "")
+
+
+def spec_app_commands() -> set[str]:
+    return {c.name or "" for c in spec_app.registered_commands}
 
 
 def app_commands() -> set[str]:
