@@ -599,6 +599,10 @@ class Live:
                     f"presence of a peer past the first {MAX_PEERS} of the channel (a flood of made-up peers?)",
                 )
                 continue
+            if section == "spec":  # opened only if a member wrote it (a flood of made-up ones costs no decryption)
+                if item.payload:  # (an empty one clears it)
+                    self._contracts.append((item.topic, level, item.payload))
+                continue
             data = us.unwrap(item.topic, item.payload)
             if data is None:
                 self._drop(
@@ -624,8 +628,7 @@ class Live:
                 self._handled += 1
                 self._see_presence(item.topic, level, data, at)
             elif section == "spec":
-                if data:  # (an empty one clears it)
-                    self._contracts.append((item.topic, level, data))
+                pass  # (taken in once the backlog is in: _take_contracts)
             elif section == "repair":
                 note = decode_note(data, at=at)
                 if note is None or us.topics.level(note.sender) != level or note.to != us.me:
@@ -641,8 +644,19 @@ class Live:
         member, known by its presence or the roster, and so must each message's sender."""
         us = self.peer
         pending, self._contracts = self._contracts, []
+        if not pending:
+            return
         at = now()
-        for topic, level, data in pending:
+        members = set(self.presences) | self._known | set(self._roster or ())
+        levels = {us.topics.level(name): name for name in members}
+        for topic, level, payload in pending:
+            if level not in levels:
+                self._drop(topic, payload, "dropped", f"spec contract state on {topic} of a name that never joined")
+                continue
+            data = us.unwrap(topic, payload)
+            if data is None:
+                self._drop(topic, payload, "decrypt_fail", f"payload on {topic} does not open with this channel's key")
+                continue
             got = decode_contract(data, at=at)
             if got is None or us.topics.level(got[0].sender) != level:
                 self._drop(topic, data, "dropped", f"malformed spec contract state on {topic}")
