@@ -48,6 +48,7 @@ REPAIR_EVERY = 2.0  # s: a sender answers one repair note of a peer at most this
 REPAIR_MAX = 5000  # messages sent again for one note at most (the reader asks again for the rest)
 MAX_PEERS = 256  # peers a reader takes presence from, beyond those in the roster (see _crowded)
 MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
+MAX_SPEC_EXACT = 16  # spec contract topics a connect subscribes to by name at most (see _connect)
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 
@@ -373,8 +374,13 @@ class Live:
             # Our own name included: a name check (Channel._check_name) must see who holds it.
             roster = sorted((self._roster or set()) - self._fresh)
             missing = (roster + sorted(set(known) - self._fresh - set(roster)))[:MAX_EXACT]
-            if missing:  # (and their retained spec contract states, which such a broker left out too)
-                link.subscribe([us.topics.presence(peer) for peer in missing] + [us.topics.spec(p) for p in missing])
+            if missing:
+                link.subscribe([us.topics.presence(peer) for peer in missing])
+                # ... and the retained spec contract states such a broker left out too: of roster members
+                # only (sealed names members wrote), in a SUBSCRIBE of their own (NATS refuses long ones).
+                owners = [p for p in missing if p in (self._roster or ())][:MAX_SPEC_EXACT]
+                if owners:
+                    link.subscribe([us.topics.spec(p) for p in owners])
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
