@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ._peer import Event, Status
 
 DATA = Path(__file__).parent / "data"
+Voice = Literal["cli", "mcp"]  # who reads the guide: an agent with a shell, or one with mqttalk's MCP tools
 
 
 def data_text(name: str) -> str:
@@ -65,9 +66,14 @@ def share_text(peer: str, url: str) -> str:
     return data_text("share.txt").strip().format(peer=peer, url=url, other=other)
 
 
-def start_guide(cwd: Path) -> str:
+def start_guide(cwd: Path, voice: Voice = "cli") -> str:
     """The guide before this directory has a channel: how to create or join one."""
-    return fill(data_text("guide-start.md"), cwd=str(cwd)).rstrip() + "\n"
+    return fill(data_text(_voiced("guide-start.md", voice)), cwd=str(cwd)).rstrip() + "\n"
+
+
+def _voiced(name: str, voice: Voice) -> str:
+    """The guide text for a voice: ``guide.md`` names commands, ``guide-mcp.md`` the MCP tools."""
+    return name if voice == "cli" else name.replace(".md", "-mcp.md")
 
 
 def channel_guide(
@@ -77,10 +83,11 @@ def channel_guide(
     status: Status | None = None,
     cwd: Path | None = None,
     status_error: str | None = None,
+    voice: Voice = "cli",
 ) -> str:
     """The guide for a bound channel. ``status`` (a :class:`~._channel.Status`) names the peers; without
     one (broker unreachable) ``status_error`` says why they are not listed."""
-    from ._render import LONG_BODY, line, more_peers, shown_peers
+    from ._render import LONG_BODY, line, mcp_voiced, more_peers, shown_peers
 
     if status is not None:  # at most a screenful of peers; names and roles are theirs: escaped
         others, more = shown_peers([p for p in status.peers if not p.me])
@@ -93,9 +100,9 @@ def channel_guide(
         peers = f"unknown ({status_error or 'broker not reached'}); `mqttalk status` lists them"
         unread = str(channel.store.unread_count(channel.url.channel, channel.me))
     shown_role = channel.role or ""
-    return (
+    text = (
         fill(
-            data_text("guide.md"),
+            data_text(_voiced("guide.md", voice)),
             me=channel.me,
             role=f" ({shown_role})" if shown_role else "",
             broker=channel.url.broker.display(),
@@ -107,24 +114,30 @@ def channel_guide(
         ).rstrip()
         + "\n"
     )
+    return text if voice == "cli" else mcp_voiced(text)
 
 
 def guide(
-    settings: Settings, cwd: Path, role: str | None = None, on_event: Callable[[Event], None] | None = None
+    settings: Settings,
+    cwd: Path,
+    role: str | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    *,
+    voice: Voice = "cli",
 ) -> str:
     """The guide for ``cwd``: the channel's if it has one, else how to start one. ``on_event`` hears what
-    reading the peers' presence brings (a PAIRED notice)."""
+    reading the peers' presence brings (a PAIRED notice); ``voice``: commands ("cli") or MCP tools ("mcp")."""
     from ._api import open_channel
     from ._errors import MqttalkError, NotBound
 
     try:
         channel = open_channel(settings, cwd, on_event=on_event)
     except NotBound:
-        return start_guide(cwd)
+        return start_guide(cwd, voice)
     binding = channel.binding
     where = Path(binding.directory) if binding is not None and binding.directory else cwd
     try:
         status = channel.status()
     except MqttalkError as exc:
-        return channel_guide(channel, role=role, cwd=where, status_error=exc.message)
-    return channel_guide(channel, role=role, status=status, cwd=where)
+        return channel_guide(channel, role=role, cwd=where, status_error=exc.message, voice=voice)
+    return channel_guide(channel, role=role, status=status, cwd=where, voice=voice)

@@ -1,8 +1,16 @@
-"""`mqttalk install claude`: write mqttalk's hooks (and a skill) into Claude Code's settings.
+"""`mqttalk install claude`: set Claude Code up: the MCP server as a channel, hooks, and a skill.
 
-Merges into ``.claude/settings.json`` (project) or ``~/.claude/settings.json`` (user): other settings
-and other hooks are kept; an mqttalk hook already there is updated in place, never added twice, so
-running it again changes nothing. It reports each change and shows the settings file's diff.
+- ``.mcp.json`` (project): the ``mqttalk`` MCP server, run as ``mqttalk mcp --claude-channel``. In a Claude
+  Code started with ``--dangerously-load-development-channels server:mqttalk`` it pushes each peer message
+  into the session as it arrives; in one started without, it pushes nothing (see ``_mcp.claude_channels``).
+  For ``--user`` the server is Claude Code's own user state (``~/.claude.json``): the ``claude mcp add``
+  command that adds it is printed, not run.
+- Hooks in ``.claude/settings.json`` (project) or ``~/.claude/settings.json`` (user): the fallback that shows
+  peer messages on the next prompt, tool call or stop, in a session started without channels. Both read
+  the same cursor: what the channel pushed is read, so the hooks never show it again.
+
+Everything is merged: other settings, hooks and servers are kept; what is mqttalk's is updated in place,
+never added twice, so running it again changes nothing. It reports each change and shows the diff.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from ._errors import UsageError
 
 HOOK_MARK = "hook claude"  # how an mqttalk hook command is recognised (whatever path runs mqttalk)
 HOOK_TIMEOUTS = {"UserPromptSubmit": 15, "PostToolUse": 15}  # seconds Claude Code lets each run take
+SERVER_NAME = "mqttalk"  # the MCP server's name in Claude Code (server:mqttalk for the channels flag)
+CHANNEL_ARGS = ["mcp", "--claude-channel"]
 
 
 @dataclass
@@ -107,18 +117,72 @@ def merge_settings(settings: dict[str, Any], hooks: dict[str, dict[str, Any]]) -
     return changes
 
 
-def plan_claude(target: Path, *, stop_wait: float, skill: bool, command: str | None = None) -> Plan:
-    """What `install claude` would write under ``target`` (a project directory or the home directory)."""
-    plan = Plan()
-    path = target / ".claude" / "settings.json"
+def start_lines(command: str, *, user: bool) -> list[str]:
+    """What to tell the user after installing: how to add the server (user scope) and start Claude Code."""
+    lines = []
+    if user:
+        lines.append(
+            f"mqttalk: add the MCP server for every project with: claude mcp add --scope user {SERVER_NAME} -- "
+            f"{command} {' '.join(CHANNEL_ARGS)}"
+        )
+    lines += [
+        "mqttalk: start Claude Code with the channel, so peer messages arrive in the session as they come: "
+        f"claude --dangerously-load-development-channels server:{SERVER_NAME}",
+        "mqttalk: (Claude Code 2.1.80+, signed in with claude.ai; it asks once to trust the project's .mcp.json"
+        " server. Started without the flag, the hooks show peer messages on the next prompt, tool call or stop.)",
+    ]
+    return lines
+
+
+def merge_mcp_json(config: dict[str, Any], command: str) -> list[str]:
+    """Put the mqttalk server into a ``.mcp.json`` object (in place); one line per change."""
+    servers = config.setdefault("mcpServers", {})
+    if not isinstance(servers, dict):
+        raise UsageError('.mcp.json\'s "mcpServers" is not an object', "fix it by hand; nothing was changed")
+    wanted = {"command": command, "args": list(CHANNEL_ARGS)}
+    current = servers.get(SERVER_NAME)
+    if current is None:
+        servers[SERVER_NAME] = {"type": "stdio", **wanted}
+        return [f"added MCP server {SERVER_NAME}: {command} {' '.join(CHANNEL_ARGS)}"]
+    if not isinstance(current, dict) or "mqttalk" not in Path(str(current.get("command", ""))).name:
+        raise UsageError(
+            f'.mcp.json already has a server named "{SERVER_NAME}" that does not run mqttalk',
+            "rename or remove it, then run this again; nothing was changed",
+        )
+    if {key: current.get(key) for key in wanted} == wanted:
+        return []
+    current.update(wanted)  # (its env and other keys are the user's: kept)
+    return [f"updated MCP server {SERVER_NAME}: {command} {' '.join(CHANNEL_ARGS)}"]
+
+
+def _json_object(path: Path) -> tuple[str | None, dict[str, Any]]:
     old = path.read_text(encoding="utf-8") if path.exists() else None
     try:
-        settings = json.loads(old) if old and old.strip() else {}
+        value = json.loads(old) if old and old.strip() else {}
     except ValueError as exc:
         raise UsageError(f"{path} is not valid JSON: {exc}", "fix it by hand; nothing was changed") from None
-    if not isinstance(settings, dict):
+    if not isinstance(value, dict):
         raise UsageError(f"{path} does not hold a JSON object", "fix it by hand; nothing was changed")
-    changes = merge_settings(settings, wanted_hooks(command or mqttalk_command(), stop_wait))
+    return old, value
+
+
+def plan_claude(
+    target: Path, *, stop_wait: float, skill: bool, command: str | None = None, mcp_json: bool = False
+) -> Plan:
+    """What `install claude` would write under ``target`` (a project directory or the home directory);
+    ``mcp_json``: also the project's ``.mcp.json`` server."""
+    plan = Plan()
+    command = command or mqttalk_command()
+    if mcp_json:
+        path = target / ".mcp.json"
+        old, config = _json_object(path)
+        changes = merge_mcp_json(config, command)
+        if changes:
+            plan.files[path] = (old, json.dumps(config, indent=2) + "\n")
+            plan.changes += [f"{path}: {c}" for c in changes]
+    path = target / ".claude" / "settings.json"
+    old, settings = _json_object(path)
+    changes = merge_settings(settings, wanted_hooks(command, stop_wait))
     if changes:
         plan.files[path] = (old, json.dumps(settings, indent=2) + "\n")
         plan.changes += [f"{path}: {c}" for c in changes]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -137,6 +138,37 @@ class Voice:
 
 CLI = Voice(wait="`mqttalk recv --wait SECONDS`", send="`mqttalk send`")
 MCP = Voice(wait="calling `receive` with a wait", send="calling `send`")
+
+# A command a sentence names, as the MCP tool that does the same (first match wins; `mqttalk broker` and
+# `mqttalk mcp` have no tool: they stay commands for the user's terminal).
+_AS_TOOLS = [
+    (r"`mqttalk recv --wait[^`]*`", "calling `receive` with a wait"),
+    (r"`mqttalk recv[^`]*`", "`receive`"),
+    (r"`mqttalk status[^`]*`", "`status`"),
+    (r"`mqttalk log[^`]*`", "`history`"),
+    (r"`mqttalk send[^`]*`", "`send`"),
+    (r"`mqttalk create[^`]*`", "`create`"),
+    (r"`mqttalk pair[^`]*`", "`pair`"),
+    (r"`mqttalk leave[^`]*`", "`leave`"),
+    (r"`mqttalk guide[^`]*`", "the `mqttalk://guide` resource"),
+    *[(rf"`mqttalk spec {name}[^`]*`", f"`spec_{name}`") for name in ("propose", "agree", "reject", "withdraw")],
+    *[(rf"`mqttalk spec {name}[^`]*`", f"`spec_{name}`") for name in ("list", "show", "diff", "export")],
+]
+_TOOL_NAMES = re.compile("|".join(f"(?:{pattern})" for pattern, _ in _AS_TOOLS))
+_RUN_TOOL = re.compile(r"\b(run|use|try) (?=`mqttalk (?!broker|mcp))")
+
+
+def mcp_voiced(text: str) -> str:
+    """A sentence written for a shell, said to an MCP agent: each mqttalk command it names becomes the
+    tool that does the same ("run `mqttalk create --as NAME`" -> "call `create`")."""
+
+    def tool(match: re.Match[str]) -> str:
+        for pattern, words in _AS_TOOLS:
+            if re.fullmatch(pattern, match.group(0)):
+                return words
+        return match.group(0)  # (unreachable: the alternation is made of the same patterns)
+
+    return _TOOL_NAMES.sub(tool, _RUN_TOOL.sub("call ", text))
 
 
 def paired_text(peer: str, role: str | None) -> str:
@@ -310,7 +342,7 @@ def status_text(st: Status) -> str:
     lines = [f"channel: {st.url} ({'sealed' if st.sealed else 'plain'}, {st.protocol})", f"you:     {line(st.me)}"]
     others, more = shown_peers([p for p in st.peers if not p.me])
     if not others:
-        lines.append("peers:   none yet (share the join URL: `mqttalk pair URL`)")
+        lines.append("peers:   none yet (the other session joins with `mqttalk pair URL`)")
     for i, p in enumerate(others):
         role = f" [{line(p.role)}]" if p.role else ""
         proof = "" if p.paired else " (has not answered our pairing challenge yet)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -769,21 +770,38 @@ def mcp(
         bool,
         typer.Option(
             "--claude-channel",
-            help="Be a Claude Code channel: push each peer message and notice to the session as it arrives "
-            "(and mark it read). Only for a Claude Code started with the channel enabled: another client "
-            "drops the pushes.",
+            help="Be a Claude Code channel: push each peer message and notice into the session as it arrives "
+            "(marked read). Pushes only when the Claude Code that started this server was given "
+            "--dangerously-load-development-channels server:NAME (NAME: --server-name); otherwise messages "
+            "stay unread for the receive tool and the hooks.",
         ),
     ] = False,
+    always: Annotated[
+        bool,
+        typer.Option(
+            "--claude-channel-always",
+            help="Push without that check (a client you know shows channel notifications; any other drops "
+            "them, and what it dropped is marked read).",
+        ),
+    ] = False,
+    server_name: Annotated[
+        str, typer.Option("--server-name", metavar="NAME", help="The name Claude Code knows this server by.")
+    ] = "mqttalk",
 ) -> None:
     """Run an MCP server on stdin/stdout, so an agent uses mqttalk as native tools.
 
     \b
-    Tools: receive (waits up to 55 s), send, status, history, create, pair, leave; the guide is a
-    resource (mqttalk://guide) and a prompt. It holds this directory's channel with presence online and
-    stores messages as they arrive. Claude Code: claude mcp add mqttalk -- mqttalk mcp
-    With channels: claude mcp add mqttalk -- mqttalk mcp --claude-channel, then
-    claude --dangerously-load-development-channels server:mqttalk (Claude Code 2.1.80+).
+    Tools: receive (waits up to 55 s), send, status, history, create, pair, leave.
+    Resources: mqttalk://guide, mqttalk://inbox and mqttalk://peers (subscribe: the server says when
+    they change). It holds this directory's channel with presence online and stores messages as they
+    arrive. `mqttalk install claude` sets up Claude Code (hooks, and .mcp.json with --claude-channel);
+    then start it with: claude --dangerously-load-development-channels server:mqttalk (2.1.80+).
+    Other clients: command `mqttalk`, arguments `mcp` (README: one section per client).
     Needs the mcp package: pip install 'mqttalk[mcp]'."""
+    from ._errors import UsageError
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", server_name):
+        raise UsageError(f"--server-name {server_name[:40]!r} is not a server name", "use letters, digits, - _ .")
     try:
         import mcp.server.mcpserver  # noqa: F401 - only to say clearly when the optional package is missing
     except ImportError:
@@ -791,7 +809,14 @@ def mcp(
         raise typer.Exit(1) from None
     from ._mcp import serve
 
-    serve(_settings(), Path.cwd().resolve(), service=SERVICE, push=channel)
+    serve(
+        _settings(),
+        Path.cwd().resolve(),
+        service=SERVICE,
+        push=channel or always,
+        always=always,
+        server_name=server_name,
+    )
 
 
 @app.command()
@@ -837,29 +862,45 @@ def install(
     stop_wait: Annotated[
         float, typer.Option(metavar="SECONDS", help="How long the Stop hook waits for an awaited reply.")
     ] = 90.0,
+    mcp_server: Annotated[
+        bool,
+        typer.Option(
+            "--mcp/--no-mcp",
+            help="Also add the MCP server, as a channel, to the project's .mcp.json (--user: print how).",
+        ),
+    ] = True,
 ) -> None:
-    """Set up Claude Code: hooks that show new peer messages (UserPromptSubmit, PostToolUse, Stop) and a skill.
+    """Set up Claude Code: the MCP server as a channel, hooks, and a skill.
 
-    Merges into the settings file, keeping everything else; running it again changes nothing. Prints each
-    change and the settings diff. For MCP tools as well: claude mcp add mqttalk -- mqttalk mcp"""
+    \b
+    .mcp.json: the mqttalk server (mqttalk mcp --claude-channel). Start Claude Code with
+      claude --dangerously-load-development-channels server:mqttalk
+    and each peer message arrives in the session the moment it comes.
+    .claude/settings.json: hooks (UserPromptSubmit, PostToolUse, Stop) that show new peer messages in a
+    session started without channels. Both read one cursor: nothing is shown twice.
+    Merges into the files, keeping everything else; running it again changes nothing. Prints each
+    change and the diff."""
     from ._errors import UsageError
     from ._input import check_seconds
-    from ._install import plan_claude
+    from ._install import mqttalk_command, plan_claude, start_lines
 
     check_seconds(stop_wait, "--stop-wait")
     if agent != "claude":
         raise UsageError(f"unknown agent {agent!r}", "only claude is supported")
     if user and project:
         raise UsageError("--user and --project exclude each other")
-    plan = plan_claude(Path.home() if user else Path.cwd(), stop_wait=stop_wait, skill=skill)
+    command = mqttalk_command()
+    target = Path.home() if user else Path.cwd()
+    plan = plan_claude(target, stop_wait=stop_wait, skill=skill, command=command, mcp_json=mcp_server and not user)
     if not plan.changes:
         print("mqttalk: nothing to change: Claude Code is already set up" + (" for this user" if user else " here"))
-        return
     for change in plan.changes:
         print(f"mqttalk: {'would change' if dry_run else 'changed'}: {change}")
     print(plan.diff(), end="")
     if not dry_run:
         plan.write()
+    if mcp_server:
+        print("\n".join(start_lines(command, user=user)))
 
 
 spec_app = typer.Typer(

@@ -158,7 +158,7 @@ def test_mcp_server_lists_its_tools_and_serves_the_guide(sessions: tuple[Session
             assert "wait" in tools["receive"].input_schema["properties"]
             assert {"text", "kind", "subject", "state", "re"} <= set(tools["send"].input_schema["properties"])
             resource = await client.read_resource("mqttalk://guide")
-            assert "mqttalk create --as NAME" in resource.contents[0].text  # no channel yet here
+            assert "call `create` with name=NAME" in resource.contents[0].text  # no channel yet: MCP-voiced
             prompt = await client.get_prompt("guide")
             assert "data, not instructions" in prompt.messages[0].content.text
             result = await client.call_tool("receive", {})
@@ -420,7 +420,10 @@ def test_stop_hook_waiting_for_a_reply_is_not_ended_by_a_pairing(
         )
     )
     proc.stdin.close()
-    time.sleep(2.0)
+    deadline = time.monotonic() + 30  # (a fixed 2 s was too short for a loaded machine: wait for it)
+    while not any(p["name"] == "tests" and p["state"] == "online" for p in status_of(impl)["peers"]):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the Stop hook's session never came online"
+        time.sleep(0.3)
     docs = Session("docs", impl.cwd.parent)
     assert "PAIRED with tests" in docs.ok("pair", url, "--as", "docs").out  # the waiting hook answered
     time.sleep(1.0)
@@ -465,9 +468,14 @@ def test_install_claude_merges_into_settings_and_is_idempotent(sessions: tuple[S
     settings.write_text(json.dumps(mine))
     dry = impl.ok("install", "claude", "--dry-run")
     assert "would change" in dry.out and json.loads(settings.read_text()) == mine
+    (impl.cwd / ".mcp.json").write_text(json.dumps({"mcpServers": {"db": {"command": "db-mcp", "args": []}}}))
     first = impl.ok("install", "claude")
-    assert first.out.count("mqttalk: changed:") == 4  # three hooks and the skill
+    assert first.out.count("mqttalk: changed:") == 5  # the MCP server, three hooks and the skill
     assert "+++ " in first.out  # the diff it made
+    assert "claude --dangerously-load-development-channels server:mqttalk" in first.out  # how to start it
+    servers = json.loads((impl.cwd / ".mcp.json").read_text())["mcpServers"]
+    assert servers["db"] == {"command": "db-mcp", "args": []}  # the user's own server is kept
+    assert servers["mqttalk"]["args"] == ["mcp", "--claude-channel"] and "mqttalk" in servers["mqttalk"]["command"]
     got = json.loads(settings.read_text())
     assert got["permissions"] == mine["permissions"]
     post = got["hooks"]["PostToolUse"]
@@ -478,9 +486,10 @@ def test_install_claude_merges_into_settings_and_is_idempotent(sessions: tuple[S
         assert ours[0]["timeout"] >= 15
     skill = (impl.cwd / ".claude" / "skills" / "mqttalk" / "SKILL.md").read_text()
     assert skill.startswith("---\nname: mqttalk\ndescription: ") and "mqttalk guide" in skill
-    before = settings.read_bytes()
+    before, servers_before = settings.read_bytes(), (impl.cwd / ".mcp.json").read_bytes()
     second = impl.ok("install", "claude")
     assert second.out.startswith("mqttalk: nothing to change") and settings.read_bytes() == before
+    assert (impl.cwd / ".mcp.json").read_bytes() == servers_before
     command = got["hooks"]["UserPromptSubmit"][0]["hooks"][0]["command"]
     ran = subprocess.run(
         ["bash", "-c", command],
@@ -497,10 +506,17 @@ def test_install_claude_merges_into_settings_and_is_idempotent(sessions: tuple[S
 
 def test_install_claude_for_the_user_and_refuses_broken_settings(sessions: tuple[Session, Session]) -> None:
     impl, _ = sessions
-    impl.ok("install", "claude", "--user", "--no-skill")
+    user = impl.ok("install", "claude", "--user", "--no-skill")
     user_settings = json.loads((impl.home / ".claude" / "settings.json").read_text())
     assert set(user_settings["hooks"]) == {"UserPromptSubmit", "PostToolUse", "Stop"}
     assert not (impl.cwd / ".claude").exists() and not (impl.home / ".claude" / "skills").exists()
+    assert "claude mcp add --scope user mqttalk -- " in user.out and "mcp --claude-channel" in user.out
+    assert not (impl.home / ".mcp.json").exists() and not (impl.home / ".claude.json").exists()  # Claude Code's
+    (impl.cwd / ".mcp.json").write_text(json.dumps({"mcpServers": {"mqttalk": {"command": "npx", "args": ["x"]}}}))
+    taken = impl.run("install", "claude")
+    assert taken.code == 2 and 'already has a server named "mqttalk" that does not run mqttalk' in taken.err
+    assert not (impl.cwd / ".claude").exists()  # nothing written
+    (impl.cwd / ".mcp.json").unlink()
     broken = impl.cwd / ".claude" / "settings.json"
     broken.parent.mkdir()
     broken.write_text("{ not json")
