@@ -238,9 +238,9 @@ class Session:
         """Push every notice kept and every unread gap and message, oldest first, each marked read right
         after its notification was written and flushed to stdout (see :class:`Wire`); the first that fails
         ends the pass and it and the rest stay unread (``receive``, ``recv`` and the hooks show them, or the
-        next pass pushes them). All of it under the lock ``receive`` holds while it reads and marks: a message is pushed or
-        returned by ``receive``, never both, never neither. The cursor is one position in arrival order,
-        so messages are pushed in that order (the order they arrive in, which is when they are pushed)."""
+        next pass pushes them). All of it under the lock ``receive`` holds while it reads and marks: a message
+        is pushed or returned by ``receive``, never both, never neither. The cursor is one position in arrival
+        order, so messages are pushed in that order (the order they arrive in, which is when they are pushed)."""
         from ._peer import Inbox
         from ._render import gap_text, message_text
 
