@@ -26,8 +26,11 @@ The map (a module imports only from the rows below its own; ``tests/test_quality
                                              runs the CLI
 ``cli``, ``_mcp``, ``_hook``, ``_install``   the skins: read arguments, call the library, word the results
 ``_guide``, ``_demo``                        with :mod:`._render`; ``_handoff_server``: a live process runs
-``_handoff_server``                          other processes' commands
+``_handoff_server``, ``_watch``, ``_web``    other processes' commands; ``_watch``, ``_web``: the person's
+                                             peer and its page in a browser
 ``_render``                                  every sentence a person or agent reads, in a CLI or MCP voice
+``_view``, ``_transcript``                   what a person sees (members, specs, conversation) as element
+                                             trees; transcripts (md, html, json) and the page's rendering
 ``_api``                                     create / pair / open_channel: bindings, the embedded broker
 ``_channel``                                 :class:`Channel`: the one-shot operations (join, send, fetch,
                                              status, leave, history)

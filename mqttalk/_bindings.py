@@ -90,3 +90,17 @@ def require(binding: Binding | None) -> Binding:
             "run `mqttalk create --as NAME` to start one, or `mqttalk pair URL --as NAME` to join one",
         )
     return binding
+
+
+def bound_peers(state_dir: Path, channel: str) -> set[str]:
+    """The peer names this machine's directories are bound as in ``channel`` (its agents here)."""
+    from ._url import JoinURL
+
+    names = set()
+    for entry in _read(state_dir).values():
+        try:
+            if JoinURL.parse(entry["url"]).channel == channel:
+                names.add(entry["peer"])
+        except (KeyError, TypeError, UsageError):
+            continue
+    return names

@@ -513,6 +513,58 @@ class Store:
                 newest[env.sender] = env
         return sorted(newest.values(), key=lambda e: e.ts, reverse=True)
 
+    def newer(self, channel: str, after: tuple[int, int], limit: int = 500) -> tuple[list[Envelope], tuple[int, int]]:
+        """Messages written since ``after`` (the newest received row and the newest sent row seen: see
+        :meth:`ends`), at most ``limit`` of each table in their order, and the marks to ask from next time.
+        For a reader that follows the channel as it grows (`mqttalk watch`)."""
+        got: list[Envelope] = []
+        ends = list(after)
+        queries = (
+            ("SELECT n, raw FROM messages WHERE channel = ? AND n > ? ORDER BY n LIMIT ?", (channel, after[0], limit)),
+            (
+                "SELECT n, payload FROM outbox WHERE channel = ? AND n > ?"
+                " AND id NOT IN (SELECT id FROM messages WHERE channel = ?) ORDER BY n LIMIT ?",
+                (channel, after[1], channel, limit),
+            ),
+        )
+        for i, (sql, args) in enumerate(queries):
+            for n, raw in self.db.execute(sql, args).fetchall():
+                ends[i] = max(ends[i], int(n))
+                env = _envelope(raw)
+                if env is not None:
+                    got.append(env)
+        got.sort(key=lambda env: env.ts)
+        return got, (ends[0], ends[1])
+
+    def message(self, channel: str, msg_id: str) -> Envelope | None:
+        """One message of the channel by its id (received or sent here), or None."""
+        row = self.db.execute(
+            "SELECT raw FROM messages WHERE channel = ? AND id = ? UNION ALL"
+            " SELECT payload FROM outbox WHERE channel = ? AND id = ? LIMIT 1",
+            (channel, msg_id, channel, msg_id),
+        ).fetchone()
+        return _envelope(row[0]) if row else None
+
+    def ends(self, channel: str) -> tuple[int, int]:
+        """The newest received and sent row numbers of a channel (see :meth:`newer`)."""
+        row = self.db.execute(
+            "SELECT (SELECT coalesce(max(n), 0) FROM messages WHERE channel = ?),"
+            " (SELECT coalesce(max(n), 0) FROM outbox WHERE channel = ?)",
+            (channel, channel),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def gap_list(self, channel: str, limit: int = 200) -> list[tuple[Gap, float]]:
+        """The channel's gaps, newest last, with when each was found: ``open`` ones are being repaired (the
+        sender was asked to send them again), ``silent`` and ``gone`` ones are shown as GAP."""
+        rows = self.db.execute(
+            "SELECT n, sender, first, last, state, found FROM gaps WHERE channel = ? ORDER BY n DESC LIMIT ?",
+            (channel, limit),
+        ).fetchall()
+        return [(Gap(n, sender, first, last, state), float(found)) for n, sender, first, last, state, found in rows][
+            ::-1
+        ]
+
     def marks(self, channel: str) -> tuple[int, int]:
         """The newest message and gap numbers of a channel (a new member's cursors start there)."""
         row = self.db.execute(

@@ -44,6 +44,8 @@ Either side: mqttalk send "POST /users takes {email,name}"
 Agents:      mqttalk guide                     (the manual an agent reads: who is here, what to run when)
              mqttalk mcp                       (the same as MCP tools over stdio)
              mqttalk install claude            (Claude Code hooks that show new messages as they come)
+You:         mqttalk watch                     (the channel live in your browser; say something from it)
+             mqttalk log --format html > t.html  (a transcript: md, html or json)
 
 Each directory remembers the channel and peer it joined; --channel URL --as NAME (or MQTTALK_CHANNEL,
 MQTTALK_PEER) act for another. With no broker configured, `create` starts the embedded broker on
@@ -578,8 +580,26 @@ def log(
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,
+    form: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="text (default: the lines `recv` prints), or a transcript: md, html (the `watch` page's "
+            "rendering, no script) or json (one document); e.g. `mqttalk log --format html > chat.html`.",
+        ),
+    ] = "text",
 ) -> None:
-    """Show the channel's history from the local store (sent and received), oldest first."""
+    """Show the channel's history from the local store (sent and received), oldest first; --format writes a
+    transcript with the specs."""
+    if form not in ("text", "md", "html", "json"):
+        from ._errors import UsageError
+
+        raise UsageError(f"unknown --format {form!r}", "use text, md, html or json")
+    if form != "text" and as_json:
+        from ._errors import UsageError
+
+        raise UsageError("--json and --format exclude each other", "--format json writes one JSON document")
     if since is not None:
         from ._since import normalise
 
@@ -597,9 +617,61 @@ def log(
         check_peer(peer)
     out = _Printer(as_json)
     channel = _open(channel_url, as_, out)
+    if form != "text":
+        from ._transcript import as_json as json_text
+        from ._transcript import document, html, markdown
+
+        doc = document(channel, since=since, limit=limit)
+        if peer or kind:
+            doc.envelopes = [e for e in doc.envelopes if e.sender == (peer or e.sender) and e.kind == (kind or e.kind)]
+        sys.stdout.write({"md": markdown, "html": html, "json": json_text}[form](doc))
+        return
     out.bodies = channel.settings.state_dir / "bodies"
     for env in channel.history(peer=peer, kind=kind, since=since, limit=limit):
         out.message(env)
+
+
+@app.command()
+def watch(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, metavar="N", help="TCP port (default: the last one used if free, else any free one)."
+        ),
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            metavar="HOST", help="Interface to serve on. Anything but loopback lets others on the network try it."
+        ),
+    ] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+    as_: Annotated[
+        str | None,
+        typer.Option(
+            "--as", metavar="NAME", help="Your peer name as a person (default: your login name); never an agent's."
+        ),
+    ] = None,
+    channel_url: ChannelOpt = None,
+) -> None:
+    """Watch the channel live in a browser and take part as a person (a peer of your own, never an agent).
+
+    Serves a page on 127.0.0.1 and prints its URL with a secret token: the members and their presence and
+    last status, the specs with their revisions and diffs, and the conversation as it happens, with a box to
+    send a note, a question or an answer. Every request needs the token; the channel key never reaches the
+    page. Ctrl-C stops it (your presence: left)."""
+    from ._watch import serve
+
+    raise typer.Exit(
+        serve(
+            _settings(channel=channel_url),
+            HOST.cwd or Path.cwd().resolve(),
+            as_=as_,
+            host=host,
+            port=port,
+            open_browser=open_browser,
+        )
+    )
 
 
 @app.command()
