@@ -41,9 +41,9 @@ The map (a module imports only from the rows below its own; ``tests/test_quality
                                              values reported (Event, Inbox, Status)
 ``_store``, ``_transport``, ``_wire``,       the floor: SQLite, paho, the wire format, topic names, sealing,
 ``_topics``, ``_seal``, ``_url``,            join URLs, settings, file locks, directory bindings, the
-``_config``, ``_locks``, ``_bindings``,      embedded broker process, input checks
+``_config``, ``_locks``, ``_bindings``,      embedded broker process, input checks,
 ``_embedded``, ``_input``, ``_since``,
-``_state``, ``_handoff``
+``_state``, ``_handoff``, ``_spec``          spec contracts (the fold of spec messages)
 ``_errors``, ``_version``, ``errors``      the ground: anyone may import them
 ==========================================  =============================================================
 

@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._bindings import Binding
 from ._config import Settings
@@ -23,14 +23,21 @@ from ._errors import BrokerUnreachable, EmptyChannel, NameTaken, Queued, Session
 from ._live import Live, ServiceStart
 from ._locks import held, waiting_lock
 from ._outbox import Outbox
-from ._peer import Event, Inbox, Message, Peer, PeerInfo, Status, judge
+from ._peer import Event, Inbox, Message, Peer, PeerInfo, Status, Work, judge
 from ._topics import check_peer
 from ._url import JoinURL
-from ._wire import Envelope, new_envelope
+from ._wire import Envelope, StatusData, new_envelope
+
+SpecPlan = tuple[str, dict[str, Any], str | None]  # what a spec command sends: body, spec fields, --re
+SpecDone = tuple[Envelope | None, "Contract"]  # what a spec command sent (None: nothing), and the contract after
+
+if TYPE_CHECKING:
+    from ._spec import Contract
 
 __all__ = ["Channel", "Event", "Inbox", "Message", "PeerInfo", "Status"]
 
 ANSWER_GRACE = 1.0  # s a join waits for an answer from peers that are present but show no live process
+SCREENFUL_WORK = 20  # peers' last statuses `status` shows at most
 SEND_POLL = 0.02  # s between looks at the store while another process of this peer sends our message
 READ_LOCK_WAIT = 15.0  # s a reader waits for another to finish handing messages over (then goes on)
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
@@ -132,6 +139,8 @@ class Channel(Peer):
         if to is not None:
             check_peer(to)
         self._ident()  # the name is ours (or refused) before anything is queued under it
+        if kind == "status" and data is not None and "spec" not in data:
+            data = {**data, **self._spec_in_force()}
         env = new_envelope(self.me, kind, body, data=data, to=to, re=re)
         outbox = Outbox(self)
         outbox.record([env])
@@ -152,6 +161,15 @@ class Channel(Peer):
         finally:
             outbox.release()
         return env
+
+    def _spec_in_force(self) -> dict[str, Any]:
+        """A status's default spec fields: the revision in force when exactly one subject has one."""
+        envs = self.store.specs(self.url.channel)
+        if not envs:
+            return {}
+        from ._spec import fold, status_spec
+
+        return status_spec(fold(envs), None, None)
 
     def fetch(self, wait: float = 0.0) -> Inbox:
         """Unread messages (and new gaps) for this peer; with ``wait``, block up to that long for one,
@@ -208,6 +226,97 @@ class Channel(Peer):
         n, gap = self.store.cursor(self.url.channel, self.me)
         return Inbox([m for m in inbox.messages if m.n > n], [g for g in inbox.gaps if g.n > gap], inbox.paired)
 
+    def spec_op(
+        self, plan: Callable[[list[Envelope], list[str]], SpecPlan | None] | None = None
+    ) -> tuple[Envelope | None, list[Envelope]]:
+        """Read the channel's spec messages (what is queued for us taken in, and the members' retained
+        contract states: a late joiner's only source), let ``plan`` decide from them and the members
+        present what to send (a body, spec fields, the id it answers) or nothing, send it, and keep our
+        own retained contract state up to date. Returns what was sent and every spec message known."""
+        live = Live(self, online=False)
+        try:
+            live.open()
+        except SessionBusy:  # a live process of this peer holds the session (and stores what arrives)
+            live = Live(self, online=False, exclusive=False).open()
+        with live:
+            if live.exclusive:
+                live.announce("joined")
+                live.drain()
+            channel = self.url.channel
+            envs = self.store.specs(channel)
+            todo = plan(envs, live.others()) if plan is not None else None
+            env = None
+            if todo is not None:
+                body, data, re = todo
+                if live.exclusive:
+                    env = live.send(body, "spec", data=data, re=re)
+                else:
+                    env = self.send(body, "spec", data=data, re=re)
+                envs = self.store.specs(channel)
+            if {e.id for e in envs} - live.contracts.get(self.me, set()):
+                live.publish_contract(envs)
+            return env, envs
+
+    # (the spec commands: each reads the contract, checks the command against it, sends, see _spec)
+
+    def spec_propose(self, subject: str, text: str, *, re: str | None = None, to: list[str] | None = None) -> SpecDone:
+        """Propose the next revision of ``subject``; it needs the agreement of ``to`` (default: every member
+        present now)."""
+        from ._spec import check_subject, plan_propose
+
+        check_subject(subject)
+        for name in to or []:
+            check_peer(name)
+
+        def plan(envs: list[Envelope], members: list[str]) -> SpecPlan:
+            return text, plan_propose(_fold(envs), subject, text, self.me, to or members), re
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_agree(self, subject: str, rev: int | None = None) -> SpecDone:
+        """Agree to the latest revision of ``subject`` (its digest); refused for any other revision."""
+        from ._spec import check_rev, check_subject, plan_agree
+
+        check_subject(subject)
+        check_rev(rev)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_agree(_fold(envs), subject, self.me, rev)
+            return f"agreed to rev {target.rev} (sha256 {target.digest})", data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_reject(self, subject: str, why: str) -> SpecDone:
+        """Reject the latest revision of ``subject``, saying why."""
+        from ._spec import check_subject, plan_reject
+
+        check_subject(subject)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_reject(_fold(envs), subject, self.me, why)
+            return why, data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def spec_withdraw(self, subject: str) -> SpecDone:
+        """Withdraw ``subject`` (its latest proposer only)."""
+        from ._spec import check_subject, plan_withdraw
+
+        check_subject(subject)
+
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+            data, target = plan_withdraw(_fold(envs), subject, self.me)
+            return f"withdrew rev {target.rev}", data, target.id
+
+        return self._spec_done(self.spec_op(plan))
+
+    def contract(self) -> Contract:
+        """The channel's contract now (what the broker holds for us taken in first)."""
+        return _fold(self.spec_op()[1])
+
+    def _spec_done(self, done: tuple[Envelope | None, list[Envelope]]) -> SpecDone:
+        return done[0], _fold(done[1])
+
     def mark_read(self, inbox: Inbox) -> None:
         n = max((m.n for m in inbox.messages), default=0)
         gap = max((g.n for g in inbox.gaps), default=0)
@@ -243,7 +352,24 @@ class Channel(Peer):
             len(self.store.new_gaps(channel, self.me)),
             len(self.store.pending(channel, self.me)),
             self.url.sealed,
+            self.work(),
         )
+
+    def work(self) -> list[Work]:
+        """Each peer's last status, with the spec revision it is against and the one in force now."""
+        statuses = self.store.last_statuses(self.url.channel)
+        force: dict[str, int] = {}
+        if any(env.data.get("spec") for env in statuses):
+            from ._spec import fold
+
+            force = {s.name: r.rev for s, r in fold(self.store.specs(self.url.channel)).agreed()}
+        work = []
+        for env in statuses[:SCREENFUL_WORK]:
+            data = env.typed()
+            if isinstance(data, StatusData):
+                spec = data.spec if data.rev else None
+                work.append(Work(env.sender, data.state, env.ts, spec, data.rev, force.get(spec or "")))
+        return work
 
     def leave(self) -> None:
         """Mark this peer ``left`` and end its broker session (the broker drops its queue)."""
@@ -292,6 +418,12 @@ class Channel(Peer):
                 "pick another with --as NAME",
             )
         return empty
+
+
+def _fold(envs: list[Envelope]) -> Contract:
+    from ._spec import fold
+
+    return fold(envs)
 
 
 def _in_sender_order(messages: list[Message]) -> list[Message]:

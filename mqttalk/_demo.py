@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SPEC = "POST /users takes {email, name}; returns 201 {id, created_at}; 409 if the email exists."
+SPEC = "POST /users takes {email, name}; returns 201 {id, created_at}."
+SPEC2 = "POST /users takes {email, name}; returns 201 {id, created_at}; 409 if the email exists."
 
 
 class _Step(Exception):
@@ -83,32 +84,30 @@ def run(keep: bool = False) -> int:
         if "kind=question" not in cmd("impl", "recv"):
             raise _Step("impl did not receive the question")
         cmd("impl", "send", "--kind", "answer", "--re", qid.group(1) if qid else "?", "201 with {id, created_at}")
-        spec = cmd("impl", "send", "--kind", "spec", "--subject", "POST /users", SPEC)
-        sid = re.search(r"id=(\S+)", spec)
+        cmd("impl", "spec", "propose", "POST /users", SPEC)
         got = cmd("tests", "recv")
         if "kind=spec" not in got or "kind=answer" not in got:
             raise _Step("tests did not receive the answer and the spec")
-        cmd(
-            "tests",
-            "send",
-            "--kind",
-            "spec",
-            "--subject",
-            "POST /users",
-            "--state",
-            "agreed",
-            "--re",
-            sid.group(1) if sid else "?",
-            "Agreed, writing tests against it.",
-        )
+        cmd("tests", "spec", "propose", "POST /users", SPEC2)  # a counter-proposal: revision 2
+        if "rev=2 state=proposed" not in cmd("impl", "recv"):
+            raise _Step("impl did not receive the counter-proposal")
+        cmd("impl", "spec", "diff", "POST /users", "1", "2")
+        agreed = cmd("impl", "spec", "agree", "POST /users")
+        if "agreed by all" not in agreed:
+            raise _Step("impl's agreement did not make rev 2 agreed by all")
         cmd("tests", "send", "--kind", "status", "--state", "red", "tests written, all red")
         got = cmd("impl", "recv")
-        if "state=agreed" not in got or "state=red" not in got:
-            raise _Step("impl did not receive the agreement and the red status")
+        if "state=red spec='POST /users' rev=2" not in got:
+            raise _Step("impl did not receive the red status against rev 2")
         cmd("impl", "send", "--kind", "status", "--state", "green", "implemented; green on my side")
         got = cmd("tests", "recv", "--wait", "5")
-        if "state=green" not in got:
-            raise _Step("tests did not receive the green status")
+        if "rev=2 state=agreed" not in got or "state=green spec='POST /users' rev=2" not in got:
+            raise _Step("tests did not receive the agreement and the green status against rev 2")
+        if "agreed by all" not in cmd("tests", "spec", "list"):
+            raise _Step("tests' spec list does not show POST /users agreed by all")
+        exported = cmd("tests", "spec", "export", "--out", str(root / "api-tests" / "specs"))
+        if "EXPORTED 'POST /users' rev 2" not in exported:
+            raise _Step("tests did not export the agreed spec")
         cmd("tests", "status")
         cmd("impl", "leave")
         status = cmd("tests", "status")
@@ -125,5 +124,8 @@ def run(keep: bool = False) -> int:
             print(f"\n(kept {root})")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    print("\nmqttalk demo: OK - paired, negotiated a spec, reported red then green, and left.")
+    print(
+        "\nmqttalk demo: OK - paired, negotiated a spec to an agreed revision, reported red then green against it,"
+        " exported it, and left."
+    )
     return 0

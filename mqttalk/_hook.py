@@ -187,8 +187,8 @@ def _due(state_dir: Path, client_id: str, every: float) -> bool:
 
 
 def _awaiting_reply(channel: Channel) -> bool:
-    """Mid-negotiation: the last message in the channel is ours and asks for an answer (a question,
-    or a spec still proposed)."""
+    """Mid-negotiation: the last message in the channel is ours and asks for an answer (a question, a
+    spec proposal: `spec propose` or `send --kind spec`, or a `spec reject`, which awaits a new proposal)."""
     last = channel.history(limit=1)
     if not last:
         return False
@@ -197,7 +197,9 @@ def _awaiting_reply(channel: Channel) -> bool:
         return False
     if env.kind == "question":
         return True
-    return env.kind == "spec" and str(env.data.get("state", "proposed")) == "proposed"
+    if env.kind != "spec":
+        return False
+    return str(env.data.get("state", "proposed")) == "proposed" or env.data.get("action") == "reject"
 
 
 def _context(channel: Channel, inbox: Inbox, notices: list[str], *, waited: bool) -> str:

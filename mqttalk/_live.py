@@ -26,10 +26,12 @@ from ._wire import (
     Envelope,
     Presence,
     RepairNote,
+    decode_contract,
     decode_envelope,
     decode_note,
     decode_presence,
     decode_roster,
+    encode_contract,
     encode_roster,
     in_window,
     new_envelope,
@@ -46,6 +48,7 @@ REPAIR_EVERY = 2.0  # s: a sender answers one repair note of a peer at most this
 REPAIR_MAX = 5000  # messages sent again for one note at most (the reader asks again for the rest)
 MAX_PEERS = 256  # peers a reader takes presence from, beyond those in the roster (see _crowded)
 MAX_EXACT = 64  # presence topics a connect subscribes to by name at most (see _connect)
+MAX_SPEC_EXACT = 16  # spec contract topics a connect subscribes to by name at most (see _connect)
 _NETWORK_ERRORS = (BrokerUnreachable, TimedOut)
 
 
@@ -129,6 +132,8 @@ class Live:
         self._answer_at: dict[str, float] = {}  # peer -> when its newest note may be answered (see _answer)
         self._budget_at = 0.0  # no note is answered before this (monotonic): REPAIR_MAX were just sent again
         self._budget_used = 0
+        self._contracts: list[tuple[str, str, bytes]] = []  # retained contract states to take in (see _take_contracts)
+        self.contracts: dict[str, set[str]] = {}  # member -> ids of the spec messages its retained contract state holds
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -268,6 +273,14 @@ class Live:
             raise Queued(env.id, "the broker did not acknowledge it")
         return env
 
+    def publish_contract(self, envs: list[Envelope]) -> None:
+        """Retain this peer's copy of the channel's spec messages, for peers that join later."""
+        us = self.peer
+        topic = us.topics.spec(us.me)
+        payload = us.wrap(topic, encode_contract(us.me, envs))
+        self._live_link().publish(topic, payload, retain=True, meta=us.meta[1])
+        self.contracts[us.me] = {env.id for env in envs}
+
     def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed to the network was acknowledged (``timeout`` 0: send what is
         pending and take in the acknowledgements already there, without waiting)."""
@@ -346,7 +359,7 @@ class Live:
             self._synced = False
             self._stale.clear()
             self._fresh.clear()
-            topics = [us.topics.all_presence, us.topics.roster, us.topics.sync(link.client_id)]
+            topics = [us.topics.all_presence, us.topics.roster, us.topics.all_spec, us.topics.sync(link.client_id)]
             if self.exclusive:
                 topics += [us.topics.all_msg, us.topics.repairs_for(us.me)]
             link.subscribe(topics, no_local=frozenset({us.topics.all_msg}))
@@ -363,6 +376,11 @@ class Live:
             missing = (roster + sorted(set(known) - self._fresh - set(roster)))[:MAX_EXACT]
             if missing:
                 link.subscribe([us.topics.presence(peer) for peer in missing])
+                # ... and the retained spec contract states such a broker left out too: of roster members
+                # only (sealed names members wrote), in a SUBSCRIBE of their own (NATS refuses long ones).
+                owners = [p for p in missing if p in (self._roster or ())][:MAX_SPEC_EXACT]
+                if owners:
+                    link.subscribe([us.topics.spec(p) for p in owners])
                 self._sync(link)
             for peer, raw in known.items():  # still unheard of: the newest presence this machine saw
                 pres = decode_presence(raw, at=now())
@@ -423,6 +441,7 @@ class Live:
             if peer not in self._fresh:
                 self._replayed(peer, topic, payload)
         self._stale.clear()
+        self._take_contracts()
         if not self.exclusive:
             return
         held, self._held = self._held, []
@@ -531,6 +550,8 @@ class Live:
                         self._drop(item.topic, item.payload, "dropped", f"message from {env.sender}, who never joined")
                 held = set()
             self._store([(env, data) for env, data, item in messages if id(item) not in held])
+            if self._synced:
+                self._take_contracts()
         # Held ones are acknowledged too: a broker may hold back its SUBACK behind an unacknowledged
         # message (amqtt does), and the sync waits for that. Were this process to die before they are
         # stored, the sender's sequence shows the hole and repair brings them back.
@@ -574,7 +595,7 @@ class Live:
                 if section != "repair:" + mine or not item.payload:
                     continue  # a note to another peer (or one cleared)
                 section = "repair"
-            elif section not in ("msg", "presence", "sync"):
+            elif section not in ("msg", "presence", "sync", "spec"):
                 continue
             if section == "presence" and item.payload and self._crowded(level):
                 self._drop(
@@ -583,6 +604,10 @@ class Live:
                     "dropped",
                     f"presence of a peer past the first {MAX_PEERS} of the channel (a flood of made-up peers?)",
                 )
+                continue
+            if section == "spec":  # opened only if a member wrote it (a flood of made-up ones costs no decryption)
+                if item.payload:  # (an empty one clears it)
+                    self._contracts.append((item.topic, level, item.payload))
                 continue
             data = us.unwrap(item.topic, item.payload)
             if data is None:
@@ -608,6 +633,8 @@ class Live:
             elif section == "presence":
                 self._handled += 1
                 self._see_presence(item.topic, level, data, at)
+            elif section == "spec":
+                pass  # (taken in once the backlog is in: _take_contracts)
             elif section == "repair":
                 note = decode_note(data, at=at)
                 if note is None or us.topics.level(note.sender) != level or note.to != us.me:
@@ -616,6 +643,37 @@ class Live:
                     notes.append(note)
             else:
                 self._tokens.add(data)
+
+    def _take_contracts(self) -> None:
+        """Keep the spec messages of members' retained contract states (a late joiner's view of the
+        negotiations it was not there for). Taken in once the backlog is in: the writer must be a
+        member, known by its presence or the roster, and so must each message's sender."""
+        us = self.peer
+        pending, self._contracts = self._contracts, []
+        if not pending:
+            return
+        at = now()
+        members = set(self.presences) | self._known | set(self._roster or ())
+        levels = {us.topics.level(name): name for name in members}
+        for topic, level, payload in pending:
+            if level not in levels:
+                self._drop(topic, payload, "dropped", f"spec contract state on {topic} of a name that never joined")
+                continue
+            data = us.unwrap(topic, payload)
+            if data is None:
+                self._drop(topic, payload, "decrypt_fail", f"payload on {topic} does not open with this channel's key")
+                continue
+            got = decode_contract(data, at=at)
+            if got is None or us.topics.level(got[0].sender) != level:
+                self._drop(topic, data, "dropped", f"malformed spec contract state on {topic}")
+                continue
+            state, envs = got
+            if not self._member(state.sender):
+                self._drop(topic, data, "dropped", f"spec contract state of {state.sender}, who never joined")
+                continue
+            envs = [env for env in envs if self._member(env.sender)]
+            self.contracts[state.sender] = {env.id for env in envs}
+            us.store.add_relayed(us.url.channel, envs)
 
     def _crowded(self, level: str) -> bool:
         """Whether a presence at topic level ``level`` comes from a peer past the first MAX_PEERS this

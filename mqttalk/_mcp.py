@@ -44,7 +44,11 @@ from pydantic import Field
 from ._errors import MqttalkError, Queued, SessionBusy, UsageError
 
 if TYPE_CHECKING:
-    from ._channel import Channel
+    from collections.abc import Callable
+
+    from mcp.server.mcpserver import MCPServer
+
+    from ._channel import Channel, SpecDone
     from ._config import Settings
     from ._live import Live, ServiceStart
     from ._peer import Event, Status
@@ -77,10 +81,11 @@ THIRD_PARTY = (
 
 INSTRUCTIONS = """\
 mqttalk connects this coding-agent session with other sessions working on the same project (another
-checkout, maybe another machine): agree on interfaces (kind spec), report progress (kind status), ask
-and answer (question, answer), leave notes. Call `receive` at the start of a task and after each step;
-after you asked or proposed something and have nothing else to do, `receive` with wait=50. `status`
-lists the peers. If there is no channel yet, `create` one (then show the join URL to your user) or
+checkout, maybe another machine): agree on interfaces (spec_propose, spec_agree, spec_list: a contract
+of numbered revisions, each agreed to by its exact text), report progress (kind status: it names the
+agreed revision), ask and answer (question, answer), leave notes. Call `receive` at the start of a task
+and after each step; after you asked or proposed something and have nothing else to do, `receive` with
+wait=50. `status` lists the peers. If there is no channel yet, `create` one (then show the join URL to your user) or
 `pair` with a join URL your user gives you. The `guide` resource and prompt say more. The resources
 mqttalk://inbox (unread messages; reading it marks nothing read) and mqttalk://peers (who is here) can be
 subscribed to: the server says when they change.
@@ -442,6 +447,88 @@ class Session:
             self._channel = None
             self.link_state = "no channel (left)"
         return f"mqttalk: LEFT channel {ch.url.display()} as {ch.me}"
+
+    # -- spec contracts (the `mqttalk spec` commands as tools; see _spec_tools) -------------------------
+
+    def spec_propose(self, subject: str, text: str, re: str | None, to: list[str] | None) -> str:
+        from ._spec import check_text
+
+        check_text(text)
+        return self._spec_do("PROPOSED", subject, lambda ch: ch.spec_propose(subject, text, re=re, to=to))
+
+    def spec_agree(self, subject: str, rev: int | None) -> str:
+        return self._spec_do("AGREED", subject, lambda ch: ch.spec_agree(subject, rev))
+
+    def spec_reject(self, subject: str, why: str) -> str:
+        return self._spec_do("REJECTED", subject, lambda ch: ch.spec_reject(subject, why))
+
+    def spec_withdraw(self, subject: str) -> str:
+        return self._spec_do("WITHDRAWN", subject, lambda ch: ch.spec_withdraw(subject))
+
+    def _spec_do(self, verb: str, subject: str, act: Callable[[Channel], SpecDone]) -> str:
+        from ._render import spec_done_text
+
+        with self._lock:
+            try:
+                env, contract = act(self.channel())
+            except Queued as exc:
+                return f"mqttalk: QUEUED: {exc.line()}"
+        return spec_done_text(verb, env, contract, subject)
+
+    def spec_list(self) -> str:
+        from ._render import spec_line
+
+        with self._lock:
+            contract = self.channel().contract()
+        lines = [spec_line(s) for s in contract.subjects.values() if s.revisions]
+        return "\n".join(lines) or "mqttalk: no spec yet (propose one with spec_propose)"
+
+    def spec_show(self, subject: str, rev: int | None) -> str:
+        from ._render import spec_revision_text
+        from ._spec import check_rev, check_subject
+
+        check_subject(subject)
+        check_rev(rev)
+        with self._lock:
+            subj = self.channel().contract().subject(subject)
+        got = subj.revision(rev) if rev is not None else subj.latest
+        return f"mqttalk: {spec_revision_text(subj, got)}; the text, exactly as proposed:\n\n{got.text}"
+
+    def spec_diff(self, subject: str, a: int, b: int) -> str:
+        import difflib
+
+        from ._spec import check_rev, check_subject
+
+        check_subject(subject)
+        check_rev(a)
+        check_rev(b)
+        with self._lock:
+            subj = self.channel().contract().subject(subject)
+        old, new = subj.revision(a), subj.revision(b)
+        lines = difflib.unified_diff(
+            old.text.splitlines(keepends=True), new.text.splitlines(keepends=True), f"rev {a}", f"rev {b}"
+        )
+        diff = "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in lines)
+        return diff or f"mqttalk: revisions {a} and {b} have the same text"
+
+    def spec_export(self, out: str | None) -> str:
+        from ._spec import export_files
+
+        with self._lock:
+            ch = self.channel()
+            contract = ch.contract()
+        where = Path(out).expanduser() if out else ch.settings.state_dir / "specs" / ch.url.channel[:16]
+        if not out and not where.is_absolute():
+            where = self.cwd / where
+        files = export_files(contract)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            for name, data, _ in files:
+                (where / name).write_bytes(data)
+        except OSError as exc:
+            raise UsageError(f"cannot write to {where}: {exc.strerror or exc}") from None
+        written = [f"mqttalk: EXPORTED {subj.name!r} rev {rev.rev} to {where / name}" for name, _, (subj, rev) in files]
+        return "\n".join(written) or "mqttalk: no subject is agreed yet: nothing written"
 
     def _refuse_if_bound(self) -> None:
         from ._api import open_channel
@@ -857,6 +944,8 @@ def build(session: Session, sealed: bool | None = None) -> Any:
         """Leave the channel when your part is done: peers see you as left."""
         return call(session.leave)
 
+    _spec_tools(server, call, session)
+
     def guide_text() -> str:
         from ._guide import guide
 
@@ -896,6 +985,73 @@ def build(session: Session, sealed: bool | None = None) -> Any:
 
     _subscriptions(server, outlet)
     return server
+
+
+SpecSubject = Annotated[str, Field(description='What the spec is about, e.g. "POST /users".')]
+
+
+def _spec_tools(server: MCPServer[Any], call: Callable[..., str], session: Session) -> None:
+    """The `mqttalk spec` commands as tools: a contract both sides build and test against."""
+
+    @server.tool()
+    def spec_propose(
+        subject: SpecSubject,
+        text: Annotated[str, Field(description="The spec, exactly as both sides will build and test against it.")],
+        re: Annotated[str | None, Field(description="Id of the question or rejection this answers.")] = None,
+        to: Annotated[
+            list[str] | None, Field(description="Peers whose agreement it needs (default: every member present).")
+        ] = None,
+    ) -> str:
+        """Propose the next revision of a subject (the number is counted for you); peers agree to its exact text."""
+        return call(session.spec_propose, subject, text, re, to)
+
+    @server.tool()
+    def spec_agree(
+        subject: SpecSubject,
+        rev: Annotated[int | None, Field(description="The revision (default: the latest, the only one taken).")] = None,
+    ) -> str:
+        """Agree to the latest revision of a subject; the agreement names its digest (read it with spec_show first)."""
+        return call(session.spec_agree, subject, rev)
+
+    @server.tool()
+    def spec_reject(subject: SpecSubject, why: Annotated[str, Field(description="What is wrong with it.")]) -> str:
+        """Reject the latest revision of a subject, saying why (answer one with spec_propose and re=<id>)."""
+        return call(session.spec_reject, subject, why)
+
+    @server.tool()
+    def spec_withdraw(subject: SpecSubject) -> str:
+        """Withdraw a subject you proposed; a new spec_propose opens it again."""
+        return call(session.spec_withdraw, subject)
+
+    @server.tool()
+    def spec_list() -> str:
+        """Each spec subject: its latest revision, agreed by all / waiting for whom / rejected / conflict, by whom."""
+        return call(session.spec_list)
+
+    @server.tool()
+    def spec_show(
+        subject: SpecSubject, rev: Annotated[int | None, Field(description="A revision (default: the latest).")] = None
+    ) -> str:
+        """The exact text of a subject's revision."""
+        return call(session.spec_show, subject, rev)
+
+    @server.tool()
+    def spec_diff(
+        subject: SpecSubject,
+        a: Annotated[int, Field(description="The older revision.")],
+        b: Annotated[int, Field(description="The newer revision.")],
+    ) -> str:
+        """A unified diff between two revisions of a subject."""
+        return call(session.spec_diff, subject, a, b)
+
+    @server.tool()
+    def spec_export(
+        out: Annotated[
+            str | None, Field(description="Directory to write to (default: mqttalk's state directory, not your repo).")
+        ] = None,
+    ) -> str:
+        """Write each agreed subject as a Markdown file (a header, then the agreed text byte for byte) to cite."""
+        return call(session.spec_export, out)
 
 
 def _subscriptions(server: Any, outlet: Outlet) -> None:

@@ -98,6 +98,26 @@ class PeerInfo:
         return f"{self.state}, last seen {ago} ago"
 
 
+@dataclass(frozen=True)
+class Work:
+    """A peer's last status: its state, when, and the spec revision it is against (see :mod:`._spec`)."""
+
+    peer: str
+    state: str
+    at: datetime
+    spec: str | None = None
+    rev: int | None = None
+    in_force: int | None = None  # the revision of ``spec`` in force now (None: none agreed)
+
+    @property
+    def outdated(self) -> bool:
+        """A green against an older revision than the one in force."""
+        return self.state == "green" and None not in (self.rev, self.in_force) and self.rev < self.in_force  # type: ignore[operator]
+
+    def ago(self, at: datetime | None = None) -> str:
+        return _ago(((at or now()) - self.at).total_seconds())
+
+
 @dataclass
 class Status:
     url: str
@@ -108,6 +128,7 @@ class Status:
     gaps: int = 0
     queued: int = 0
     sealed: bool = False
+    work: list[Work] = field(default_factory=list)  # each peer's last status, newest first
 
 
 class Peer:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._peer import Event, PeerInfo, Status
+    from ._spec import Contract, Revision, Subject
     from ._store import Gap
     from ._wire import Envelope
 
@@ -54,7 +55,12 @@ def _typed_facts(env: Envelope) -> list[str]:
         ]
     if isinstance(typed, StatusData):
         commit = typed.commit
-        return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else [])
+        spec = (
+            [f"spec={printable(repr(str(typed.spec)), line=True)}", f"rev={typed.rev}"]
+            if typed.spec and typed.rev
+            else []
+        )
+        return [f"state={field(str(typed.state))}"] + ([f"commit={field(str(commit))}"] if commit else []) + spec
     return []
 
 
@@ -145,6 +151,8 @@ _AS_TOOLS = [
     (r"`mqttalk pair[^`]*`", "`pair`"),
     (r"`mqttalk leave[^`]*`", "`leave`"),
     (r"`mqttalk guide[^`]*`", "the `mqttalk://guide` resource"),
+    *[(rf"`mqttalk spec {name}[^`]*`", f"`spec_{name}`") for name in ("propose", "agree", "reject", "withdraw")],
+    *[(rf"`mqttalk spec {name}[^`]*`", f"`spec_{name}`") for name in ("list", "show", "diff", "export")],
 ]
 _TOOL_NAMES = re.compile("|".join(f"(?:{pattern})" for pattern, _ in _AS_TOOLS))
 _RUN_TOOL = re.compile(r"\b(run|use|try) (?=`mqttalk (?!broker|mcp))")
@@ -354,4 +362,99 @@ def status_text(st: Status) -> str:
     lines.append(f"unread:  {st.unread}" + (f" (and {st.gaps} gap(s): see `mqttalk recv`)" if st.gaps else ""))
     if st.queued:
         lines.append(f"queued:  {st.queued} message(s) not yet acknowledged by the broker")
+    for i, w in enumerate(st.work):
+        on = f" on {line(w.spec, 80)} rev {w.rev}" if w.spec else ""
+        lines.append(f"{'status:' if i == 0 else '':9}{line(w.peer)}: {w.state}{on}, {w.ago()} ago")
+    for w in st.work:
+        if w.outdated:
+            spec = line(w.spec, 80)
+            lines.append(f"warning: {line(w.peer)}'s green is against {spec} rev {w.rev}; rev {w.in_force} is in force")
     return "\n".join(lines)
+
+
+# -- spec contracts ----------------------------------------------------------------------------------
+
+
+def spec_state_text(subj: Subject) -> str:
+    """Where a subject stands, in a few words: agreed by all (NAMES), agreed by some (NAMES), waiting for
+    NAMES, rejected by NAME, conflict, withdrawn; and the revision in force when it is an older one."""
+    rev = subj.latest
+    state = subj.state
+    if state == "withdrawn" and subj.withdrawn is not None:
+        text = f"withdrawn by {line(subj.withdrawn[0])}"
+    elif state == "conflict":
+        names = " and ".join(sorted({line(p.proposer) for p in subj.conflict}))
+        text = f"conflict: {names} each proposed a rev {subj.latest_rev} (a new proposal settles it)"
+    elif state == "rejected":
+        who, why = next(iter(rev.rejected.items()))
+        text = f"rejected by {line(who)}: {line(why, 120)}"
+    elif state == "agreed":
+        text = f"agreed by all ({names_text(sorted({rev.proposer, *rev.others, *rev.agreed}), 8)})"
+    else:
+        waiting = rev.waiting_for(subj.seen)
+        some = f"agreed by some ({names_text(sorted(rev.agreed), 8)}), " if rev.agreed else "proposed, "
+        text = some + (f"waiting for {names_text(waiting, 8)}" if waiting else "waiting for another peer to agree")
+    force = subj.in_force
+    if force is not None and force.rev != rev.rev:
+        text += f"; rev {force.rev} is in force"
+    return text
+
+
+def spec_line(subj: Subject) -> str:
+    """`spec list`: one line per subject."""
+    from ._peer import _ago
+    from ._spec import quoted
+    from ._wire import now
+
+    rev = subj.latest
+    ago = _ago((now() - rev.ts).total_seconds())
+    return f"{quoted(subj.name)} rev {rev.rev}: {spec_state_text(subj)} (proposed by {line(rev.proposer)}, {ago} ago)"
+
+
+def spec_revision_text(subj: Subject, rev: Revision) -> str:
+    """`spec show`'s facts line (on stderr; the text itself goes to stdout untouched)."""
+    from ._spec import quoted
+
+    agreed = f", agreed by {names_text(sorted(rev.agreed), 8)}" if rev.agreed else ""
+    return f"{quoted(subj.name)} rev {rev.rev} by {line(rev.proposer)}, sha256 {rev.digest[:12]}{agreed}" + (
+        "" if rev.rev == subj.latest_rev else f" (the latest is rev {subj.latest_rev})"
+    )
+
+
+def spec_data(subj: Subject) -> dict[str, Any]:
+    rev = subj.latest
+    force = subj.in_force
+    return {
+        "subject": subj.name,
+        "rev": rev.rev,
+        "state": subj.state,
+        "digest": rev.digest,
+        "proposer": rev.proposer,
+        "proposed_at": rev.ts.isoformat(),
+        "agreed_by": sorted(rev.agreed),
+        "waiting_for": rev.waiting_for(subj.seen),
+        "rejected_by": sorted(rev.rejected),
+        "in_force": force.rev if force else None,
+    }
+
+
+def spec_done_text(verb: str, env: Envelope | None, contract: Contract, subject: str) -> str:
+    """What a spec command did: ``PROPOSED 'POST /users' rev 2 id=ID sha256=…: waiting for tests``."""
+    from ._spec import quoted
+
+    subj = contract.subjects[subject]
+    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    sent = f" id={env.id}" if env is not None else ""
+    return f"mqttalk: {verb} {quoted(subject)} rev {rev.rev}{sent} sha256={rev.digest[:12]}: {spec_state_text(subj)}"
+
+
+def spec_done_data(verb: str, env: Envelope | None, contract: Contract, subject: str) -> dict[str, Any]:
+    subj = contract.subjects[subject]
+    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    return {
+        "event": verb.lower(),
+        "id": env.id if env is not None else None,
+        **spec_data(subj),
+        "rev": rev.rev,
+        "digest": rev.digest,
+    }

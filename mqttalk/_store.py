@@ -90,6 +90,10 @@ CREATE TABLE IF NOT EXISTS identities (  -- who this machine is in a channel: ne
     secret BLOB NOT NULL,  -- random; the broker session's client id is derived from it (see Channel.client_id)
     PRIMARY KEY (channel, peer)
 );
+CREATE TABLE IF NOT EXISTS relayed (  -- spec messages read from members' retained contract state (see _spec)
+    channel TEXT NOT NULL, id TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (channel, id)
+);
 CREATE TABLE IF NOT EXISTS paired (
     channel TEXT NOT NULL, peer TEXT NOT NULL, other TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (channel, peer, other)
@@ -473,6 +477,41 @@ class Store:
         if limit:
             rows = rows[-limit:]
         return [env for raw, _ts, _n in rows if (env := _envelope(raw)) is not None]
+
+    def add_relayed(self, channel: str, envs: list[Envelope]) -> int:
+        """Keep spec messages a member relayed in its retained contract state (not messages of ours to
+        read: they go into no sequence, no cursor); returns how many were new."""
+        if not envs:
+            return 0
+        with self._tx() as db:
+            rows = [(channel, env.id, env.encode()) for env in envs]
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO relayed (channel, id, raw) VALUES (?, ?, ?)", rows)
+            return db.total_changes - before
+
+    def specs(self, channel: str) -> list[Envelope]:
+        """Every spec message of a channel known here: received, sent, and relayed (duplicates removed)."""
+        envs = {env.id: env for env in self.history(channel, kind="spec")}
+        for (raw,) in self.db.execute("SELECT raw FROM relayed WHERE channel = ?", (channel,)):
+            env = _envelope(raw)
+            if env is not None and env.kind == "spec":
+                envs.setdefault(env.id, env)
+        return list(envs.values())
+
+    def last_statuses(self, channel: str) -> list[Envelope]:
+        """Each sender's newest status message (received or sent here)."""
+        rows = self.db.execute(
+            "SELECT raw FROM messages WHERE n IN (SELECT max(n) FROM messages WHERE channel = ? AND kind = 'status'"
+            " GROUP BY sender) UNION ALL SELECT payload FROM outbox WHERE n IN (SELECT max(n) FROM outbox"
+            " WHERE channel = ? AND kind = 'status' GROUP BY sender)",
+            (channel, channel),
+        ).fetchall()
+        newest: dict[str, Envelope] = {}
+        for (raw,) in rows:
+            env = _envelope(raw)
+            if env is not None and (env.sender not in newest or env.ts > newest[env.sender].ts):
+                newest[env.sender] = env
+        return sorted(newest.values(), key=lambda e: e.ts, reverse=True)
 
     def newer(self, channel: str, after: tuple[int, int], limit: int = 500) -> tuple[list[Envelope], tuple[int, int]]:
         """Messages written since ``after`` (the newest received row and the newest sent row seen: see

@@ -65,6 +65,14 @@ class Topics:
         subscription to with its retained message (RabbitMQ gives none to a wildcard one)."""
         return f"{self.root}/roster"
 
+    def spec(self, peer: str) -> str:
+        """Retained: PEER's copy of the channel's spec messages (see :class:`~._wire.ContractState`)."""
+        return f"{self.root}/spec/{self.level(peer)}"
+
+    @property
+    def all_spec(self) -> str:
+        return f"{self.root}/spec/+"
+
     def msg(self, peer: str) -> str:
         """QoS 1: the messages PEER sends."""
         return f"{self.root}/msg/{self.level(peer)}"

@@ -33,6 +33,10 @@ MAX_ANSWERS = 64  # challenges a presence answers at most
 MAX_RANGES = 64  # sequence ranges a repair note names at most
 KINDS = ("note", "spec", "status", "question", "answer")
 SpecState = Literal["proposed", "agreed", "rejected"]
+SpecAction = Literal["propose", "agree", "reject", "withdraw"]
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+MAX_NEEDS = 64  # members a proposal names as the ones whose agreement it needs, at most
+MAX_SPECS = 512  # spec messages one peer's retained contract state carries at most
 StatusState = Literal["red", "green", "blocked", "working", "done"]
 PresenceState = Literal["joined", "online", "away", "left"]
 
@@ -45,6 +49,16 @@ class SpecData(BaseModel):
     subject: str = Field(min_length=1, max_length=200, description='what the spec is about, e.g. "POST /users"')
     rev: int = Field(1, ge=1, le=1_000_000, description="revision; bump it when you change the proposal")
     state: SpecState = Field("proposed", description="proposed, agreed or rejected")
+    # (wire v2, added by `mqttalk spec`; optional, so `send --kind spec` messages and older readers still fit)
+    action: SpecAction | None = Field(
+        None, description="what `mqttalk spec` did: propose, agree, reject or withdraw (withdraw reads as rejected)"
+    )
+    digest: Digest | None = Field(
+        None, description="sha256 (hex) of the exact text of the revision proposed, agreed to or rejected"
+    )
+    needs: list[PeerName] | None = Field(
+        None, max_length=MAX_NEEDS, description="propose: the members whose agreement the revision needs"
+    )
 
 
 class StatusData(BaseModel):
@@ -56,6 +70,8 @@ class StatusData(BaseModel):
     commit: str | None = Field(
         None, pattern=r"^[\x21-\x7e]{1,64}$", description="git commit the status refers to (printable ASCII, no spaces)"
     )
+    spec: str | None = Field(None, min_length=1, max_length=200, description="the spec subject the result is against")
+    rev: int | None = Field(None, ge=1, le=1_000_000, description="... and its revision")
 
 
 DATA_MODELS: dict[str, type[BaseModel]] = {"spec": SpecData, "status": StatusData}
@@ -97,7 +113,11 @@ class Envelope(BaseModel):
         if isinstance(typed, SpecData):
             return f"subject={typed.subject!r} rev={typed.rev} state={typed.state}"
         if isinstance(typed, StatusData):
-            return f"state={typed.state}" + (f" commit={typed.commit}" if typed.commit else "")
+            return (
+                f"state={typed.state}"
+                + (f" commit={typed.commit}" if typed.commit else "")
+                + (f" spec={typed.spec!r} rev={typed.rev}" if typed.spec and typed.rev else "")
+            )
         return ""
 
     def encode(self) -> bytes:
@@ -136,6 +156,66 @@ class Presence(BaseModel):
 
 
 Seq = Annotated[int, Field(ge=1, le=MAX_SEQ)]
+
+
+class ContractState(BaseModel):
+    """A member's copy of the channel's spec messages, retained at ``spec/FROM`` (sealed like presence),
+    so a peer that joins after a negotiation still sees each subject's revisions and agreements. Every
+    member keeps its own; a reader takes the union, checking each message as if it had come on its own."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    v: int = Field(WIRE_VERSION, ge=1, le=1000)
+    sender: PeerName = Field(alias="from")
+    ts: AwareDatetime
+    specs: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_SPECS)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+CONTRACT_BUDGET = 128 * 1024  # bytes of spec messages one contract state carries (sealed and padded: under MAX_PAYLOAD)
+
+
+def encode_contract(sender: str, envs: list[Envelope], budget: int = CONTRACT_BUDGET) -> bytes:
+    """``sender``'s contract state: the newest of ``envs`` that fit in ``budget`` bytes (at most MAX_SPECS)."""
+    items: list[dict[str, Any]] = []
+    size = 0
+    for env in sorted(envs, key=lambda e: (e.ts, e.id), reverse=True):
+        if len(items) >= MAX_SPECS:
+            break
+        item = env.model_dump(mode="json", by_alias=True, exclude_none=True)
+        n = len(json.dumps(item, ensure_ascii=False).encode()) + 1
+        if size + n <= budget:
+            items.append(item)
+            size += n
+    items.reverse()
+    return ContractState(sender=sender, ts=now(), specs=items).encode()
+
+
+def decode_contract(payload: bytes, *, at: datetime) -> tuple[ContractState, list[Envelope]] | None:
+    """A retained contract state from wire bytes and the spec messages in it that pass every check an
+    envelope on its own would (kind spec, typed fields valid, not stamped in the future); None if the
+    state itself is malformed, too big or stamped outside the time window (never raises)."""
+    state = _parse(ContractState, payload, MAX_PAYLOAD)
+    if state is None or not in_window(state.ts, at):
+        return None
+    envs: list[Envelope] = []
+    for item in state.specs:
+        try:
+            env = Envelope.model_validate(item)
+        except (ValidationError, ValueError, TypeError):
+            continue
+        if env.kind == "spec" and isinstance(env.typed(), SpecData) and _not_ahead(env.ts, at):
+            envs.append(env)
+    return state, envs
+
+
+def _not_ahead(ts: datetime, at: datetime) -> bool:
+    try:
+        return (ts - at).total_seconds() < MAX_AHEAD
+    except (OverflowError, TypeError):
+        return False
 
 
 class RepairNote(BaseModel):

@@ -23,10 +23,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._bindings import Binding
-    from ._channel import Channel
+    from ._channel import Channel, SpecDone
     from ._config import Settings
     from ._live import Live, ServiceStart
     from ._peer import Event
+    from ._spec import Contract
     from ._store import Gap
     from ._wire import Envelope
 
@@ -389,6 +390,14 @@ def send(
         str | None, typer.Option(help="spec: proposed|agreed|rejected. status: red|green|blocked|working|done.")
     ] = None,
     commit: Annotated[str | None, typer.Option(help="status: the git commit it refers to.")] = None,
+    spec: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SUBJECT",
+            help="status: the spec it is against, at its agreed revision (or --rev N). Default: the one "
+            "agreed subject, if exactly one is.",
+        ),
+    ] = None,
     channel_url: ChannelOpt = None,
     as_: AsOpt = None,
     as_json: JsonOpt = False,
@@ -403,6 +412,16 @@ def send(
 
         check_peer(to)  # (whether it names a member is known only on the broker)
     check_id(re, "--re")
+    status_rev = None
+    if spec is not None or (kind == "status" and rev is not None):
+        from ._spec import check_rev, check_subject
+
+        if kind != "status":
+            raise BadMessage(f"--spec applies to a status, not a {kind}", "a spec is sent with `mqttalk spec propose`")
+        if spec is None:
+            raise BadMessage("--rev on a status needs --spec SUBJECT", "the revision of which spec?")
+        check_subject(spec)
+        status_rev, rev = check_rev(rev), None
     body = read_body(text, file, sys.stdin)
     try:
         data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
@@ -413,6 +432,10 @@ def send(
             ) from None
         raise
     channel = _open(channel_url, as_, out)
+    if spec is not None:
+        from ._spec import fold, status_spec
+
+        data.update(status_spec(fold(channel.store.specs(channel.url.channel)), spec, status_rev))
     env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(
         f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
@@ -683,6 +706,18 @@ def status(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt =
                         "liveness": p.liveness(),
                     }
                     for p in st.peers
+                ],
+                "work": [
+                    {
+                        "peer": w.peer,
+                        "state": w.state,
+                        "at": w.at.isoformat(),
+                        "spec": w.spec,
+                        "rev": w.rev,
+                        "in_force": w.in_force,
+                        "outdated": w.outdated,
+                    }
+                    for w in st.work
                 ],
             },
         )
@@ -958,6 +993,250 @@ def install(
         print("\n".join(start_lines(command, user=user)))
 
 
+spec_app = typer.Typer(
+    name="spec",
+    help="""Negotiate an interface as a contract: propose revisions, agree to one by its digest, build against it.
+
+\b
+mqttalk spec propose "POST /users" "takes {email,name}; 201 {id, created_at}; 409 on duplicate"
+mqttalk spec agree "POST /users"          (the latest revision; the agreement names its sha256)
+mqttalk spec list                         (each subject: latest revision, agreed by all / waiting for NAMES)
+mqttalk spec export --out docs/specs      (each agreed subject as Markdown, byte for byte)
+
+A revision is agreed once every member present when it was proposed (or named with --to) agreed to
+its digest; a newer revision starts over. Revision numbers are counted, never typed.""",
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+app.add_typer(spec_app)
+
+SubjectArg = Annotated[str, typer.Argument(metavar="SUBJECT", help='What the spec is about, e.g. "POST /users".')]
+RevOpt = Annotated[int | None, typer.Option("--rev", metavar="N", help="A revision (default: the latest).")]
+
+
+def _spec_done(out: _Printer, verb: str, done: SpecDone, subject: str) -> None:
+    from ._render import spec_done_data, spec_done_text
+
+    env, contract = done
+    out.data(spec_done_text(verb, env, contract, subject), spec_done_data(verb, env, contract, subject))
+
+
+def _spec_name(subject: str) -> str:
+    from ._spec import quoted
+
+    return quoted(subject)
+
+
+def _spec_read(channel: Channel) -> Contract:
+    """The contract, the broker's view taken in first; with the broker out of reach, what this machine
+    knows (said on stderr)."""
+    from ._errors import BrokerUnreachable, TimedOut
+    from ._spec import fold
+
+    try:
+        return channel.contract()
+    except (BrokerUnreachable, TimedOut) as exc:
+        print(
+            f"mqttalk: warning: broker not reached ({_safe(exc.message, 200)}): showing what this machine knows",
+            file=sys.stderr,
+            flush=True,
+        )
+        return fold(channel.store.specs(channel.url.channel))
+
+
+@spec_app.command("propose")
+def spec_propose(
+    subject: SubjectArg,
+    text: Annotated[
+        str | None,
+        typer.Argument(metavar="[TEXT]", help="The spec. '-' reads it from stdin (safest for quotes, $, backticks)."),
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the spec from this file.")] = None,
+    re: Annotated[
+        str | None, typer.Option("--re", metavar="ID", help="Id of the question or rejection this answers.")
+    ] = None,
+    to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--to", metavar="NAMES", help="The peers whose agreement it needs (comma-separated; default: all present)."
+        ),
+    ] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Propose a new revision of SUBJECT (its number is the next after the latest anyone proposed)."""
+    from ._input import check_id, read_body
+    from ._spec import check_subject, check_text
+    from ._topics import check_peer
+
+    check_subject(subject)
+    check_id(re, "--re")
+    needs = [check_peer(n.strip()) for names in to or [] for n in names.split(",") if n.strip()]
+    body = check_text(read_body(text, file, sys.stdin))
+    out = _Printer(as_json)
+    done = _open(channel_url, as_, out).spec_propose(subject, body, re=re, to=needs)
+    _spec_done(out, "PROPOSED", done, subject)
+
+
+@spec_app.command("agree")
+def spec_agree(
+    subject: SubjectArg, rev: RevOpt = None, channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Agree to the latest revision of SUBJECT (refused for an older one: the line says which is the latest)."""
+    from ._spec import check_rev, check_subject
+
+    check_subject(subject)
+    check_rev(rev)
+    out = _Printer(as_json)
+    _spec_done(out, "AGREED", _open(channel_url, as_, out).spec_agree(subject, rev), subject)
+
+
+@spec_app.command("reject")
+def spec_reject(
+    subject: SubjectArg,
+    why: Annotated[str, typer.Argument(metavar="WHY", help="What is wrong with it ('-' reads it from stdin).")],
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reject the latest revision of SUBJECT, saying why (answer with a new `spec propose --re ID`)."""
+    from ._input import read_body
+    from ._spec import check_reason, check_subject
+
+    check_subject(subject)
+    reason = check_reason(read_body(why, None, sys.stdin), subject)
+    out = _Printer(as_json)
+    _spec_done(out, "REJECTED", _open(channel_url, as_, out).spec_reject(subject, reason), subject)
+
+
+@spec_app.command("withdraw")
+def spec_withdraw(
+    subject: SubjectArg, channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Withdraw SUBJECT (only its latest proposer can); a new `spec propose` opens it again."""
+    from ._spec import check_subject
+
+    check_subject(subject)
+    out = _Printer(as_json)
+    _spec_done(out, "WITHDRAWN", _open(channel_url, as_, out).spec_withdraw(subject), subject)
+
+
+@spec_app.command("list")
+def spec_list(channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False) -> None:
+    """One line per subject: latest revision, its state (agreed by all / waiting for NAMES / rejected /
+    conflict), who proposed it, when."""
+    from ._render import spec_data, spec_line
+
+    out = _Printer(as_json)
+    contract = _spec_read(_open(channel_url, as_, out))
+    subjects = [s for s in contract.subjects.values() if s.revisions]
+    for subj in subjects:
+        out.data(spec_line(subj), {"event": "spec", **spec_data(subj)})
+    if not subjects:
+        out.note('no spec yet (propose one: `mqttalk spec propose "SUBJECT" TEXT`)')
+
+
+@spec_app.command("show")
+def spec_show(
+    subject: SubjectArg, rev: RevOpt = None, channel_url: ChannelOpt = None, as_: AsOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Print the text of SUBJECT's latest revision (or --rev N) exactly as proposed; its facts go to stderr."""
+    from ._render import spec_revision_text
+    from ._spec import check_rev, check_subject
+
+    check_subject(subject)
+    check_rev(rev)
+    out = _Printer(as_json)
+    subj = _spec_read(_open(channel_url, as_, out)).subject(subject)
+    got = subj.revision(rev) if rev is not None else subj.latest
+    if as_json:
+        out.data("", {"event": "spec_text", "subject": subject, "rev": got.rev, "digest": got.digest, "text": got.text})
+        return
+    print(f"mqttalk: {spec_revision_text(subj, got)}", file=sys.stderr, flush=True)
+    sys.stdout.write(got.text)
+    sys.stdout.flush()
+
+
+@spec_app.command("diff")
+def spec_diff(
+    subject: SubjectArg,
+    a: Annotated[int, typer.Argument(metavar="A", help="The older revision.")],
+    b: Annotated[int, typer.Argument(metavar="B", help="The newer revision.")],
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A unified diff between revisions A and B of SUBJECT."""
+    import difflib
+
+    from ._spec import check_rev, check_subject
+
+    check_subject(subject)
+    check_rev(a)
+    check_rev(b)
+    out = _Printer(as_json)
+    subj = _spec_read(_open(channel_url, as_, out)).subject(subject)
+    old, new = subj.revision(a), subj.revision(b)
+    lines = difflib.unified_diff(
+        old.text.splitlines(keepends=True),
+        new.text.splitlines(keepends=True),
+        f"{_safe(subject, 200)} rev {a}",
+        f"{_safe(subject, 200)} rev {b}",
+    )
+    # (as diff(1) marks a last line without a newline, so the diff still applies byte for byte)
+    diff = "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in lines)
+    out.data(diff.rstrip("\n"), {"event": "spec_diff", "subject": subject, "a": a, "b": b, "diff": diff})
+    if not diff:
+        out.note(f"revisions {a} and {b} of {_spec_name(subject)} have the same text")
+
+
+@spec_app.command("export")
+def spec_export(
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Write the files here (default: the state directory's specs/CHANNEL; nothing goes into "
+            "your repository unless DIR is there).",
+        ),
+    ] = None,
+    channel_url: ChannelOpt = None,
+    as_: AsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write each agreed subject as one Markdown file: a small header (subject, revision, digest, agreed by,
+    when), then the agreed text byte for byte."""
+    from ._errors import UsageError
+    from ._spec import export_files
+
+    out = _Printer(as_json)
+    channel = _open(channel_url, as_, out)
+    contract = _spec_read(channel)
+    where = out_dir if out_dir is not None else channel.settings.state_dir / "specs" / channel.url.channel[:16]
+    files = export_files(contract)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not files:
+            out.note("no subject is agreed yet: nothing written")
+        for name, data, (subj, rev) in files:
+            (where / name).write_bytes(data)
+            out.data(
+                f"mqttalk: EXPORTED {_spec_name(subj.name)} rev {rev.rev} to {where / name}",
+                {
+                    "event": "exported",
+                    "subject": subj.name,
+                    "rev": rev.rev,
+                    "digest": rev.digest,
+                    "path": str(where / name),
+                },
+            )
+    except OSError as exc:
+        raise UsageError(f"cannot write to {where}: {exc.strerror or exc}") from None
+
+
 def _private_state(settings: Settings) -> None:
     """The state directory, 0700 before anything is written in it (the store holds decrypted messages,
     the bindings channel keys): see _state."""
@@ -1031,6 +1310,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if not args:
             args = ["--help"]
+        elif args == ["spec"]:  # (a group alone: its help, as `mqttalk` alone shows the app's)
+            args = ["spec", "--help"]
         if not all(arg.isascii() for arg in args):  # (cheap: most command lines are ASCII)
             from ._input import check_args
 
@@ -1045,6 +1326,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
         command = next((a for a in args if not a.startswith("-")), "")
         hint = f"see `mqttalk {command} --help`" if command in app_commands() else "see `mqttalk --help`"
+        sub = next((a for a in args[args.index(command) + 1 :] if not a.startswith("-")), "") if command else ""
+        if command == "spec" and sub in spec_app_commands():
+            hint = f"see `mqttalk spec {sub} --help`"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"mqttalk: error: {message} ({hint})", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 0) or EXIT_USAGE)
@@ -1075,6 +1359,12 @@ def _app_for(args: list[str]) -> typer.Typer:
     on each start (~10 ms for all of them), and an agent starts mqttalk many times."""
     name = args[0] if args else ""
     wanted = [c for c in app.registered_commands if _name(c) == name]
+    groups = [g for g in app.registered_groups if _group_name(g) == name]
+    if groups:
+        lean = typer.Typer(**_APP_SETTINGS)
+        lean.registered_callback = app.registered_callback
+        lean.registered_groups = groups
+        return lean
     if not wanted:
         return app  # top-level --help, --version, or an unknown command (click explains)
     lean = typer.Typer(**_APP_SETTINGS)
@@ -1083,9 +1373,17 @@ def _app_for(args: list[str]) -> typer.Typer:
     return lean
 
 
+def _group_name(group: typer.models.TyperInfo) -> str:
+    return str(group.typer_instance.info.name) if group.typer_instance else ""
+
+
 def _name(command: typer.models.CommandInfo) -> str:
     return command.name or (command.callback.__name__ if command.callback else "")
 
 
+def spec_app_commands() -> set[str]:
+    return {c.name or "" for c in spec_app.registered_commands}
+
+
 def app_commands() -> set[str]:
-    return {_name(c) for c in app.registered_commands}
+    return {_name(c) for c in app.registered_commands} | {_group_name(g) for g in app.registered_groups}

@@ -153,7 +153,8 @@ def test_mcp_server_lists_its_tools_and_serves_the_guide(sessions: tuple[Session
     async def scenario() -> None:
         async with mcp_client(impl, tmp_path / "mcp.err") as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-            assert set(tools) == {"receive", "send", "status", "history", "create", "pair", "leave"}
+            spec = {f"spec_{c}" for c in ("propose", "agree", "reject", "withdraw", "list", "show", "diff", "export")}
+            assert set(tools) == {"receive", "send", "status", "history", "create", "pair", "leave"} | spec
             assert "wait" in tools["receive"].input_schema["properties"]
             assert {"text", "kind", "subject", "state", "re"} <= set(tools["send"].input_schema["properties"])
             resource = await client.read_resource("mqttalk://guide")
@@ -589,24 +590,32 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(
     spec = "takes {email, name}; returns 201 {id, created_at}; 409 if the email exists"
     proposed = run(impl, fill(impl_says["Propose an interface"], SUBJECT="POST /users", TEXT=spec))
     spec_id = re.search(r"id=(\S+)", proposed.out)
-    assert spec_id is not None
+    assert spec_id is not None and "rev 1" in proposed.out and "waiting for tests" in proposed.out
     got = run(tests, fill(tests_says["Read new messages"])).out
     assert f"kind=spec subject='POST /users' rev=1 state=proposed id={spec_id.group(1)}" in got and spec in got
-    run(
-        tests,
-        fill(
-            tests_says["Agree to a proposal"],
-            SUBJECT="POST /users",
-            ID=spec_id.group(1),
-            TEXT="agreed; writing tests against it",
-        ),
+    assert (
+        run(tests, fill(tests_says["The exact text of a subject's latest revision"], SUBJECT="POST /users")).out == spec
     )
+    agreed = run(tests, fill(tests_says["Agree to the latest revision of a subject"], SUBJECT="POST /users"))
+    assert "AGREED 'POST /users' rev 1" in agreed.out and "agreed by all (impl and tests)" in agreed.out
     run(tests, fill(tests_says["Report that your tests fail"], TEXT="tests written, all red"))
     got = run(impl, fill(impl_says["Wait for a reply, up to 60 s"])).out
-    assert "state=agreed id=" in got and f"re={spec_id.group(1)}" in got and "kind=status state=red" in got
+    assert "state=agreed id=" in got and f"re={spec_id.group(1)}" in got
+    assert "kind=status state=red spec='POST /users' rev=1" in got  # red against the agreed revision
+    stands = run(impl, fill(impl_says["Where each interface stands"])).out
+    assert stands.startswith("'POST /users' rev 1: agreed by all (impl and tests)")
     run(impl, fill(impl_says["Report that your tests pass"], TEXT="implemented; green on my side"))
     got = run(tests, fill(tests_says["Wait for a reply, up to 60 s"])).out
-    assert "kind=status state=green" in got and "implemented; green on my side" in got
+    assert "kind=status state=green spec='POST /users' rev=1" in got and "implemented; green on my side" in got
+    # Both write the file they would cite: the same agreed text, byte for byte, under the same header.
+    cited = []
+    for who, says in ((impl, impl_says), (tests, tests_says)):
+        out = who.cwd.parent / f"{who.name}-specs"
+        run(who, fill(says["Write the agreed specs to files a test or a PR can cite"], DIR=str(out)))
+        cited.append((out / "post-users.md").read_bytes())
+    assert cited[0] == cited[1] and cited[0].endswith(spec.encode()) and b"revision: 1\n" in cited[0]
+    status = run(tests, fill(tests_says["Who is here, and are they online"])).out
+    assert "impl: green on POST /users rev 1, " in status and "tests: red on POST /users rev 1, " in status
     run(impl, fill(impl_says["When your part is finished"]))
     assert "impl [implements POST /users]: left" in run(tests, fill(tests_says["Who is here, and are they online"])).out
 
@@ -614,7 +623,7 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(
     order = [
         "$ mqttalk create",
         "PAIRED with tests",
-        "SENT kind=spec",
+        "PROPOSED 'POST /users' rev 1",
         "state=agreed",
         "state=red",
         "--state green",
@@ -626,7 +635,8 @@ def test_two_agents_negotiate_and_report_using_only_the_guides_commands(
         "$ mqttalk pair",
         "PAIRED with impl",
         "state=proposed",
-        "--state agreed",
+        "$ mqttalk spec show",
+        "AGREED 'POST /users' rev 1",
         "--state red",
         "state=green",
         "impl [implements POST /users]: left",

@@ -168,7 +168,8 @@ def test_spec_and_status_messages_travel_both_ways_with_their_typed_fields(
     back = messages(impl.ok("recv", "--json").lines)
     assert [(m["kind"], m["data"]) for m in back] == [
         ("spec", {"subject": "POST /users", "rev": 1, "state": "agreed"}),
-        ("status", {"state": "red", "commit": "abc1234"}),
+        # (the one agreed subject: the status is against its revision in force, even agreed the old way)
+        ("status", {"state": "red", "commit": "abc1234", "spec": "POST /users", "rev": 1}),
     ]
     assert back[0]["re"] == spec["id"] and back[1]["body"] == "tests written,\nall red\n"
     assert messages(impl.ok("recv", "--json").lines) == []  # shown once
@@ -510,3 +511,20 @@ def test_rabbitmq_from_the_config_snippet_admits_only_its_users(tmp_path: Path, 
     wrong = impl.run("create", "--as", "impl", "--broker", rabbit.url.replace(rabbit.password, "wrong"))
     assert wrong.code == 5 and "refused the connection" in wrong.err
     assert join_url(impl.ok("create", "--as", "impl", "--broker", rabbit.url)).startswith(rabbit.url + "/")
+
+
+def test_a_late_joiner_sees_the_agreed_spec_on_every_broker(
+    sessions: tuple[Session, Session], broker: MatrixBroker, tmp_path: Path
+) -> None:
+    """The contract is kept as retained state, which each broker of the matrix hands a newcomer (RabbitMQ
+    only to a subscription by exact name: a reader asks for the members' states by name there)."""
+    impl, tests = sessions
+    url = both_paired(impl, tests, broker.url)
+    impl.ok("spec", "propose", "POST /users", "takes {email, name}")
+    tests.ok("spec", "agree", "POST /users")
+    late = Session("late", tmp_path)
+    res = late.run("pair", url, "--as", "late", "--wait", "0")
+    assert res.code in (0, 3), res
+    got = [json.loads(line) for line in late.ok("spec", "list", "--json").lines]
+    assert [(o["subject"], o["rev"], o["state"]) for o in got] == [("POST /users", 1, "agreed")]
+    assert late.ok("spec", "show", "POST /users").out == "takes {email, name}"

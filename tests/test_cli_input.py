@@ -120,7 +120,8 @@ def test_text_and_file_together_are_refused(sessions: tuple[Session, Session], t
     [
         (("--kind", "spec", "--commit", "abc123"), "--commit does not apply to a spec"),
         (("--kind", "status", "--state", "red", "--subject", "POST /users"), "--subject does not apply to a status"),
-        (("--kind", "status", "--state", "red", "--rev", "2"), "--rev does not apply to a status"),
+        (("--kind", "status", "--state", "red", "--rev", "2"), "--rev on a status needs --spec SUBJECT"),
+        (("--kind", "note", "--spec", "POST /users"), "--spec applies to a status, not a note"),
         (("--kind", "question", "--commit", "abc123"), "--commit only applies to --kind spec or status"),
         (("--kind", "note", "--state", "red", "--rev", "2"), "--rev, --state only apply to --kind spec or status"),
     ],

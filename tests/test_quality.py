@@ -62,6 +62,7 @@ LAYERS = [
         "_since",
         "_state",
         "_handoff",
+        "_spec",
     },
     {"_errors", "_version", "errors"},
 ]

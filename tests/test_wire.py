@@ -13,6 +13,7 @@ from mqttalk import Envelope, SpecData, StatusData
 from mqttalk._wire import (
     KINDS,
     MAX_PAYLOAD,
+    ContractState,
     Presence,
     RepairNote,
     decode_envelope,
@@ -140,6 +141,7 @@ def _schema() -> dict[str, object]:
         "spec": SpecData.model_json_schema(),
         "status": StatusData.model_json_schema(),
         "repair": RepairNote.model_json_schema(by_alias=True),
+        "contract": ContractState.model_json_schema(by_alias=True),
     }
 
 
