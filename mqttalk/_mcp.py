@@ -336,12 +336,26 @@ class Session:
         rev: int | None,
         state: str | None,
         commit: str | None,
+        spec: str | None = None,
     ) -> str:
+        from ._errors import BadMessage
         from ._input import typed_fields
 
+        status_rev = None
+        if spec is not None:  # (a status against a spec: `rev` is that spec's revision)
+            from ._spec import check_rev, check_subject
+
+            if kind != "status":
+                raise BadMessage(f"spec applies to a status, not a {kind}", "a spec is proposed with `spec_propose`")
+            check_subject(spec)
+            status_rev, rev = check_rev(rev), None
         data = typed_fields(kind, text, subject=subject, rev=rev, state=state, commit=commit, flag="")
         with self._lock:
             ch = self.channel()
+            if spec is not None:
+                from ._spec import fold, status_spec
+
+                data.update(status_spec(fold(ch.store.specs(ch.url.channel)), spec, status_rev))
             try:
                 env = ch.send(text, kind, data=data, to=to, re=re)
             except Queued as exc:
@@ -887,15 +901,24 @@ def build(session: Session, sealed: bool | None = None) -> Any:
         subject: Annotated[
             str | None, Field(description="spec: what it specifies, e.g. 'POST /users' (default: the first line).")
         ] = None,
-        rev: Annotated[int | None, Field(description="spec: revision number (default 1).")] = None,
+        rev: Annotated[
+            int | None, Field(description="spec: revision number (default 1). status with spec: its revision.")
+        ] = None,
         state: Annotated[
             str | None,
             Field(description="spec: proposed, agreed or rejected. status: red, green, blocked, working or done."),
         ] = None,
         commit: Annotated[str | None, Field(description="status: the git commit it refers to.")] = None,
+        spec: Annotated[
+            str | None,
+            Field(
+                description="status: the spec subject the result is against, at its agreed revision (or rev); "
+                "default: the one agreed subject, if exactly one is."
+            ),
+        ] = None,
     ) -> str:
         """Send a message to the channel; returns once the broker acknowledged it (or says it is queued)."""
-        return call(session.send, text, kind, to, re, subject, rev, state, commit)
+        return call(session.send, text, kind, to, re, subject, rev, state, commit, spec)
 
     @server.tool()
     def status() -> str:

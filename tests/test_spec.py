@@ -388,6 +388,14 @@ def test_mcp_tools_negotiate_the_same_contract(pair_of: tuple[Session, Session],
             assert read_export((tmp_path / "out" / "post-users.md").read_bytes())[1] == REV2
             bad = await b.call_tool("spec_agree", {"subject": "GET /nothing"})
             assert bad.is_error and "mqttalk: error: no spec subject 'GET /nothing'" in bad.content[0].text
+            sent = await call(b, "send", text="all green", kind="status", state="green", spec=SUBJECT)
+            assert "SENT kind=status" in sent
+            wrong = await b.call_tool("send", {"text": "x", "kind": "note", "spec": SUBJECT})
+            assert wrong.is_error and "spec applies to a status, not a note" in wrong.content[0].text
+            with anyio.fail_after(15):
+                while "green on POST /users rev 2" not in (seen := await call(a, "status")):
+                    await anyio.sleep(0.3)
+            assert "tests" in seen
 
     anyio.run(scenario)
     assert spec_list(impl)[SUBJECT]["state"] == "agreed"
