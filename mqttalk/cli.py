@@ -873,7 +873,7 @@ def mcp(
     """Run an MCP server on stdin/stdout, so an agent uses mqttalk as native tools.
 
     \b
-    Tools: receive (waits up to 55 s), send, status, history, create, pair, leave.
+    Tools: receive (waits up to 55 s), send, status, history, spec_* (contracts), create, pair, leave.
     Resources: mqttalk://guide, mqttalk://inbox and mqttalk://peers (subscribe: the server says when
     they change). It holds this directory's channel with presence online and stores messages as they
     arrive. `mqttalk install claude` sets up Claude Code (hooks, and .mcp.json with --claude-channel);
