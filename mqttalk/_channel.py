@@ -244,7 +244,9 @@ class Channel(Peer):
                 live.drain()
             channel = self.url.channel
             envs = self.store.specs(channel)
-            todo = plan(envs, live.others()) if plan is not None else None
+            # (a person watching, `mqttalk watch`, takes part in the conversation, not in the agreement)
+            agents = [p for p in live.others() if (live.presences[p].role or "") != "person"]
+            todo = plan(envs, agents) if plan is not None else None
             env = None
             if todo is not None:
                 body, data, re = todo
@@ -280,8 +282,10 @@ class Channel(Peer):
         check_subject(subject)
         check_rev(rev)
 
-        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan:
+        def plan(envs: list[Envelope], _members: list[str]) -> SpecPlan | None:
             data, target = plan_agree(_fold(envs), subject, self.me, rev)
+            if self.me in target.agreed:  # agreed already: saying it twice changes nothing, sends nothing
+                return None
             return f"agreed to rev {target.rev} (sha256 {target.digest})", data, target.id
 
         return self._spec_done(self.spec_op(plan))

@@ -431,7 +431,7 @@ def spec_data(subj: Subject) -> dict[str, Any]:
         "digest": rev.digest,
         "proposer": rev.proposer,
         "proposed_at": rev.ts.isoformat(),
-        "agreed_by": sorted(rev.agreed),
+        "agreed_by": sorted({rev.proposer, *rev.others, *rev.agreed}),  # (a proposal is its proposer's agreement)
         "waiting_for": rev.waiting_for(subj.seen),
         "rejected_by": sorted(rev.rejected),
         "in_force": force.rev if force else None,
@@ -458,3 +458,26 @@ def spec_done_data(verb: str, env: Envelope | None, contract: Contract, subject:
         "rev": rev.rev,
         "digest": rev.digest,
     }
+
+
+def status_against(env: Envelope, specs: list[Envelope]) -> str:
+    """What a status just sent is against: the spec revision it names (and whether a newer one is in
+    force), or that it names none (and which subjects it could have named)."""
+    from ._spec import fold, quoted
+
+    contract = fold(specs)
+    subject, rev = env.data.get("spec"), env.data.get("rev")
+    if isinstance(subject, str) and isinstance(rev, int):
+        said = f"the status is against {quoted(subject)} rev {rev}"
+        subj = contract.subjects.get(subject)
+        force = subj.in_force if subj is not None else None
+        if force is not None and force.rev > rev:
+            said += f"; warning: rev {force.rev} is in force (--rev {force.rev}, or leave --rev out)"
+        return said
+    agreed = [quoted(s.name) for s, _ in contract.agreed()]
+    if not agreed:
+        return "the status is not tied to a spec (none is agreed yet)"
+    return (
+        f"the status is not tied to a spec: {len(agreed)} are agreed ({', '.join(agreed[:5])}); "
+        "name one with --spec SUBJECT"
+    )

@@ -124,24 +124,31 @@ class Spec:
 
 
 def spec_view(envelopes: Iterable[Envelope]) -> list[Spec]:
-    """Each spec subject with its latest revision and state, the text, and diffs between revisions.
+    """Each spec subject with its latest revision and where it stands by the agreement rules (see
+    :func:`mqttalk._spec.fold`: proposed, waiting for NAMES, agreed, rejected, conflict, withdrawn), its
+    text, its messages, and diffs between revisions."""
+    from ._spec import fold
 
-    Derived here from the channel's ``spec`` messages (``data.subject``, ``data.rev``, ``data.state``):
-    the one place to swap for the spec-contract module once it exists."""
+    envs = [env for env in envelopes if env.kind == "spec"]
+    contract = fold(envs)
     by_subject: dict[str, list[Revision]] = {}
-    for env in envelopes:
+    for env in sorted(envs, key=lambda e: (e.ts, e.id)):
         typed = env.typed()
-        if env.kind == "spec" and isinstance(typed, SpecData):
+        if isinstance(typed, SpecData):
+            said = "withdrawn" if typed.action == "withdraw" else typed.state
             by_subject.setdefault(typed.subject, []).append(
-                Revision(typed.rev, typed.state, env.sender, env.ts, env.id, env.body)
+                Revision(typed.rev, said, env.sender, env.ts, env.id, env.body)
             )
     specs = []
-    for subject, revisions in by_subject.items():
-        revisions.sort(key=lambda r: r.ts)
-        texts: dict[int, str] = {}  # each revision's text: its first message's
-        for r in revisions:
-            texts.setdefault(r.rev, r.body)
-        latest = max(revisions, key=lambda r: (r.rev, r.ts))
+    for name, subj in contract.subjects.items():
+        if not subj.revisions or name not in by_subject:
+            continue
+        texts = {n: props[0].text for n, props in subj.revisions.items()}
+        latest = subj.latest
+        state = str(subj.state)
+        if state in {"waiting", "proposed"}:
+            waiting = latest.waiting_for(subj.seen)
+            state = f"{state}, waiting for {', '.join(waiting)}" if waiting else state
         numbers = sorted(texts)
         diffs = [
             (
@@ -155,7 +162,7 @@ def spec_view(envelopes: Iterable[Envelope]) -> list[Spec]:
             )
             for a, b in itertools.pairwise(numbers)
         ]
-        specs.append(Spec(subject, latest.rev, latest.state, texts[latest.rev], revisions, diffs))
+        specs.append(Spec(name, subj.latest_rev, state, texts[subj.latest_rev], by_subject[name], diffs))
     specs.sort(key=lambda s: s.history[-1].ts, reverse=True)
     return specs
 
@@ -175,9 +182,11 @@ def last_statuses(envelopes: Iterable[Envelope]) -> dict[str, Envelope]:
 def fields_of(env: Envelope) -> list[str]:
     typed = env.typed()
     if isinstance(typed, SpecData):
-        return [f"subject: {typed.subject}", f"rev {typed.rev}", typed.state]
+        state = "withdrawn" if typed.action == "withdraw" else typed.state
+        return [f"subject: {typed.subject}", f"rev {typed.rev}", state]
     if isinstance(typed, StatusData):
-        return [typed.state] + ([f"commit {typed.commit}"] if typed.commit else [])
+        against = [f"on {typed.spec} rev {typed.rev}"] if typed.spec and typed.rev else []
+        return [typed.state, *against] + ([f"commit {typed.commit}"] if typed.commit else [])
     return [first_line(f"{k}: {v}", 120) for k, v in sorted(env.data.items())[:8]]  # (a newer peer's kind)
 
 

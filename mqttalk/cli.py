@@ -441,6 +441,10 @@ def send(
         f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
         {"event": "sent", "id": env.id, "kind": env.kind, "to": to},
     )
+    if env.kind == "status" and channel.store.specs(channel.url.channel):
+        from ._render import status_against
+
+        out.note(status_against(env, channel.store.specs(channel.url.channel)))
     if not set(channel.store.known_presences(channel.url.channel)) - {channel.me}:
         out.note(
             "nobody else has joined this channel yet: the first peer to join gets this message once it has "

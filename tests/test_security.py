@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import Session, channel_topics, join_url, paired, until_listening
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,12 @@ class Snooper:
         self.client.subscribe("#", qos=1)
         self.client.loop_start()
         time.sleep(0.5)
+
+    def wait_for(self, topic: str, within: float = 15.0) -> None:
+        """Until a message on ``topic`` was seen (a loaded machine can take more than a fixed sleep)."""
+        deadline = time.monotonic() + within
+        while not any(t == topic for t, _ in list(self.seen)) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self, under: str = "") -> bytes:
         """Everything seen (on topics under ``under``): the machine's broker keeps other tests' traffic."""
@@ -132,6 +139,7 @@ def test_plain_on_a_public_broker_warns_loudly(sessions: tuple[Session, Session]
     assert "WARNING" not in sealed.err
 
 
+@pytest.mark.timeout(600)  # (10,000 examples of pure CPU work: minutes when the machine is shared)
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=2048), st.text(max_size=512).map(str.encode)))
 def test_random_payloads_never_crash_the_decoder(payload: bytes) -> None:
@@ -148,6 +156,7 @@ _TOPIC = "mqttalk/v1/abc/msg/impl"
 _SEALED = _SEAL.seal(_TOPIC, _GOOD)
 
 
+@pytest.mark.timeout(600)  # (10,000 examples of pure CPU work: minutes when the machine is shared)
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, len(_SEALED) - 1), st.integers(1, 255), st.integers(0, len(_GOOD) - 1), st.integers(0, 255))
 def test_mutated_payloads_never_open_or_crash(at: int, flip: int, at_plain: int, byte: int) -> None:
@@ -188,7 +197,7 @@ def test_a_replayed_old_presence_does_not_bring_a_peer_back(sessions: tuple[Sess
     topics: Any = channel_topics(url)
     snoop = Snooper(url)  # the attacker records impl's sealed, retained presence while impl is there
     snoop.client.subscribe(topics.presence("impl"), qos=1)  # (re)delivers the retained one
-    time.sleep(0.5)
+    snoop.wait_for(topics.presence("impl"))
     snoop.stop()
     old = [p for t, p in snoop.seen if t == topics.presence("impl")]
     assert old, "the retained presence was on the wire"
@@ -223,6 +232,7 @@ def test_a_stale_or_replayed_presence_never_yields_paired(sessions: tuple[Sessio
     assert "PAIRED with impl" in tests.ok("pair", url, "--as", "tests").out  # impl is live: it answers
     snoop = Snooper(url)  # the attacker records impl's live presence (it answers tests' challenge)
     snoop.client.subscribe(topics.presence("impl"), qos=1)
+    snoop.wait_for(topics.presence("impl"))
     snoop.stop()
     recorded = [
         decode_presence(Seal.from_token(JoinURL.parse(url).key or "").open(topics.presence("impl"), p) or b"")

@@ -77,7 +77,7 @@ def test_two_peers_negotiate_with_a_counter_proposal_and_agree(pair_of: tuple[Se
         got = spec_list(side)[SUBJECT]
         assert got["rev"] == 3 and got["state"] == "agreed" and got["in_force"] == 3
         assert got["digest"] == hashlib.sha256(REV3.encode()).hexdigest()
-        assert got["proposer"] == "impl" and got["agreed_by"] == ["tests"]
+        assert got["proposer"] == "impl" and got["agreed_by"] == ["impl", "tests"]  # (its proposal: impl's word)
         assert side.ok("spec", "show", SUBJECT).out == REV3
         assert side.ok("spec", "show", SUBJECT, "--rev", "2").out == REV2
     text = impl.ok("spec", "list").out
@@ -180,7 +180,7 @@ def test_an_agreement_to_a_stale_revision_is_refused_naming_the_latest(pair_of: 
     impl.ok("spec", "propose", SUBJECT, REV2)
     line = one_error_line(tests.run("spec", "agree", SUBJECT, "--rev", "1"))
     assert f"rev 1 of '{SUBJECT}' is not the latest: rev 2 is (proposed by impl)" in line
-    assert spec_list(tests)[SUBJECT]["agreed_by"] == []  # nothing was sent
+    assert spec_list(tests)[SUBJECT]["agreed_by"] == ["impl"]  # the proposer's only: tests sent nothing
     # The agreement names the digest: one to rev 2's text never counts for another text.
     assert "agreed by all" in tests.ok("spec", "agree", SUBJECT, "--rev", "2").out
     assert "your proposal is your agreement" in one_error_line(impl.run("spec", "agree", SUBJECT))
@@ -234,7 +234,7 @@ def test_old_send_kind_spec_messages_still_count(pair_of: tuple[Session, Session
     sid = sent.out.split("id=")[1].split()[0]
     tests.ok("send", "--kind", "spec", "--subject", SUBJECT, "--state", "agreed", "--re", sid, "ok")
     got = spec_list(impl)[SUBJECT]
-    assert got["state"] == "agreed" and got["rev"] == 1 and got["agreed_by"] == ["tests"]
+    assert got["state"] == "agreed" and got["rev"] == 1 and got["agreed_by"] == ["impl", "tests"]
     assert impl.ok("spec", "show", SUBJECT).out == REV1
 
 

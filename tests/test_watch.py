@@ -311,7 +311,7 @@ def test_transcripts_in_markdown_html_and_json(
     tests.ok("recv")
     tests.ok("send", "--kind", "answer", "--re", q, "yes")
     tests.ok("send", "-", input=HOSTILE + "\n```\n# not a heading")
-    tests.ok("send", "--kind", "spec", "--subject", "POST /users", "--rev", "2", "--state", "agreed", "agreed")
+    impl.ok("spec", "agree", "POST /users")  # (rev 2 is tests' proposal: agreed when impl agrees to it)
     impl.ok("recv", "--wait", "10")
     deadline = time.monotonic() + 10
     while len(json.loads(impl.ok("log", "--format", "json").out)["messages"]) < 6 and time.monotonic() < deadline:
@@ -349,7 +349,7 @@ def test_transcripts_in_markdown_html_and_json(
     assert page.locator("article.msg img, article.msg b").count() == 0
     assert HOSTILE in (page.locator("article.msg.k-note .body").text_content() or "")
     assert "rev 2 · agreed" in (page.locator("#spec-list h3").text_content() or "")
-    assert page.locator("article.msg.reply").count() == 1
+    assert page.locator("article.msg.reply").count() == 2  # the answer, and the agreement (re: the proposal)
     page.close()
     assert impl.run("log", "--format", "pdf").code == 2
     assert impl.run("log", "--format", "md", "--json").code == 2
