@@ -470,7 +470,10 @@ class Store:
         rows = self.db.execute(
             f"SELECT raw, ts, n FROM messages WHERE {where} UNION ALL"  # noqa: S608 - only placeholders vary
             f" SELECT payload, ts, n FROM outbox WHERE {where}"
-            " AND id NOT IN (SELECT id FROM messages WHERE channel = ?)"  # a local peer received it too
+            # A local peer received it too: shown once. Only the same sender's message counts: another
+            # peer reusing our id must not hide what we said (and put its own words in its place).
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.channel = ? AND m.id = outbox.id"
+            " AND m.sender = outbox.sender)"
             " ORDER BY 2, 3",
             [*args, *args, channel],
         ).fetchall()

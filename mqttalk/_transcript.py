@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from html import escape as html_escape
 from importlib import resources
 from string import Template
 from typing import TYPE_CHECKING, Any
@@ -111,7 +112,7 @@ def html(doc: Document, *, page: dict[str, str] | None = None) -> str:
         earlier = to_html(["p", {"id": "earlier", "class": "earlier"}, f"{doc.earlier:,} earlier messages not shown"])
     extras = page or {}
     values = {
-        "title": f"mqttalk: {doc.channel}",
+        "title": html_escape(f"mqttalk: {doc.channel}"),
         "csp": extras.get("csp", TRANSCRIPT_CSP),
         "nonce": extras.get("nonce_attr", ""),
         "css": _asset("watch.css"),
@@ -212,8 +213,15 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#!|])")
 
 
 def _inline(text: str | None) -> str:
-    """Peer text on a Markdown line: one line, its markup characters escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join((text or "").split()))
+    """Peer text on a Markdown line: one line, its markup characters escaped, and no bare URL or address
+    a renderer would turn into a link (GitHub's autolinks: http://, www., user@host)."""
+    line = _MD_SPECIAL.sub(r"\\\1", " ".join((text or "").split()))
+    line = _SCHEME.sub(lambda m: m.group(1) + "\\:", line)
+    return _WWW.sub(lambda m: m.group(1) + "\\.", line).replace("@", "\\@")
+
+
+_SCHEME = re.compile(r"(?i)\b(https?|ftp|mailto|xmpp):")
+_WWW = re.compile(r"(?i)\b(www)\.")
 
 
 def _fenced(text: str, lang: str) -> list[str]:

@@ -225,7 +225,13 @@ def message_tree(
         kids.append(["pre", {"class": "body"}, body])
     kids.append(["footer", {}, ["span", {"class": "id"}, f"id {env.id}"]])
     classes = f"msg k-{kind if env.known_kind else 'other'}" + (" reply" if env.re else "")
-    attrs = {"class": classes, "id": f"m-{env.id}", "data-id": env.id, "data-key": stamp(env.ts) + env.id}
+    attrs = {
+        "class": classes,
+        "id": f"m-{env.id}",
+        "data-id": env.id,
+        "data-from": env.sender,
+        "data-key": stamp(env.ts) + env.id,
+    }
     return ["article", attrs, *kids]
 
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 # -- the person's peer -------------------------------------------------------------------------------
 
 
+MAX_CONNECTIONS = 128  # connections the page's server holds at once
+
+
 def person_name(as_: str | None) -> str:
     """``--as``, else the login name made a peer name ("Ann Lee" -> "ann-lee")."""
     import getpass
@@ -258,6 +261,9 @@ def _quiet_logs() -> None:
         log = logging.getLogger(name)
         log.handlers = [handler] if name == "uvicorn" else []
         log.setLevel(logging.WARNING)
+    aio = logging.getLogger("asyncio")  # (accept() failing under a flood of sockets: one line, not a traceback)
+    aio.handlers, aio.propagate = [handler], False
+    aio.setLevel(logging.ERROR)
 
 
 def _interrupted(*_: object) -> None:
@@ -317,6 +323,8 @@ def serve(settings: Settings, cwd: Path, *, as_: str | None, host: str, port: in
             access_log=False,
             timeout_graceful_shutdown=2,
             lifespan="on",
+            limit_concurrency=MAX_CONNECTIONS,  # (past it: 503, not a process out of file descriptors)
+            timeout_keep_alive=5,
         )
         _quiet_logs()
         # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again: ours ends as Ctrl-C does

@@ -165,6 +165,8 @@ class Server:
         if origin is None:
             return True
         own = {f"http://{h if ':' not in h else f'[{h}]'}:{self.port}" for h in self.hosts()}
+        if self.host in ("0.0.0.0", "::") and self.host_ok(request):  # noqa: S104 - (compared, not bound)
+            own.add(f"http://{request.headers.get('host', '')}")  # (the page as opened: its Host is checked)
         return origin in own
 
     def host_ok(self, request: Request) -> bool:
@@ -202,21 +204,24 @@ def build_app(server: Server, hub: Hub) -> Any:
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
+    reading = asyncio.Lock()  # one history read at a time, in a worker thread
+
     def refuse(request: Request, *, strict: bool) -> Response | None:
         if not server.host_ok(request):
-            return PlainTextResponse("wrong Host header\n", 421, headers=HEADERS)
+            return JSONResponse({"error": "wrong Host header"}, 421, headers=HEADERS)
         if not server.token_ok(request):
-            return PlainTextResponse(
-                "a valid token is required (the URL mqttalk watch printed)\n", 403, headers=HEADERS
+            return JSONResponse(
+                {"error": "a valid token is required (the URL mqttalk watch printed)"}, 403, headers=HEADERS
             )
         if strict and not server.origin_ok(request):
-            return PlainTextResponse("refused: request from another origin\n", 403, headers=HEADERS)
+            return JSONResponse({"error": "refused: request from another origin"}, 403, headers=HEADERS)
         return None
 
     async def page(request: Request) -> Response:
         if (no := refuse(request, strict=False)) is not None:
             return no
-        text, csp = render_page(hub, server.token)
+        async with reading:  # (off the event loop: the live streams keep flowing while a long history renders)
+            text, csp = await asyncio.to_thread(render_page, hub, server.token)
         return HTMLResponse(text, headers={**HEADERS, "Content-Security-Policy": csp})
 
     async def events(request: Request) -> Response:
@@ -258,9 +263,14 @@ def build_app(server: Server, hub: Hub) -> Any:
         if (no := refuse(request, strict=True)) is not None:
             return no
         before = request.query_params.get("before", "")
-        envs = [e for e in hub.channel.history() if not before or stamp(e.ts) + e.id < before]
-        shown = envs[-PAGE_ROWS:]
-        return JSONResponse({"rows": hub.rows(shown, server.token), "left": len(envs) - len(shown)}, headers=HEADERS)
+
+        def page_before() -> dict[str, Any]:
+            envs = [e for e in hub.channel.history() if not before or stamp(e.ts) + e.id < before]
+            shown = envs[-PAGE_ROWS:]
+            return {"rows": hub.rows(shown, server.token), "left": len(envs) - len(shown)}
+
+        async with reading:
+            return JSONResponse(await asyncio.to_thread(page_before), headers=HEADERS)
 
     async def body(request: Request) -> Response:
         if (no := refuse(request, strict=False)) is not None:
@@ -298,6 +308,8 @@ def _say(channel: Channel, say: Say) -> Envelope:
 def _cursor(text: str | None) -> tuple[int, int] | None:
     try:
         m, o = (text or "").split(".")
+        if len(m) > 18 or len(o) > 18:  # (SQLite integers: a longer number is no cursor of ours)
+            return None
         return max(0, int(m)), max(0, int(o))
     except ValueError:
         return None

@@ -506,3 +506,35 @@ def test_a_page_from_another_origin_cannot_post_even_with_the_token(
     got = tests.run("recv", "--wait", "2")
     assert "evil" not in got.out
     assert w.stop()[0] == 0
+
+
+def test_another_peer_reusing_an_id_hides_nothing(tmp_path: Path) -> None:
+    """What a person (or agent) of this machine said stays in its history, the page and the transcripts
+    when another peer sends a message under the same id: both are shown (the store keeps the sender's
+    own words; an id is not a licence to replace them)."""
+    from mqttalk._store import Store
+    from mqttalk._wire import new_envelope
+
+    store = Store(tmp_path / "store.sqlite3")
+    mine = new_envelope("alice", "note", "DO NOT deploy to prod")
+    store.enqueue("chan", "alice", "t/alice", [mine])
+    forged = new_envelope("tests", "note", "deploy to prod now, alice agreed")
+    forged.id, forged.seq = mine.id, 1
+    store.add_many("chan", [(forged, forged.encode())])
+    said = {(env.sender, env.body) for env in store.history("chan")}
+    assert ("alice", "DO NOT deploy to prod") in said and ("tests", "deploy to prod now, alice agreed") in said
+    echo = new_envelope("alice", "note", "DO NOT deploy to prod")  # our own message, received back: once
+    echo.id, echo.seq, echo.ts = mine.id, 1, mine.ts
+    store2 = Store(tmp_path / "store2.sqlite3")
+    store2.enqueue("chan", "alice", "t/alice", [mine])
+    store2.add_many("chan", [(echo, echo.encode())])
+    assert [env.body for env in store2.history("chan")] == ["DO NOT deploy to prod"]
+
+
+def test_a_transcript_line_holds_no_link_and_a_huge_cursor_is_no_cursor() -> None:
+    from mqttalk._transcript import _inline
+    from mqttalk._web import _cursor
+
+    line = _inline("see https://evil.example/x, www.evil.example or bob@evil.example [x](y)")
+    assert "https://" not in line and "www." not in line and "bob@" not in line and "[x](y)" not in line
+    assert _cursor("9" * 30 + ".1") is None and _cursor("12.3") == (12, 3)

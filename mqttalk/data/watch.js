@@ -30,7 +30,10 @@
   function place(tree) {
     const el = build(tree);
     const old = el.id && $(el.id);
-    if (old) { old.replaceWith(el); return; }
+    // A row is replaced only by a newer rendering of the same sender's message: another peer reusing
+    // its id must not take its place (both stay, the second without the id).
+    if (old && old.dataset.from === el.dataset.from) { old.replaceWith(el); return; }
+    if (old) el.removeAttribute("id");
     const rows = $("rows");
     const key = el.dataset.key || "";
     let at = rows.lastElementChild;
