@@ -109,6 +109,7 @@ class Live:
         self._next_outbox = 0.0
         self._backoff = 0.5
         self._retry_at = 0.0
+        self._node = 0  # for a cluster: the node tried first on the next connect (the one after a lost one)
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
@@ -194,6 +195,12 @@ class Live:
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def node(self) -> str:
+        """The broker node this process is connected to, as a user reads it (for a cluster: which node)."""
+        link = self._link
+        return (link.broker if link is not None else self.peer.url.broker.nodes[self._node]).display()
 
     @property
     def sending(self) -> bool:
@@ -339,9 +346,11 @@ class Live:
             persistent=self.exclusive,
             will=will,
             on_messages=lambda batch: self._absorb(made[0], batch),
+            first_node=self._node,
         )
         made.append(link)
         link.open()
+        self._node = link.node_index
         try:
             self._synced = False
             self._stale.clear()
@@ -769,6 +778,8 @@ class Live:
     def _lost(self, exc: Exception) -> None:
         if self._link is not None:
             self._link.close()
+            # a cluster's node that failed is tried last
+            self._node = (self._link.node_index + 1) % len(self.peer.url.broker.nodes)
         self._link = None
         self._outbox.reset()  # unacknowledged: still pending in the outbox, sent again on reconnect
         self._backoff = 0.5
@@ -785,7 +796,7 @@ class Live:
             self._retry_at = time.monotonic() + self._backoff
             return
         self._backoff = 0.5
-        self.peer.on_event(Event("reconnected", broker=self.peer.url.broker.display()))
+        self.peer.on_event(Event("reconnected", broker=self.node))
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

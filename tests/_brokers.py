@@ -7,6 +7,7 @@ reason; one that is installed but does not start is an error, with the tail of i
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -14,8 +15,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import end_process, free_port, listening, wait_listening
@@ -112,10 +115,11 @@ class RabbitBroker:
 
     USER = "mqttalk"
 
-    def __init__(self) -> None:
-        self.node = f"mqttalk-test-{os.getpid()}@localhost"
+    def __init__(self, name: str = "test", config: Path = CONFIG / "rabbitmq.conf", password: str = "") -> None:
+        self.node = f"mqttalk-{name}-{os.getpid()}@localhost"
+        self.config = config
         self.port = free_port()
-        self.password = os.urandom(9).hex()
+        self.password = password or os.urandom(9).hex()
         self.dir: Path | None = None
         self.version = ""
         self.started = False
@@ -149,6 +153,12 @@ class RabbitBroker:
         )
 
     def start(self) -> None:
+        self.boot()
+        self.ready()
+        self.add_user()
+
+    def boot(self) -> None:
+        """Start the node in the background (``ready`` waits for it)."""
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
             pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
         try:
@@ -166,7 +176,7 @@ class RabbitBroker:
         shutil.copy(plugins, self.dir / "enabled_plugins")
         (self.dir / "rabbitmq.conf").write_text(
             substitute(
-                (CONFIG / "rabbitmq.conf").read_text(),
+                self.config.read_text(),
                 {
                     r"^listeners\.tcp\.default = .*$": f"listeners.tcp.default = 127.0.0.1:{free_port()}",
                     r"^mqtt\.listeners\.tcp\.default = .*$": f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
@@ -186,12 +196,20 @@ class RabbitBroker:
             ["rabbitmq-server", "-detached"], env=env, capture_output=True, text=True, timeout=60, check=False
         )
         self.started = True
-        log = self.dir / "log" / f"{self.node}.log"
         if started.returncode != 0:
             raise RuntimeError(
                 f"rabbitmq-server -detached exited {started.returncode}: "
-                f"{started.stderr or started.stdout}\n{tail(log)}"
+                f"{started.stderr or started.stdout}\n{tail(self.log)}"
             )
+
+    @property
+    def log(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "log" / f"{self.node}.log"
+
+    def ready(self) -> None:
+        """Wait until the node listens for MQTT (10-30 s after ``boot``)."""
+        log = self.log
         deadline = time.monotonic() + 90  # 10-30 s on an idle machine; more on a busy one
         while not listening(self.port):
             if time.monotonic() > deadline:
@@ -201,6 +219,8 @@ class RabbitBroker:
             time.sleep(0.2)
         found = re.search(r"Starting RabbitMQ ([0-9][0-9.]*)", log.read_text(errors="replace"))
         self.version = found.group(1) if found else "?"
+
+    def add_user(self) -> None:
         for args in (
             ["add_user", self.USER, self.password],
             ["set_permissions", "-p", "/", self.USER, ".*", ".*", ".*"],
@@ -208,6 +228,12 @@ class RabbitBroker:
             res = self.ctl(*args)
             if res.returncode != 0:
                 raise RuntimeError(f"rabbitmqctl {args[0]} failed: {res.stderr or res.stdout}")
+
+    def kill(self) -> None:
+        """kill -9 the node's Erlang VM: a node lost, no goodbye to the cluster."""
+        assert self.dir is not None
+        pid_file = self.dir / "mnesia" / f"{self.node}.pid"
+        subprocess.run(["kill", "-9", pid_file.read_text().strip()], check=False)
 
     def stop(self) -> None:
         if self.started:
@@ -223,3 +249,202 @@ class RabbitBroker:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+def nats_exe() -> str:
+    exe = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
+    if exe is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    return exe
+
+
+class NatsNode:
+    """One node of a :class:`NatsCluster`: its own ports and JetStream directory; killable, restartable."""
+
+    def __init__(self, name: str, directory: Path) -> None:
+        self.name = name
+        self.dir = directory
+        self.port = free_port()  # MQTT
+        self.client_port = free_port()
+        self.http_port = free_port()  # monitoring: /jsz says which node leads which stream
+        self.route_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def write_config(self, template: str, routes: list[int]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "nats-server.conf").write_text(
+            substitute(
+                template,
+                {
+                    r"^server_name: .*$": f"server_name: {self.name}",
+                    r"^listen: .*$": f"listen: 127.0.0.1:{self.client_port}",
+                    r"^http: .*$": f"http: 127.0.0.1:{self.http_port}",
+                    r"^    store_dir: .*$": f'    store_dir: "{self.dir / "jetstream"}"',
+                    r"^    listen: 127\.0\.0\.1:6222$": f"    listen: 127.0.0.1:{self.route_port}",
+                    r"^    routes: .*$": "    routes: ["
+                    + ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes)
+                    + "]",
+                    r"^    listen: 127\.0\.0\.1:1883$": f"    listen: 127.0.0.1:{self.port}",
+                },
+            )
+        )
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [nats_exe(), "-c", str(self.dir / "nats-server.conf"), "-l", str(self.dir / "nats.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def up(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: the node is lost mid-work, with nothing saved or said to the others."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        end_process(self.proc)
+        self.proc = None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as answer:
+                return bool(json.load(answer).get("status") == "ok")
+        except (OSError, ValueError):  # 503 while JetStream is not ready
+            return False
+
+    def jsz(self) -> dict[str, Any]:
+        """The node's JetStream report: the meta leader, and each MQTT stream and consumer with its leader."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}/jsz?accounts=true&streams=true&consumers=true&config=true", timeout=5
+        ) as answer:
+            report: dict[str, Any] = json.load(answer)
+        return report
+
+
+class NatsCluster:
+    """Three nats-server nodes clustered over loopback routes, JetStream and MQTT on each, from
+    config/nats-cluster.conf (MQTT streams and consumers with three replicas)."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.dir = directory
+        self.nodes = [NatsNode(f"n{i + 1}", directory / f"n{i + 1}") for i in range(size)]
+        self.version = ""
+
+    def url(self, *order: int) -> str:
+        """The cluster's broker URL, nodes in the given order (default: all, n1 first)."""
+        picked = [self.nodes[i] for i in (order or range(len(self.nodes)))]
+        return "mqtt://" + ",".join(n.address for n in picked)
+
+    def start(self) -> None:
+        exe = nats_exe()
+        self.version = (
+            subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+            .stdout.strip()
+            .rsplit(" ", 1)[-1]
+            .lstrip("v")
+        )
+        template = (CONFIG / "nats-cluster.conf").read_text()
+        for node in self.nodes:
+            node.write_config(template, [n.route_port for n in self.nodes])
+        for node in self.nodes:
+            node.start()
+        self.wait_ready()
+        self._make_mqtt_streams()
+
+    def _make_mqtt_streams(self) -> None:
+        """NATS makes its MQTT streams when the first MQTT client connects, with the replicas configured:
+        three, so every node must be up then (with one down, that first connect fails: a finding of
+        this cluster, see README). Connect once, so a test may lose a node before its peers' first connect."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        client.connect("127.0.0.1", self.nodes[0].port)
+        client.loop_start()
+        deadline = time.monotonic() + 30
+        try:
+            while "$MQTT_sess" not in self.streams() or not client.is_connected():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("NATS made no MQTT streams within 30 s")
+                time.sleep(0.2)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    def wait_ready(self, timeout: float = 30, *, healthy: bool = True) -> None:
+        """Every running node listens for MQTT and knows the JetStream meta leader (before that, an MQTT
+        client's first connect fails: NATS cannot make its streams)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.up:
+                continue
+            try:
+                wait_listening(node.port, node.proc, timeout=max(1.0, deadline - time.monotonic()))
+                wait_listening(node.http_port, node.proc, timeout=max(1.0, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                self.stop()
+                raise RuntimeError(
+                    f"nats-server {node.name} did not start: {exc}\n{tail(node.dir / 'nats.log')}"
+                ) from None
+            # /healthz: JetStream is on, a meta leader is known, and this node's copies of the streams
+            # are current (a node started again catches up before it counts as back)
+            while healthy and not node.healthy():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"NATS node {node.name} is not healthy\n{tail(node.dir / 'nats.log')}")
+                time.sleep(0.1)
+
+    def wait_leaders(self, timeout: float = 30) -> float:
+        """Wait until the JetStream meta group and every MQTT stream are led by a node that is up (after a
+        node was killed, the survivors notice and elect new leaders: seconds); returns the seconds waited."""
+        started = time.monotonic()
+        alive = {node.name for node in self.nodes if node.up}
+        while True:
+            try:
+                node = next(n for n in self.nodes if n.up)
+                meta = (node.jsz().get("meta_cluster") or {}).get("leader")
+                led = [s.get("cluster", {}).get("leader") for s in self.streams().values()]
+                if meta in alive and led and all(leader in alive for leader in led):
+                    return time.monotonic() - started
+            except OSError:
+                pass
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"NATS cluster elected no leaders among {sorted(alive)} within {timeout:g} s")
+            time.sleep(0.2)
+
+    def revive(self) -> None:
+        """Start again every node a test killed (same JetStream directory: it rejoins and catches up)."""
+        down = [node for node in self.nodes if not node.up]
+        for node in down:
+            node.start()
+        if down:
+            # (not /healthz: a restarted node's own retained-message consumer may take long to count as
+            # current; that node serves MQTT clients before, so the next test need not wait for it)
+            self.wait_ready(healthy=False)
+            self.wait_leaders()
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        """The MQTT streams as a running node reports them: name -> stream detail (leader, replicas,
+        messages, consumers)."""
+        node = next(n for n in self.nodes if n.up)
+        return {
+            stream["name"]: stream
+            for account in node.jsz().get("account_details", [])
+            for stream in account.get("stream_detail", [])
+        }
+
+    def node(self, name: str) -> NatsNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
