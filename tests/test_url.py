@@ -118,7 +118,10 @@ def test_a_cluster_url_names_its_nodes_in_order_and_round_trips() -> None:
     ]
     assert url.render() == text.replace("n2.example.com,", "n2.example.com:1883,")
     assert JoinURL.parse(url.render()) == url
-    assert url.display() == "mqtt://bob@n1.example.com:1883,n2.example.com:1883,[::1]:1885/mqttalk/v1/abcdefgh12345678#plain"
+    assert (
+        url.display()
+        == "mqtt://bob@n1.example.com:1883,n2.example.com:1883,[::1]:1885/mqttalk/v1/abcdefgh12345678#plain"
+    )
     assert [n.display() for n in url.broker.nodes][1] == "mqtt://bob@n2.example.com:1883"
 
 
@@ -158,7 +161,7 @@ def test_bad_cluster_urls_say_what_is_wrong_in_one_line(text: str, says: str) ->
         JoinURL.parse(text)
     assert says in err.value.line() and "\n" not in err.value.line()
     with pytest.raises(BadJoinURL):  # --broker and the config file take the same list
-        parse_broker(text.split("/mqttalk/")[0])
+        parse_broker(text.split("/mqttalk/", maxsplit=1)[0])
 
 
 def test_broker_url_accepts_a_bare_list_of_nodes() -> None:
