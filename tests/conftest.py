@@ -259,6 +259,15 @@ def rabbitmq_broker() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Iterator[object]:
+    """Two clustered RabbitMQ nodes from config/rabbitmq-cluster.conf; booted once per test session (on
+    the worker that runs every RabbitMQ test), and lost by the one test that uses it."""
+    from _brokers import RabbitCluster
+
+    yield from running(RabbitCluster())
+
+
+@pytest.fixture(scope="session")
 def mosquitto_url() -> str:
     """The machine's Mosquitto on 127.0.0.1:1883, started if it is down."""
     if not listening(MOSQUITTO_PORT):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from _brokers import NatsCluster
-from conftest import Session, paired, status_of
+from conftest import Session, paired, read_join_url, status_of
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,24 @@ def reorder(url: str, cluster_url: str, first: str) -> str:
     return first + url[len(cluster_url) :]
 
 
+def paired_across(impl: Session, tests: Session, cluster_url: str, reader_first: str) -> tuple[str, str]:
+    """impl creates on the cluster URL's first node and waits; tests pairs through the URL with its nodes
+    in another order (so its session, and on RabbitMQ its queue, lives on that node). Returns both URLs."""
+    proc = impl.start("create", "--as", "impl", "--broker", cluster_url, "--wait", "60")
+    try:
+        url = read_join_url(proc)
+        theirs = reorder(url, cluster_url, reader_first)
+        res = tests.run("pair", theirs, "--as", "tests")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert res.code == 0 and "mqttalk: PAIRED with impl" in res.out, res.err
+    assert proc.returncode == 0 and "mqttalk: PAIRED with tests" in out, err
+    return url, theirs
+
+
 def messages_and_gaps(session: Session, *args: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     res = session.run("recv", "--json", *args)
     assert res.code == 0, f"recv exited {res.code}: {res.err}"
@@ -53,10 +71,17 @@ def messages_and_gaps(session: Session, *args: str) -> tuple[list[dict[str, Any]
     return [e for e in events if e["event"] == "message"], [e for e in events if e["event"] == "gap"]
 
 
-def send_notes(session: Session, count: int, label: str) -> None:
+def send_notes(session: Session, count: int, label: str, url: str | None = None) -> None:
     """``count`` notes over one connection of the sender's, which is closed after: it runs nothing later
-    (so it answers no repair request: whatever the reader gets, the broker kept)."""
-    channel: Any = session.channel()
+    (so it answers no repair request: whatever the reader gets, the broker kept). ``url``: the channel's
+    URL with the nodes in another order (as `--channel URL --as NAME`)."""
+    import mqttalk
+
+    if url is None:
+        channel: Any = session.channel()
+    else:
+        settings = mqttalk.Settings(state_dir=session.state_dir, channel=url, peer=session.name)
+        channel = mqttalk.open_channel(settings, cwd=session.cwd)
     with channel.live(online=False) as live:
         for i in range(count):
             live.send(f"{label} {i}", wait=False)
@@ -230,3 +255,51 @@ def test_a_cluster_whose_nodes_all_refuse_is_one_error_line(tmp_path: Path) -> N
     assert re.match(
         r"mqttalk: error: no node of mqtt://127\.0\.0\.1:\d+,127\.0\.0\.1:\d+ answered: nothing is listening", res.err
     )
+
+
+# -- RabbitMQ: two nodes; an absent peer's queue is a classic queue on one node -----------------------
+
+
+def test_rabbitmq_cluster_peers_on_two_nodes_talk_and_a_queue_survives_losing_the_other_node(
+    sessions: tuple[Session, Session], request: pytest.FixtureRequest
+) -> None:
+    from _brokers import RabbitCluster
+
+    rabbit: RabbitCluster = request.getfixturevalue("rabbitmq_cluster")
+    impl, tests = sessions
+    proc = impl.start("create", "--as", "impl", "--broker", rabbit.url(0, 1), "--wait", "60")  # impl on c1
+    try:
+        url = read_join_url(proc)
+        on_c2 = reorder(url, rabbit.url(0, 1), rabbit.url(1, 0))
+        # A finding: RabbitMQ keeps retained messages per node (not replicated), so through c2 the channel
+        # looks empty: no presence, no roster. mqttalk says so and joins nothing (exit 7).
+        elsewhere = tests.run("pair", on_c2, "--as", "tests", "--wait", "5")
+        assert elsewhere.code == 7 and "nobody is in this channel" in elsewhere.err, elsewhere.err
+        # Through the URL as printed (the creator's node first) it pairs, and tests' queue lives on c1.
+        res = tests.run("pair", url, "--as", "tests")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert res.code == 0 and "PAIRED with impl" in res.out, res.err
+    assert proc.returncode == 0 and "PAIRED with tests" in out, err
+    impl.ok("send", "from c2", "--channel", on_c2, "--as", "impl")  # impl on c2, tests reads on c1
+    got, gaps = messages_and_gaps(tests)
+    assert [m["body"] for m in got] == ["from c2"] and not gaps
+    send_notes(impl, 30, "queued", on_c2)  # tests is absent; impl runs nothing after this
+    queues = rabbit.queues()
+    held = max(queues, key=lambda q: int(q["messages"]))
+    print(f"RabbitMQ {rabbit.version} queues: {queues}")
+    # 3.10's MQTT plugin keeps an absent session's messages in a durable *classic* queue, on one node
+    assert all(q["type"] == "classic" and q["durable"] for q in queues if q["name"].startswith("mqtt-subscription-"))
+    assert int(held["messages"]) >= 30 and held["node"] == rabbit.nodes[0].node, held
+    rabbit.kill(1)  # kill -9 c2: the node impl sent through, NOT the one holding tests' queue
+    got, gaps, failed = collect(tests, 30, 60)
+    print(f"RabbitMQ: killed c2; tests' queue on c1: {len(got)} of 30 arrived, {failed} failed runs")
+    assert [m["body"] for m in got] == [f"queued {i}" for i in range(30)]  # each once, in order
+    assert not gaps  # the queue kept them: impl ran nothing, so nothing was repaired
+    sent = impl.run("send", "after c2 died", "--channel", on_c2, "--as", "impl")
+    assert sent.code == 0, sent.err  # impl's URL lists dead c2 first: it moves on to c1
+    got, gaps, _ = collect(tests, 1, 30)
+    assert [m["body"] for m in got] == ["after c2 died"], got
