@@ -480,9 +480,8 @@ class RabbitCluster:
             for args in (["await_startup"], ["stop_app"], ["join_cluster", seed.node], ["start_app"]):
                 res = node.ctl(*args, timeout=120)
                 if res.returncode != 0:
-                    raise RuntimeError(
-                        f"rabbitmqctl {' '.join(args)} on {node.node}: {(res.stderr or res.stdout)[:300]}\n{tail(node.log)}"
-                    )
+                    said = (res.stderr or res.stdout)[:300]
+                    raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {node.node}: {said}\n{tail(node.log)}")
             node.ready()
         seed.add_user()  # users and permissions are cluster-wide
 
