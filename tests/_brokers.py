@@ -7,13 +7,16 @@ reason; one that is installed but does not start is an error, with the tail of i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -512,3 +515,139 @@ class RabbitCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
+
+
+class Relay:
+    """A TCP relay on a free loopback port to a broker's port: the bridge's link, which a test cuts (every
+    connection closed, and nothing accepted) for a while, with both brokers running on."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = False
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(8)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = server.accept()
+            except OSError:
+                return  # closed: cut or stopped
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                near.close()
+                continue
+            with self._lock:
+                self._open += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def cut(self) -> None:
+        """The link drops: every connection through the relay is closed and no new one is accepted."""
+        if self._server is not None:
+            with contextlib.suppress(OSError):  # (close alone leaves a thread blocked in accept() accepting)
+                self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
+            self._server = None
+        with self._lock:
+            sockets, self._open = self._open, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def mend(self) -> None:
+        """The link is back: the relay accepts again on the same port."""
+        self.start()
+
+    def stop(self) -> None:
+        self.cut()
+
+
+class BridgedMosquitto:
+    """An edge Mosquitto from config/mosquitto-bridge.conf, bridged (through a :class:`Relay` the test can
+    cut) to a core Mosquitto; both with persistence, on loopback ports of their own."""
+
+    def __init__(self, directory: Path) -> None:
+        from conftest import PrivateMosquitto
+
+        self.core = PrivateMosquitto(directory / "core")
+        self.relay = Relay(self.core.port)
+        self.dir = directory / "edge"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def edge_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def core_url(self) -> str:
+        return self.core.url
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "mosquitto.log"
+
+    def start(self) -> None:
+        if shutil.which("mosquitto") is None:
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.core.start()
+        self.relay.start()
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            substitute(
+                (CONFIG / "mosquitto-bridge.conf").read_text(),
+                {
+                    r"^listener .*$": f"listener {self.port} 127.0.0.1\nuser root\nlog_dest file {self.log}",
+                    r"^persistence_location .*$": f"persistence_location {self.dir}/",
+                    r"^address .*$": f"address 127.0.0.1:{self.relay.port}",
+                },
+            )
+        )
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_listening(self.port, self.proc)
+        self.wait_bridged()
+
+    def wait_bridged(self, timeout: float = 20) -> None:
+        """Until the edge's bridge is connected to the core (the core's log says so)."""
+        deadline = time.monotonic() + timeout
+        core_log = self.core.dir / "mosquitto.log"
+        while core_log.read_text(errors="replace").count("as mqttalk-edge-1") <= self._connects:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the edge's bridge did not connect to the core\n{tail(self.log)}")
+            time.sleep(0.1)
+        self._connects += 1
+
+    _connects = 0
+
+    def stop(self) -> None:
+        end_process(self.proc)
+        self.proc = None
+        self.relay.stop()
+        self.core.stop()
