@@ -325,7 +325,7 @@ def test_bridge_peers_on_edge_and_core_talk_and_a_10s_cut_of_the_link_loses_noth
 ) -> None:
     impl, tests = sessions
     # impl on the edge; tests pairs through the core (the same channel: only the address differs)
-    url, on_core = paired_across(impl, tests, bridged.edge_url, bridged.core_url)
+    paired_across(impl, tests, bridged.edge_url, bridged.core_url)
     impl.ok("send", "edge to core")
     assert [m["body"] for m in messages_and_gaps(tests)[0]] == ["edge to core"]
     tests.ok("send", "core to edge")
