@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from _brokers import NatsCluster
-from conftest import Session, paired, read_join_url, status_of
+from conftest import Session, join_url, paired, read_join_url, status_of
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,10 @@ def test_nats_makes_no_new_session_while_a_node_of_three_is_down_and_mqttalk_say
     assert res.code == 3, res.err
     assert res.err.count("\n") == 1 and "did not confirm the subscribe" in res.err, res.err
     nats.revive()
-    impl.ok("create", "--as", "impl", "--broker", nats.url(0, 1, 2))
+    config = tmp_path / "config.toml"  # (and the cluster from the config file, as a team would set it)
+    config.write_text(f'broker = "{nats.url(2, 0, 1)}"\n')
+    made = impl.ok("create", "--as", "impl", env={"MQTTALK_CONFIG": str(config)})
+    assert join_url(made).startswith(nats.url(2, 0, 1) + "/")
 
 
 def test_a_cluster_whose_nodes_all_refuse_is_one_error_line(tmp_path: Path) -> None:
