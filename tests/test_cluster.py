@@ -364,3 +364,24 @@ def test_bridge_peers_on_edge_and_core_talk_and_a_10s_cut_of_the_link_loses_noth
     # retained presence crossed the bridge: on the core, impl's newest presence (it sent 20 since) is there
     peers = {p["name"]: p for p in status_of(tests)["peers"]}  # type: ignore[attr-defined]
     assert set(peers) == {"impl", "tests"}, peers
+
+
+def test_a_node_that_accepts_but_never_answers_costs_one_connect_timeout_then_the_next_is_used(
+    tmp_path: Path, private_mosquitto: Any
+) -> None:
+    import socket
+
+    silent = socket.socket()  # the kernel completes the TCP handshake (backlog); nothing ever answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        impl = Session("impl", tmp_path)
+        nodes = f"mqtt://127.0.0.1:{silent.getsockname()[1]},127.0.0.1:{private_mosquitto.port}"
+        started = time.monotonic()
+        res = impl.run("create", "--as", "impl", "--broker", nodes, "--connect-timeout", "1")
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert res.code == 0, res.err
+    assert join_url(res).startswith(nodes + "/")
+    assert took < 8, f"the silent node cost {took:.1f} s"  # its MQTT 5 probe and 3.1.1 try, 1 s each, then on
