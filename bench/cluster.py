@@ -147,6 +147,22 @@ class Cluster:
             time.sleep(0.1)
         raise SystemExit("bench: the NATS cluster elected no leaders")
 
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Every node's /healthz says ok: its copies of the streams and consumers are current (a node
+        started again catches up first; until then new sessions cannot be placed on three nodes)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while len(self.nodes) > 1:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{node.http}/healthz", timeout=5) as r:
+                        if json.load(r).get("status") == "ok":
+                            break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: NATS node {node.name} did not become healthy")
+                time.sleep(0.2)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -172,7 +188,7 @@ def pair(url_a: str, url_b: str, root: Path, i: int) -> tuple[Any, Any, float]:
     took = time.perf_counter() - t
     others = sorted(tests.paired)
     if others != ["impl"] or waited != [["tests"]]:
-        raise SystemExit(f"bench: channel {i} did not pair ({others}, {waited})")
+        raise RuntimeError(f"channel {i} did not pair ({others}, {waited})")
     return impl, tests, took
 
 
@@ -242,7 +258,15 @@ def spread(cluster: Cluster, root: Path, channels: int) -> tuple[list[float], fl
     t = time.perf_counter()
     for i in range(channels):
         url = cluster.url(i % len(cluster.nodes))
-        impl, tests, _ = pair(url, url, root, i)
+        for attempt in range(3):  # (a busy cluster may not place a new session's consumers in time)
+            try:
+                impl, tests, _ = pair(url, url, root / str(attempt), i)
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure: report it and try again
+                print(f"bench: channel {i}, attempt {attempt + 1}: {exc}", flush=True)
+                time.sleep(2)
+        else:
+            raise SystemExit(f"bench: channel {i} did not pair in 3 attempts")
         pairs.append((impl, tests))
     took = time.perf_counter() - t
     lives = []
@@ -312,6 +336,7 @@ def main() -> None:
             print(f"failover round {r}: connected after {connected:.2f} s, all 1000 after {caught:.2f} s", flush=True)
             cluster.nodes[victim].start()
             cluster.wait_leaders()
+            cluster.wait_healthy()
         conn = [c for c, _ in killed]
         done = [d for _, d in killed]
         lines += [

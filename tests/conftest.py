@@ -262,7 +262,7 @@ def rabbitmq_broker() -> Iterator[object]:
 def rabbitmq_cluster() -> Iterator[object]:
     """Two clustered RabbitMQ nodes from config/rabbitmq-cluster.conf; booted once per test session (on
     the worker that runs every RabbitMQ test), and lost by the one test that uses it."""
-    from _brokers import RabbitCluster
+    from _clusters import RabbitCluster
 
     yield from running(RabbitCluster())
 

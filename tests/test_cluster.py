@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _brokers import NatsCluster
+from _clusters import NatsCluster
 from conftest import Session, join_url, paired, read_join_url, status_of
 
 
@@ -266,7 +266,7 @@ def test_a_cluster_whose_nodes_all_refuse_is_one_error_line(tmp_path: Path) -> N
 def test_rabbitmq_cluster_peers_on_two_nodes_talk_and_a_queue_survives_losing_the_other_node(
     sessions: tuple[Session, Session], request: pytest.FixtureRequest
 ) -> None:
-    from _brokers import RabbitCluster
+    from _clusters import RabbitCluster
 
     rabbit: RabbitCluster = request.getfixturevalue("rabbitmq_cluster")
     impl, tests = sessions
@@ -313,7 +313,7 @@ def test_rabbitmq_cluster_peers_on_two_nodes_talk_and_a_queue_survives_losing_th
 
 @pytest.fixture
 def bridged(tmp_path: Path) -> Iterator[Any]:
-    from _brokers import BridgedMosquitto
+    from _clusters import BridgedMosquitto
 
     brokers = BridgedMosquitto(tmp_path / "bridge")
     try:
