@@ -385,6 +385,9 @@ class Live:
                 self._publish_roster(link)
         except BaseException:
             link.close()
+            # a cluster's node that took the connection but not the session (it cannot place it yet, or
+            # died since): the next attempt starts at the next node
+            self._node = (link.node_index + 1) % len(us.url.broker.nodes)
             raise
         self._link, self.protocol = link, link.protocol
         self._synced = True
