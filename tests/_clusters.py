@@ -40,6 +40,7 @@ class NatsNode:
         self.http_port = free_port()  # monitoring: /jsz says which node leads which stream
         self.route_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed = False  # ever killed (and maybe started again since)
 
     @property
     def address(self) -> str:
@@ -77,6 +78,7 @@ class NatsNode:
 
     def kill(self) -> None:
         """kill -9: the node is lost mid-work, with nothing saved or said to the others."""
+        self.killed = True
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
