@@ -221,7 +221,10 @@ def test_listen_moves_to_the_next_nats_node_when_its_node_dies_and_keeps_session
     words = [line.split()[1] for line in lines if line.startswith("mqttalk: ")]
     down = next(line for line in lines if "BROKER_DOWN" in line)
     up = next(line for line in lines if "BROKER_UP" in line)
-    assert nats.nodes[1].address in down and nats.nodes[2].address in up, (down, up)
+    # down names the dead node; up names a survivor (the next in the URL's order, or the one after it
+    # if the next could not take the session yet while the cluster elected new leaders)
+    assert nats.nodes[1].address in down and nats.nodes[1].address not in up, (down, up)
+    assert nats.nodes[2].address in up or nats.nodes[0].address in up, (down, up)
     assert words.index("BROKER_DOWN") < words.index("BROKER_UP") < words.index("MESSAGE")
     assert "after the node died" in tests.ok("log", "--channel", on_n2, "--as", "tests").out
 
@@ -249,28 +252,39 @@ def test_with_its_first_nats_node_dead_a_cluster_url_reaches_the_next_and_the_se
     assert [m["body"] for m in got] == ["n1 is dead"] and not gaps
 
 
-def test_nats_makes_no_new_session_while_a_node_of_three_is_down_and_mqttalk_says_so_in_one_line(
+def test_a_new_nats_session_after_the_meta_leader_is_killed_fails_in_one_line_until_the_cluster_settles(
     tmp_path: Path, nats: NatsCluster
 ) -> None:
-    """A finding, not a wish: with consumer_replicas 3 on three nodes, NATS must place every new
-    consumer on all three, so while one is down a *new* session (a peer joining, a new channel)
-    cannot subscribe; sessions that exist keep working (tests above). mqttalk says so in one line,
-    and the same command succeeds once the node is back."""
+    """A finding, measured: a new session (a peer joining, a new channel) makes replicated consumers, and
+    after a node is lost NATS may not place them within the connect timeout for a while, even once the
+    survivors have new leaders (seen: from at once to tens of seconds; more when the meta leader died).
+    Sessions that exist carry on (tests above). mqttalk says so in one line, never hangs, and the same
+    command works later; with the node back, too."""
     impl = Session("impl", tmp_path)
-    nats.nodes[2].kill()
+    meta = (nats.nodes[0].jsz().get("meta_cluster") or {}).get("leader")
+    victim = nats.node(meta) if meta else nats.nodes[2]
+    victim.kill()
     nats.wait_leaders()
-    res = impl.run("create", "--as", "impl", "--broker", nats.url(0, 1, 2))
-    assert res.code == 3, res.err
-    assert res.err.count("\n") == 1 and "did not confirm the subscribe" in res.err, res.err
+    settled = time.monotonic()
+    failures: list[str] = []
+    while (res := impl.run("create", "--as", "impl", "--broker", nats.url(0, 1, 2))).code != 0:
+        assert res.code in (3, 5) and res.err.count("\n") == 1, res.err  # one line: TimedOut or unreachable
+        failures.append(res.err.strip())
+        assert time.monotonic() - settled < 90, failures[-3:]
+        time.sleep(1)
+    print(
+        f"NATS: {victim.name} (meta leader: {meta == victim.name}) killed; a new session was made "
+        f"{time.monotonic() - settled:.1f} s after the survivors had leaders, after {len(failures)} failed "
+        f"creates ({failures[0] if failures else '-'})"
+    )
     nats.revive()
     config = tmp_path / "config.toml"  # (and the cluster from the config file, as a team would set it)
     config.write_text(f'broker = "{nats.url(2, 0, 1)}"\n')
     back = time.monotonic()
     while (made := impl.run("create", "--as", "impl", env={"MQTTALK_CONFIG": str(config)})).code != 0:
-        # the node is back, but NATS places a new consumer only once the node has caught up
-        assert made.code == 3 and time.monotonic() - back < 90, made.err
+        assert made.code in (3, 5) and time.monotonic() - back < 90, made.err
         time.sleep(1)
-    print(f"NATS: a new session could be made {time.monotonic() - back:.1f} s after the node was back")
+    print(f"NATS: with the node back, a new session was made after {time.monotonic() - back:.1f} s")
     assert join_url(made).startswith(nats.url(2, 0, 1) + "/")
 
 
