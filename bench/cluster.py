@@ -147,23 +147,6 @@ class Cluster:
             time.sleep(0.1)
         raise SystemExit("bench: the NATS cluster elected no leaders")
 
-    def wait_healthy(self, timeout: float = 120) -> None:
-        """Every node's /healthz says ok: its copies of the streams and consumers are current (a node
-        started again catches up first; until then new sessions cannot be placed on three nodes)."""
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            while len(self.nodes) > 1:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{node.http}/healthz", timeout=5) as r:
-                        if json.load(r).get("status") == "ok":
-                            break
-                except (OSError, ValueError):
-                    pass
-                if time.monotonic() > deadline:  # (a restarted node's own retained-message consumer may
-                    print(f"bench: NATS node {node.name} is not healthy after {timeout:g} s; going on", flush=True)
-                    return  # stay "not current" long after it serves clients: go on, pairings retry)
-                time.sleep(0.2)
-
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
