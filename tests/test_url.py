@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mqttalk import JoinURL
 from mqttalk._url import parse_broker
@@ -167,3 +169,16 @@ def test_bad_cluster_urls_say_what_is_wrong_in_one_line(text: str, says: str) ->
 def test_broker_url_accepts_a_bare_list_of_nodes() -> None:
     broker = parse_broker("n1:1883,n2:1884")
     assert [(n.scheme, n.host, n.port) for n in broker.nodes] == [("mqtt", "n1", 1883), ("mqtt", "n2", 1884)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="ab1:,@[]./%-", max_size=40))
+def test_any_address_list_parses_or_is_one_clear_error_and_round_trips(hosts: str) -> None:
+    text = f"mqtt://{hosts}/mqttalk/v1/abcdefgh12345678#plain"
+    try:
+        url = JoinURL.parse(text)
+    except BadJoinURL as err:
+        assert "\n" not in err.line()
+        return
+    assert JoinURL.parse(url.render()) == url
+    assert len(url.broker.nodes) == len({(n.host, n.port) for n in url.broker.nodes}) <= 16
