@@ -249,11 +249,21 @@ class RabbitCluster:
         for node in self.nodes:
             node.ready()
         seed = self.nodes[0]
+        seed_up = seed.ctl("await_startup", timeout=120)
+        if seed_up.returncode != 0:
+            raise RuntimeError(f"RabbitMQ node {seed.node} did not start: {seed_up.stderr[:300]}\n{tail(seed.log)}")
         for node in self.nodes[1:]:
             for args in (["await_startup"], ["stop_app"], ["join_cluster", seed.node], ["start_app"]):
-                res = node.ctl(*args, timeout=120)
-                if res.returncode != 0:
-                    said = (res.stderr or res.stdout)[:300]
+                # A node busy booting on two shared cores may not answer the CLI or its peer at once (seen in
+                # a full run: join_cluster "unable to perform an operation" on the seed): try again, as an
+                # operator would, before calling it a failure.
+                for _attempt in range(3):
+                    res = node.ctl(*args, timeout=120)
+                    if res.returncode == 0:
+                        break
+                    time.sleep(5)
+                else:
+                    said = (res.stderr or res.stdout)[:600]
                     raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {node.node}: {said}\n{tail(node.log)}")
             node.ready()
         seed.add_user()  # users and permissions are cluster-wide
