@@ -127,7 +127,8 @@ def open_channel(
             f"this directory is bound as {binding.peer!r}, not {settings.peer!r}",
             "drop --as, or give --channel URL too",
         )
-    url = _wake(settings, JoinURL.parse(binding.url))
+    # --channel naming the bound channel: its addresses win (a cluster's nodes in another order, a node moved)
+    url = _wake(settings, JoinURL.parse(settings.channel or binding.url))
     channel = Channel(
         url,
         peer,

@@ -24,7 +24,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     broker: str | None = Field(
-        None, description="Broker URL for `create` (mqtt://host:port). Unset: the embedded broker."
+        None,
+        description="Broker URL for `create` (mqtt://host:port; a cluster: mqtt://n1:port,n2:port,...). "
+        "Unset: the embedded broker.",
     )
     prefix: str = Field("mqttalk/v1", description="Topic prefix new channels live under.")
     channel: str | None = Field(

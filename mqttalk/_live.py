@@ -112,6 +112,7 @@ class Live:
         self._next_outbox = 0.0
         self._backoff = 0.5
         self._retry_at = 0.0
+        self._node = 0  # for a cluster: the node tried first on the next connect (the one after a lost one)
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
@@ -199,6 +200,12 @@ class Live:
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def node(self) -> str:
+        """The broker node this process is connected to, as a user reads it (for a cluster: which node)."""
+        link = self._link
+        return (link.broker if link is not None else self.peer.url.broker.nodes[self._node]).display()
 
     @property
     def sending(self) -> bool:
@@ -352,9 +359,11 @@ class Live:
             persistent=self.exclusive,
             will=will,
             on_messages=lambda batch: self._absorb(made[0], batch),
+            first_node=self._node,
         )
         made.append(link)
         link.open()
+        self._node = link.node_index
         try:
             self._synced = False
             self._stale.clear()
@@ -394,6 +403,9 @@ class Live:
                 self._publish_roster(link)
         except BaseException:
             link.close()
+            # a cluster's node that took the connection but not the session (it cannot place it yet, or
+            # died since): the next attempt starts at the next node
+            self._node = (link.node_index + 1) % len(us.url.broker.nodes)
             raise
         self._link, self.protocol = link, link.protocol
         self._synced = True
@@ -827,6 +839,8 @@ class Live:
     def _lost(self, exc: Exception) -> None:
         if self._link is not None:
             self._link.close()
+            # a cluster's node that failed is tried last
+            self._node = (self._link.node_index + 1) % len(self.peer.url.broker.nodes)
         self._link = None
         self._outbox.reset()  # unacknowledged: still pending in the outbox, sent again on reconnect
         self._backoff = 0.5
@@ -843,7 +857,7 @@ class Live:
             self._retry_at = time.monotonic() + self._backoff
             return
         self._backoff = 0.5
-        self.peer.on_event(Event("reconnected", broker=self.peer.url.broker.display()))
+        self.peer.on_event(Event("reconnected", broker=self.node))
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

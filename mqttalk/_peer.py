@@ -57,7 +57,7 @@ class Event:
     version: int | None = None  # outdated: the wire version the peer's presence speaks
     envelope: Envelope | None = None  # message
     gap: Gap | None = None  # gap
-    broker: str = ""  # reconnected: the broker it is connected to again
+    broker: str = ""  # reconnected: the broker (for a cluster: the node) it is connected to again
 
 
 class Message(NamedTuple):

@@ -1,5 +1,8 @@
 """The only module that imports paho. One connection to one broker, driven from the caller's thread.
 
+A broker that is a cluster answers at several addresses: a link connects to the first node that answers
+(each tried with the connect timeout), starting where the caller says (after the node it just lost).
+
 There is no network thread: the caller pumps the client with :meth:`Link.pump`, callbacks only
 append to lists, and every decision happens in the caller's code. This module decides the MQTT
 version (5, falling back to 3.1.1 once and remembering it per broker), session flags and timeouts.
@@ -109,11 +112,15 @@ class Link:
         on_messages: Callable[[list[Incoming]], None] | None = None,
         ca_file: Path | None = None,
         ws_path: str = "/mqtt",
+        first_node: int = 0,
     ) -> None:
         """``on_messages`` gets every batch of incoming messages, in the caller's thread, whenever
         the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
-        one it has taken care of: some brokers (amqtt) send nothing else until it does."""
-        self.broker = broker
+        one it has taken care of: some brokers (amqtt) send nothing else until it does.
+        ``first_node``: for a cluster, the index of the node tried first (the others follow in order)."""
+        self.cluster = broker
+        self.node_index = first_node % len(broker.nodes)
+        self.broker = broker.nodes[self.node_index]  # the node this link is connected to (or trying)
         self.client_id = client_id or "mqk-" + os.urandom(10).hex()[:19]
         self.persistent = persistent
         self.timeout = timeout
@@ -137,6 +144,26 @@ class Link:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def open(self) -> Link:
+        """Connect to the first node that answers; a single broker's error as it is, a cluster's as one
+        line naming the nodes tried (a node that refuses us, say wrong credentials, is not skipped: the
+        others share its user base)."""
+        nodes = self.cluster.nodes
+        if len(nodes) == 1:
+            return self._open_node()
+        start, errors = self.node_index, []
+        for step in range(len(nodes)):
+            self.node_index = (start + step) % len(nodes)
+            self.broker = nodes[self.node_index]
+            try:
+                return self._open_node()
+            except (BrokerUnreachable, TimedOut) as exc:
+                errors.append(exc.message)
+        raise BrokerUnreachable(
+            f"no node of {self.cluster.display()} answered: {'; '.join(errors)}",
+            "is the cluster running? are these its nodes' addresses?",
+        )
+
+    def _open_node(self) -> Link:
         cache = _ProtocolCache(self.state_dir)
         key = f"{self.broker.host}:{self.broker.port}"
         known = cache.get(key)

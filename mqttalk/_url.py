@@ -4,8 +4,10 @@ Form (as mosquitto_sub -L and MQTTX accept it, plus a channel)::
 
     SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL#k=KEY     a sealed channel
     SCHEME://[user[:pass]@]host[:port]/PREFIX/CHANNEL#plain     a plain one
+    SCHEME://[user[:pass]@]n1[:port],n2[:port],.../PREFIX/...   the nodes of one cluster, tried in order
 
-SCHEME is mqtt, mqtts, ws or wss. PREFIX is one or more topic levels (default ``mqttalk/v1``).
+SCHEME is mqtt, mqtts, ws or wss. PREFIX is one or more topic levels (default ``mqttalk/v1``). The nodes
+of a cluster share the scheme and the credentials: they are one broker that answers at several addresses.
 
 A URL checks itself, because chat tools and terminals cut and mangle long strings: a sealed channel's
 id is derived from its key (:func:`channel_id_for`), so a key cut short or changed by one character is
@@ -19,7 +21,7 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, urlsplit
 
 from ._errors import BadJoinURL
@@ -29,17 +31,30 @@ _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _LEVEL_RE = re.compile(r"^[^#+/\x00]+$")
 _KEY_RE = re.compile(r"^k=[A-Za-z0-9_-]{43}$")
 PLAIN = "plain"  # the fragment of a plain channel's URL
+MAX_NODES = 16  # a peer tries the nodes in order, a connect timeout each: more would be minutes of trying
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where a broker is: scheme, host, port and optional credentials."""
+    """Where a broker is: scheme, host, port and optional credentials; for a cluster, the other nodes'
+    addresses too (``more``), which share the scheme and credentials and are tried after host:port."""
 
     scheme: str
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    more: tuple[tuple[str, int], ...] = ()  # the other nodes of a cluster, in the order they are tried
+
+    @property
+    def nodes(self) -> tuple[BrokerAddress, ...]:
+        """Each node as an address of its own (one for a single broker), in the order they are tried."""
+        first = replace(self, more=())
+        return (first, *(replace(first, host=host, port=port) for host, port in self.more))
+
+    def node(self) -> str:
+        """host:port of this address's (first) node: how a peer says which node it is on."""
+        return f"{_host(self.host)}:{self.port}"
 
     @property
     def tls(self) -> bool:
@@ -52,7 +67,7 @@ class BrokerAddress:
     def display(self) -> str:
         """The address without the password (safe to print)."""
         user = f"{quote(self.username, safe='')}@" if self.username else ""
-        return f"{self.scheme}://{user}{_host(self.host)}:{self.port}"
+        return f"{self.scheme}://{user}{self._hosts()}"
 
     def render(self) -> str:
         """The address with credentials, as a URL prefix."""
@@ -62,7 +77,10 @@ class BrokerAddress:
             if self.password is not None:
                 cred += ":" + quote(self.password, safe="")
             cred += "@"
-        return f"{self.scheme}://{cred}{_host(self.host)}:{self.port}"
+        return f"{self.scheme}://{cred}{self._hosts()}"
+
+    def _hosts(self) -> str:
+        return ",".join(f"{_host(host)}:{port}" for host, port in ((self.host, self.port), *self.more))
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,8 @@ def channel_id_for(key: str) -> str:
 
 
 def parse_broker(text: str) -> BrokerAddress:
-    """Parse a broker URL (``mqtt://host:port``; a bare ``host[:port]`` means mqtt://)."""
+    """Parse a broker URL (``mqtt://host:port``, or a cluster's ``mqtt://n1:port,n2:port``; a bare
+    ``host[:port]`` means mqtt://)."""
     text = text.strip()
     if "://" not in text:
         text = "mqtt://" + text
@@ -154,9 +173,16 @@ def check_prefix(prefix: str, error: type[Exception] = BadJoinURL) -> str:
 def _split(text: str, what: str) -> tuple[BrokerAddress, str, str]:
     if not text:
         raise BadJoinURL(f"empty {what}")
+    if text.split("#", 1)[0].count("://") > 1:
+        raise BadJoinURL(
+            f"{what} names addresses with schemes of their own: {_safe(text)!r}",
+            "the nodes of one cluster share one scheme: SCHEME://n1:PORT,n2:PORT/...",
+        )
     try:
         parts = urlsplit(text)
-        port = parts.port
+        hosts = parts.netloc.rpartition("@")[2]
+        nodes = [_node(parts.scheme, entry, text, what) for entry in hosts.split(",")] if "," in hosts else []
+        port = None if nodes else parts.port
     except ValueError as exc:
         raise BadJoinURL(f"{what} is malformed: {_safe(text)!r} ({exc})") from None
     scheme = parts.scheme.lower()
@@ -165,16 +191,41 @@ def _split(text: str, what: str) -> tuple[BrokerAddress, str, str]:
             f"{what} has unsupported scheme {parts.scheme + '://' if parts.scheme else '(none)'}",
             "use mqtt://, mqtts://, ws:// or wss://",
         )
-    if not parts.hostname:
-        raise BadJoinURL(f"{what} has no host: {_safe(text)!r}")
+    if not nodes:
+        if not parts.hostname:
+            raise BadJoinURL(f"{what} has no host: {_safe(text)!r}")
+        nodes = [(parts.hostname, port)]
+    if len(nodes) > MAX_NODES:
+        raise BadJoinURL(
+            f"{what} names {len(nodes)} addresses; at most {MAX_NODES}",
+            "name a few nodes of the cluster: each one that does not answer costs a connect timeout",
+        )
+    named = [(host, node_port or DEFAULT_PORTS[scheme]) for host, node_port in nodes]
+    twice = next((f"{_host(h)}:{p}" for i, (h, p) in enumerate(named) if (h, p) in named[:i]), None)
+    if twice is not None:
+        raise BadJoinURL(f"{what} names the address {twice} twice", "name each node of the cluster once")
     broker = BrokerAddress(
         scheme=scheme,
-        host=parts.hostname,
-        port=port or DEFAULT_PORTS[scheme],
+        host=named[0][0],
+        port=named[0][1],
         username=unquote(parts.username) if parts.username is not None else None,
         password=unquote(parts.password) if parts.password is not None else None,
+        more=tuple(named[1:]),
     )
     return broker, parts.path, parts.fragment
+
+
+def _node(scheme: str, entry: str, text: str, what: str) -> tuple[str, int | None]:
+    """One address of a cluster's list (``host[:port]``); raises ValueError for a bad port."""
+    if not entry.strip():
+        raise BadJoinURL(
+            f"{what} has an empty address in its list of nodes: {_safe(text)!r}",
+            "separate the nodes with single commas: SCHEME://n1:PORT,n2:PORT/...",
+        )
+    parts = urlsplit(f"{scheme}://{entry}")
+    if not parts.hostname or parts.path or parts.query:
+        raise BadJoinURL(f"{what} has a malformed address {entry!r} in its list of nodes")
+    return parts.hostname, parts.port
 
 
 def _host(host: str) -> str:

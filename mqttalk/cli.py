@@ -537,7 +537,8 @@ def listen(
             return
         with live:
             live.announce("online")
-            out.note(f"listening as {channel.me} on {channel.url.display()} (Ctrl-C stops)")
+            node = f" (node {live.node})" if len(channel.url.broker.nodes) > 1 else ""
+            out.note(f"listening as {channel.me} on {channel.url.display()}{node} (Ctrl-C stops)")
             while deadline is None or time.monotonic() < deadline:
                 live.poll(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
                 _DROPS.flush(every=_Drops.SUMMARY_EVERY)
@@ -566,7 +567,7 @@ def _first_connect(live: Live, out: _Printer, deadline: float | None) -> bool:
             backoff = min(backoff * 2, 30.0)
             continue
         if down:
-            out.event(Event("reconnected", broker=live.peer.url.broker.display()))
+            out.event(Event("reconnected", broker=live.node))
         return True
 
 

@@ -112,10 +112,11 @@ class RabbitBroker:
 
     USER = "mqttalk"
 
-    def __init__(self) -> None:
-        self.node = f"mqttalk-test-{os.getpid()}@localhost"
+    def __init__(self, name: str = "test", config: Path = CONFIG / "rabbitmq.conf", password: str = "") -> None:
+        self.node = f"mqttalk-{name}-{os.getpid()}@localhost"
+        self.config = config
         self.port = free_port()
-        self.password = os.urandom(9).hex()
+        self.password = password or os.urandom(9).hex()
         self.dir: Path | None = None
         self.version = ""
         self.started = False
@@ -149,6 +150,12 @@ class RabbitBroker:
         )
 
     def start(self) -> None:
+        self.boot()
+        self.ready()
+        self.add_user()
+
+    def boot(self) -> None:
+        """Start the node in the background (``ready`` waits for it)."""
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
             pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
         try:
@@ -166,7 +173,7 @@ class RabbitBroker:
         shutil.copy(plugins, self.dir / "enabled_plugins")
         (self.dir / "rabbitmq.conf").write_text(
             substitute(
-                (CONFIG / "rabbitmq.conf").read_text(),
+                self.config.read_text(),
                 {
                     r"^listeners\.tcp\.default = .*$": f"listeners.tcp.default = 127.0.0.1:{free_port()}",
                     r"^mqtt\.listeners\.tcp\.default = .*$": f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
@@ -186,12 +193,20 @@ class RabbitBroker:
             ["rabbitmq-server", "-detached"], env=env, capture_output=True, text=True, timeout=60, check=False
         )
         self.started = True
-        log = self.dir / "log" / f"{self.node}.log"
         if started.returncode != 0:
             raise RuntimeError(
                 f"rabbitmq-server -detached exited {started.returncode}: "
-                f"{started.stderr or started.stdout}\n{tail(log)}"
+                f"{started.stderr or started.stdout}\n{tail(self.log)}"
             )
+
+    @property
+    def log(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "log" / f"{self.node}.log"
+
+    def ready(self) -> None:
+        """Wait until the node listens for MQTT (10-30 s after ``boot``)."""
+        log = self.log
         deadline = time.monotonic() + 90  # 10-30 s on an idle machine; more on a busy one
         while not listening(self.port):
             if time.monotonic() > deadline:
@@ -201,6 +216,8 @@ class RabbitBroker:
             time.sleep(0.2)
         found = re.search(r"Starting RabbitMQ ([0-9][0-9.]*)", log.read_text(errors="replace"))
         self.version = found.group(1) if found else "?"
+
+    def add_user(self) -> None:
         for args in (
             ["add_user", self.USER, self.password],
             ["set_permissions", "-p", "/", self.USER, ".*", ".*", ".*"],
@@ -208,6 +225,12 @@ class RabbitBroker:
             res = self.ctl(*args)
             if res.returncode != 0:
                 raise RuntimeError(f"rabbitmqctl {args[0]} failed: {res.stderr or res.stdout}")
+
+    def kill(self) -> None:
+        """kill -9 the node's Erlang VM: a node lost, no goodbye to the cluster."""
+        assert self.dir is not None
+        pid_file = self.dir / "mnesia" / f"{self.node}.pid"
+        subprocess.run(["kill", "-9", pid_file.read_text().strip()], check=False)
 
     def stop(self) -> None:
         if self.started:

@@ -79,16 +79,21 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """--dist loadgroup, with every RabbitMQ test in one group: one worker boots one node (10-30 s, and two
-    at once on two cores take longer still); the other brokers start in a second or less. (The group is
-    made here from the test ids: xdist 3.8's xdist_group mark no longer reaches its scheduler under
-    pytest 9.2, whose node ids it can no longer rewrite.)"""
+        at once on two cores take longer still), and every NATS cluster test in another (test_cluster.py shares one
+    cluster between them); the other brokers start in a second or less. (The group is
+        made here from the test ids: xdist 3.8's xdist_group mark no longer reaches its scheduler under
+        pytest 9.2, whose node ids it can no longer rewrite.)"""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
 
     class RabbitOnOneWorker(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "rabbitmq" if "rabbitmq" in nodeid else str(super()._split_scope(nodeid))
+            if "rabbitmq" in nodeid:
+                return "rabbitmq"
+            if "test_cluster.py" in nodeid and "nats" in nodeid:  # one NATS cluster for them all
+                return "nats_cluster"
+            return str(super()._split_scope(nodeid))
 
     return RabbitOnOneWorker(config, log)
 
@@ -251,6 +256,15 @@ def rabbitmq_broker() -> Iterator[object]:
     from _brokers import RabbitBroker
 
     yield from running(RabbitBroker())
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Iterator[object]:
+    """Two clustered RabbitMQ nodes from config/rabbitmq-cluster.conf; booted once per test session (on
+    the worker that runs every RabbitMQ test), and lost by the one test that uses it."""
+    from _clusters import RabbitCluster
+
+    yield from running(RabbitCluster())
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mqttalk import JoinURL
 from mqttalk._url import parse_broker
@@ -102,3 +104,81 @@ def test_a_sealed_url_with_one_character_changed_is_refused() -> None:
 def test_a_plain_url_says_so_and_round_trips() -> None:
     url = JoinURL.parse("mqtt://h:1883/mqttalk/v1/abcdefgh12345678#plain")
     assert not url.sealed and url.render().endswith("#plain") and url.display().endswith("#plain")
+
+
+# -- a cluster: several addresses of one broker -------------------------------------------------------
+
+
+def test_a_cluster_url_names_its_nodes_in_order_and_round_trips() -> None:
+    text = "mqtt://bob:p%40ss@n1.example.com:1883,n2.example.com,[::1]:1885/mqttalk/v1/abcdefgh12345678#plain"
+    url = JoinURL.parse(text)
+    nodes = [(n.host, n.port, n.username, n.password) for n in url.broker.nodes]
+    assert nodes == [
+        ("n1.example.com", 1883, "bob", "p@ss"),
+        ("n2.example.com", 1883, "bob", "p@ss"),  # the scheme's default port, as for one address
+        ("::1", 1885, "bob", "p@ss"),
+    ]
+    assert url.render() == text.replace("n2.example.com,", "n2.example.com:1883,")
+    assert JoinURL.parse(url.render()) == url
+    assert (
+        url.display()
+        == "mqtt://bob@n1.example.com:1883,n2.example.com:1883,[::1]:1885/mqttalk/v1/abcdefgh12345678#plain"
+    )
+    assert [n.display() for n in url.broker.nodes][1] == "mqtt://bob@n2.example.com:1883"
+
+
+def test_one_address_parses_and_renders_exactly_as_before() -> None:
+    text = "mqtts://bob:p%40ss@broker.example.com:8884/site/a/mqttalk/abcdefgh12345678#plain"
+    url = JoinURL.parse(text)
+    assert url.broker.more == () and url.broker.nodes == (url.broker,)
+    assert url.render() == text and "," not in url.display()
+
+
+def test_a_sealed_cluster_url_derives_the_same_channel_id() -> None:
+    from mqttalk._seal import Seal
+    from mqttalk._url import channel_id_for
+
+    key = Seal.new().token
+    one = JoinURL(parse_broker("n1:1883"), "mqttalk/v1", channel_id_for(key), key)
+    many = JoinURL.parse(one.render().replace("n1:1883", "n1:1883,n2:1883,n3:1883"))
+    assert many.channel == one.channel and many.key == one.key and many.sealed
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("mqtt://a:1883,,b:1883/mqttalk/v1/abcdefgh12345678#plain", "empty address"),
+        ("mqtt://a:1883,/mqttalk/v1/abcdefgh12345678#plain", "empty address"),
+        ("mqtt://,a:1883/mqttalk/v1/abcdefgh12345678#plain", "empty address"),
+        ("mqtt://a:1883,a:1883/mqttalk/v1/abcdefgh12345678#plain", "a:1883 twice"),
+        ("mqtt://a,a:1883/mqttalk/v1/abcdefgh12345678#plain", "a:1883 twice"),  # 1883 is mqtt's default
+        ("mqtt://a:1883,mqtts://b:8883/mqttalk/v1/abcdefgh12345678#plain", "share one scheme"),
+        ("mqtt://a:1883,b:x/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
+        ("mqtt://a:1883,b:99999/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
+        ("mqtt://" + ",".join(f"h{i}:1883" for i in range(50)) + "/mqttalk/v1/abcdefgh12345678#plain", "50 addresses"),
+    ],
+)
+def test_bad_cluster_urls_say_what_is_wrong_in_one_line(text: str, says: str) -> None:
+    with pytest.raises(BadJoinURL) as err:
+        JoinURL.parse(text)
+    assert says in err.value.line() and "\n" not in err.value.line()
+    with pytest.raises(BadJoinURL):  # --broker and the config file take the same list
+        parse_broker(text.split("/mqttalk/", maxsplit=1)[0])
+
+
+def test_broker_url_accepts_a_bare_list_of_nodes() -> None:
+    broker = parse_broker("n1:1883,n2:1884")
+    assert [(n.scheme, n.host, n.port) for n in broker.nodes] == [("mqtt", "n1", 1883), ("mqtt", "n2", 1884)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="ab1:,@[]./%-", max_size=40))
+def test_any_address_list_parses_or_is_one_clear_error_and_round_trips(hosts: str) -> None:
+    text = f"mqtt://{hosts}/mqttalk/v1/abcdefgh12345678#plain"
+    try:
+        url = JoinURL.parse(text)
+    except BadJoinURL as err:
+        assert "\n" not in err.line()
+        return
+    assert JoinURL.parse(url.render()) == url
+    assert len(url.broker.nodes) == len({(n.host, n.port) for n in url.broker.nodes}) <= 16
