@@ -255,11 +255,10 @@ def test_with_its_first_nats_node_dead_a_cluster_url_reaches_the_next_and_the_se
 def test_a_new_nats_session_after_the_meta_leader_is_killed_fails_in_one_line_until_the_cluster_settles(
     tmp_path: Path, nats: NatsCluster
 ) -> None:
-    """A finding, measured: a new session (a peer joining, a new channel) makes replicated consumers, and
-    after a node is lost NATS may not place them within the connect timeout for a while, even once the
-    survivors have new leaders (seen: from at once to tens of seconds; more when the meta leader died).
-    Sessions that exist carry on (tests above). mqttalk says so in one line, never hangs, and the same
-    command works later; with the node back, too."""
+    """A finding, measured: a new session (a peer joining, a new channel) makes replicated consumers (R3),
+    and after a node is lost NATS may not place them while it is down (seen: at once, after 27 s, and
+    not at all until the node came back). Sessions that exist carry on (tests above). mqttalk says so in
+    one line and never hangs while the node is down; with the node back, the same command works."""
     impl = Session("impl", tmp_path)
     meta = (nats.nodes[0].jsz().get("meta_cluster") or {}).get("leader")
     victim = nats.node(meta) if meta else nats.nodes[2]
@@ -267,22 +266,24 @@ def test_a_new_nats_session_after_the_meta_leader_is_killed_fails_in_one_line_un
     nats.wait_leaders()
     settled = time.monotonic()
     failures: list[str] = []
-    while (res := impl.run("create", "--as", "impl", "--broker", nats.url(0, 1, 2))).code != 0:
+    early = Session("early", tmp_path)  # (its own directory: a create that works binds it)
+    while time.monotonic() - settled < 20:  # (a try costs up to the connect timeout: a few tries)
+        res = early.run("create", "--as", "early", "--broker", nats.url(0, 1, 2))
+        if res.code == 0:
+            break
         assert res.code in (3, 5) and res.err.count("\n") == 1, res.err  # one line: TimedOut or unreachable
         failures.append(res.err.strip())
-        assert time.monotonic() - settled < 90, failures[-3:]
         time.sleep(1)
     print(
-        f"NATS: {victim.name} (meta leader: {meta == victim.name}) killed; a new session was made "
-        f"{time.monotonic() - settled:.1f} s after the survivors had leaders, after {len(failures)} failed "
-        f"creates ({failures[0] if failures else '-'})"
+        f"NATS: {victim.name} (meta leader: {meta == victim.name}) killed; {len(failures)} creates failed in "
+        f"{time.monotonic() - settled:.1f} s after the survivors had leaders ({failures[0] if failures else '-'})"
     )
     nats.revive()
     config = tmp_path / "config.toml"  # (and the cluster from the config file, as a team would set it)
     config.write_text(f'broker = "{nats.url(2, 0, 1)}"\n')
     back = time.monotonic()
     while (made := impl.run("create", "--as", "impl", env={"MQTTALK_CONFIG": str(config)})).code != 0:
-        assert made.code in (3, 5) and time.monotonic() - back < 90, made.err
+        assert made.code in (3, 5) and time.monotonic() - back < 120, made.err
         time.sleep(1)
     print(f"NATS: with the node back, a new session was made after {time.monotonic() - back:.1f} s")
     assert join_url(made).startswith(nats.url(2, 0, 1) + "/")
