@@ -190,6 +190,7 @@ def offline_text(peer: str, why: str) -> str:
 
 
 def link_text(down: bool, detail: str) -> str:
+    detail = detail.removesuffix(": Unspecified error")  # (paho's word for a connection that just ended)
     return f"mqttalk: {'BROKER_DOWN' if down else 'BROKER_UP'} {line(detail, 300)}"
 
 

@@ -222,6 +222,11 @@ def _node(scheme: str, entry: str, text: str, what: str) -> tuple[str, int | Non
             f"{what} has an empty address in its list of nodes: {_safe(text)!r}",
             "separate the nodes with single commas: SCHEME://n1:PORT,n2:PORT/...",
         )
+    if entry != entry.strip() or any(c.isspace() for c in entry):
+        raise BadJoinURL(
+            f"{what} has a space in its list of nodes: {_safe(text)!r}",
+            "separate the nodes with commas only: SCHEME://n1:PORT,n2:PORT/...",
+        )
     parts = urlsplit(f"{scheme}://{entry}")
     if not parts.hostname or parts.path or parts.query:
         raise BadJoinURL(f"{what} has a malformed address {entry!r} in its list of nodes")
