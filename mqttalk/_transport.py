@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ._errors import BrokerRefused, BrokerUnreachable, TimedOut
+from ._errors import BrokerRefused, BrokerUnreachable, SessionBusy, TimedOut
 from ._url import BrokerAddress
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps an absent peer's session and queue
@@ -145,12 +145,13 @@ class Link:
 
     def open(self) -> Link:
         """Connect to the first node that answers; a single broker's error as it is, a cluster's as one
-        line naming the nodes tried (a node that refuses us, say wrong credentials, is not skipped: the
-        others share its user base)."""
+        line naming the nodes tried. A node that refuses us (its credentials, its ACL) is passed over
+        like one that does not answer: a node set up differently, or not of this cluster, must not keep
+        a peer from the others; if every node refused, the refusal is the error."""
         nodes = self.cluster.nodes
         if len(nodes) == 1:
             return self._open_node()
-        start, errors = self.node_index, []
+        start, errors, refused = self.node_index, [], None
         for step in range(len(nodes)):
             self.node_index = (start + step) % len(nodes)
             self.broker = nodes[self.node_index]
@@ -158,6 +159,13 @@ class Link:
                 return self._open_node()
             except (BrokerUnreachable, TimedOut) as exc:
                 errors.append(exc.message)
+            except BrokerRefused as exc:
+                if isinstance(exc, SessionBusy):
+                    raise
+                errors.append(f"{self.broker.display()} refused us: {exc.message}")
+                refused = exc
+        if refused is not None and len(errors) == len(nodes) and all("refused us" in e for e in errors):
+            raise BrokerRefused(f"every node of {self.cluster.display()} refused us: {refused.message}", refused.hint)
         raise BrokerUnreachable(
             f"no node of {self.cluster.display()} answered: {'; '.join(errors)}",
             "is the cluster running? are these its nodes' addresses?",
@@ -182,8 +190,10 @@ class Link:
         try:
             self._connect(mqtt.MQTTv5, bare=True)
         except _ProtocolRefused:
-            cache.put(key, mqtt.MQTTv311)
             self._connect(mqtt.MQTTv311)
+            cache.put(
+                key, mqtt.MQTTv311
+            )  # (only once it answered 3.1.1: a node silent at first contact is no 3.1.1 node)
             return self
         cache.put(key, mqtt.MQTTv5)
         if self._probe_only:  # the probe had no session expiry or will: connect again with them

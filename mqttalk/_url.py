@@ -178,13 +178,22 @@ def _split(text: str, what: str) -> tuple[BrokerAddress, str, str]:
             f"{what} names addresses with schemes of their own: {_safe(text)!r}",
             "the nodes of one cluster share one scheme: SCHEME://n1:PORT,n2:PORT/...",
         )
+    userinfo = text.split("#", 1)[0].partition("://")[2].split("/", 1)[0].rpartition("@")[0]
+    if "@" in userinfo or "," in userinfo:
+        raise BadJoinURL(
+            f"{what} has credentials per node, or a raw '@' or ',' in them: {_safe(text)!r}",
+            "the nodes of one cluster share one user: SCHEME://USER:PASS@n1:PORT,n2:PORT/... "
+            "(percent-encode @ and , in a password: %40, %2C)",
+        )
     try:
         parts = urlsplit(text)
         hosts = parts.netloc.rpartition("@")[2]
         nodes = [_node(parts.scheme, entry, text, what) for entry in hosts.split(",")] if "," in hosts else []
         port = None if nodes else parts.port
-    except ValueError as exc:
-        raise BadJoinURL(f"{what} is malformed: {_safe(text)!r} ({exc})") from None
+    except ValueError:  # (its text may quote a piece of the password: not repeated)
+        raise BadJoinURL(
+            f"{what} is malformed: {_safe(text)!r}", "check the port numbers and the '/' after them"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise BadJoinURL(
@@ -238,6 +247,7 @@ def _host(host: str) -> str:
 
 
 def _safe(text: str) -> str:
-    """The text with any password and channel key blanked, for error messages."""
+    """The text with any password and channel key blanked, for error messages (up to the last ``@``: a
+    password holding ``/`` or ``@`` is blanked whole too)."""
     text = re.sub(r"#.*$", "#...", text)
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)[:200]
+    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", text)[:200]

@@ -427,3 +427,31 @@ def test_a_node_that_accepts_but_never_answers_costs_one_connect_timeout_then_th
     assert res.code == 0, res.err
     assert join_url(res).startswith(nodes + "/")
     assert took < 8, f"the silent node cost {took:.1f} s"  # its MQTT 5 probe and 3.1.1 try, 1 s each, then on
+
+
+def test_a_node_that_refuses_us_is_passed_over_and_every_node_refusing_is_the_error(tmp_path: Path) -> None:
+    """A node set up differently (its own password file, or not of this cluster) must not keep a peer
+    from the nodes after it; when every node refuses, the refusal is what is said (exit 5)."""
+    from conftest import PrivateMosquitto
+
+    closed = PrivateMosquitto(tmp_path / "closed")
+    closed.conf.write_text(closed.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    closed2 = PrivateMosquitto(tmp_path / "closed2")
+    closed2.conf.write_text(closed2.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    open_ = PrivateMosquitto(tmp_path / "open")
+    for broker in (closed, closed2, open_):
+        broker.start()
+    try:
+        impl = Session("impl", tmp_path)
+        made = impl.ok("create", "--as", "impl", "--broker", f"mqtt://127.0.0.1:{closed.port},127.0.0.1:{open_.port}")
+        assert "CREATED" in made.out  # (on the second node: the first refused)
+        other = Session("other", tmp_path)
+        res = other.run(
+            "create", "--as", "other", "--broker", f"mqtt://127.0.0.1:{closed.port},127.0.0.1:{closed2.port}"
+        )
+        assert res.code == 5 and res.err.count("\n") == 1 and "every node of" in res.err and "refused us" in res.err, (
+            res.err
+        )
+    finally:
+        for broker in (closed, closed2, open_):
+            broker.stop()

@@ -156,6 +156,9 @@ def test_a_sealed_cluster_url_derives_the_same_channel_id() -> None:
         ("mqtt://a:1883,b:x/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
         ("mqtt://a:1883,b:99999/mqttalk/v1/abcdefgh12345678#plain", "malformed"),
         ("mqtt://" + ",".join(f"h{i}:1883" for i in range(50)) + "/mqttalk/v1/abcdefgh12345678#plain", "50 addresses"),
+        ("mqtt://a:1883, b:1883/mqttalk/v1/abcdefgh12345678#plain", "a space"),
+        ("mqtt://u:p1@a:1883,v:p2@b:1883/mqttalk/v1/abcdefgh12345678#plain", "credentials per node"),
+        ("mqtt://a:1,b:2@c:3/mqttalk/v1/abcdefgh12345678#plain", "credentials per node"),
     ],
 )
 def test_bad_cluster_urls_say_what_is_wrong_in_one_line(text: str, says: str) -> None:
@@ -182,3 +185,10 @@ def test_any_address_list_parses_or_is_one_clear_error_and_round_trips(hosts: st
         return
     assert JoinURL.parse(url.render()) == url
     assert len(url.broker.nodes) == len({(n.host, n.port) for n in url.broker.nodes}) <= 16
+
+
+def test_a_password_holding_slash_or_at_is_never_repeated_in_an_error() -> None:
+    for text in ("mqtt://u:top/secret@h1:1,h2:2/p/cccccccccc#plain", "mqtt://u:top@secret@h1:1/p/cccccccccc#plain"):
+        with pytest.raises(BadJoinURL) as err:
+            JoinURL.parse(text)
+        assert "top" not in err.value.line() and "secret" not in err.value.line(), err.value.line()
