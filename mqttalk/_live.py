@@ -112,7 +112,8 @@ class Live:
         self._next_outbox = 0.0
         self._backoff = 0.5
         self._retry_at = 0.0
-        self._node = 0  # for a cluster: the node tried first on the next connect (the one after a lost one)
+        self._node: int | None = None  # a cluster's node tried first on the next connect (None: the one that
+        # answered last time, remembered in the state directory; after a lost node, the next one)
         self._sent_more = False  # sent messages since our presence last said how many
         self._gap_mark = 0
         self._offline: set[str] = set()
@@ -205,7 +206,7 @@ class Live:
     def node(self) -> str:
         """The broker node this process is connected to, as a user reads it (for a cluster: which node)."""
         link = self._link
-        return (link.broker if link is not None else self.peer.url.broker.nodes[self._node]).display()
+        return (link.broker if link is not None else self.peer.url.broker.nodes[self._node or 0]).display()
 
     @property
     def sending(self) -> bool:

@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ._errors import BrokerRefused, BrokerUnreachable, SessionBusy, TimedOut
-from ._url import BrokerAddress
+from ._url import MAX_NODES, BrokerAddress
 
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps an absent peer's session and queue
 KEEPALIVE = 30
@@ -112,14 +112,17 @@ class Link:
         on_messages: Callable[[list[Incoming]], None] | None = None,
         ca_file: Path | None = None,
         ws_path: str = "/mqtt",
-        first_node: int = 0,
+        first_node: int | None = None,
     ) -> None:
         """``on_messages`` gets every batch of incoming messages, in the caller's thread, whenever
         the link is pumped (also while it waits for an acknowledgement). It must :meth:`ack` each
         one it has taken care of: some brokers (amqtt) send nothing else until it does.
-        ``first_node``: for a cluster, the index of the node tried first (the others follow in order)."""
+        ``first_node``: for a cluster, the index of the node tried first (the others follow in order);
+        None: the node that answered last time (remembered in ``state_dir``), else the first."""
         self.cluster = broker
-        self.node_index = first_node % len(broker.nodes)
+        if first_node is None and len(broker.nodes) > 1:
+            first_node = _ProtocolCache(state_dir).last_node(broker.display())
+        self.node_index = (first_node or 0) % len(broker.nodes)
         self.broker = broker.nodes[self.node_index]  # the node this link is connected to (or trying)
         self.client_id = client_id or "mqk-" + os.urandom(10).hex()[:19]
         self.persistent = persistent
@@ -156,14 +159,19 @@ class Link:
             self.node_index = (start + step) % len(nodes)
             self.broker = nodes[self.node_index]
             try:
-                return self._open_node()
+                opened = self._open_node()
             except (BrokerUnreachable, TimedOut) as exc:
                 errors.append(exc.message)
+                continue
             except BrokerRefused as exc:
                 if isinstance(exc, SessionBusy):
                     raise
                 errors.append(f"{self.broker.display()} refused us: {exc.message}")
                 refused = exc
+                continue
+            if self.node_index != start:  # (the next command tries this one first: a dead node costs once)
+                _ProtocolCache(self.state_dir).put_last_node(self.cluster.display(), self.node_index)
+            return opened
         if refused is not None and len(errors) == len(nodes) and all("refused us" in e for e in errors):
             raise BrokerRefused(f"every node of {self.cluster.display()} refused us: {refused.message}", refused.hint)
         raise BrokerUnreachable(
@@ -624,11 +632,22 @@ class _ProtocolCache:
         value = self._load().get(key)
         return value if value in (mqtt.MQTTv311, mqtt.MQTTv5) else None
 
+    def last_node(self, cluster: str) -> int | None:
+        """The index of the node of ``cluster`` that answered last (a command starts there)."""
+        value = self._load().get(f"last node of {cluster}")
+        return value if isinstance(value, int) and 0 <= value < MAX_NODES else None
+
+    def put_last_node(self, cluster: str, index: int) -> None:
+        self._store(f"last node of {cluster}", index)
+
     def put(self, key: str, protocol: int) -> None:
+        self._store(key, protocol)
+
+    def _store(self, key: str, value: int) -> None:
         if self.path is None:
             return
         data = self._load()
-        data[key] = protocol
+        data[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
