@@ -356,6 +356,11 @@ class Session:
                 from ._spec import fold, status_spec
 
                 data.update(status_spec(fold(ch.store.specs(ch.url.channel, ch.me)), spec, status_rev))
+            if kind == "spec" and rev is None:  # (as `spec_propose` numbers it: the next; an answer: the latest)
+                from ._spec import default_rev, fold
+
+                contract = fold(ch.store.specs(ch.url.channel, ch.me))
+                data["rev"] = default_rev(contract, str(data.get("subject")), data.get("state"))
             try:
                 env = ch.send(text, kind, data=data, to=to, re=re)
             except Queued as exc:
@@ -897,7 +902,11 @@ def build(session: Session, sealed: bool | None = None) -> Any:
             str | None, Field(description="spec: what it specifies, e.g. 'POST /users' (default: the first line).")
         ] = None,
         rev: Annotated[
-            int | None, Field(description="spec: revision number (default 1). status with spec: its revision.")
+            int | None,
+            Field(
+                description="spec: revision number (default: the next for a proposal, else the latest). "
+                "status with spec: its revision."
+            ),
         ] = None,
         state: Annotated[
             str | None,
