@@ -227,12 +227,14 @@ class Channel(Peer):
         return Inbox([m for m in inbox.messages if m.n > n], [g for g in inbox.gaps if g.n > gap], inbox.paired)
 
     def spec_op(
-        self, plan: Callable[[list[Envelope], list[str]], SpecPlan | None] | None = None
+        self, plan: Callable[[list[Envelope], list[str]], SpecPlan | None] | None = None, *, publish: bool = True
     ) -> tuple[Envelope | None, list[Envelope]]:
         """Read the channel's spec messages (what is queued for us taken in, and the members' retained
         contract states: a late joiner's only source), let ``plan`` decide from them and the members
         present what to send (a body, spec fields, the id it answers) or nothing, send it, and keep our
-        own retained contract state up to date. Returns what was sent and every spec message known."""
+        own retained contract state up to date (unless ``publish`` is false: a plain `send --kind spec`, whose
+        kind a write on the spec topic would show on the wire). Returns what was sent and every spec
+        message known."""
         live = Live(self, online=False)
         try:
             live.open()
@@ -256,7 +258,7 @@ class Channel(Peer):
                     env = self.send(body, "spec", data=data, re=re)
                 envs = self.store.specs(channel, self.me)
             mine = {e.id for e in envs if e.sender == self.me and e.to is None}
-            if mine != live.contracts.get(self.me, set()):  # (lacking some, or holding what we never sent)
+            if publish and mine != live.contracts.get(self.me, set()):  # (lacking some, or holding what we never sent)
                 live.publish_contract(envs)
             return env, envs
 

@@ -369,9 +369,10 @@ def pair(
 
 
 def _send_spec(channel: Channel, body: str, data: dict[str, Any], re: str | None, *, next_rev: bool) -> Envelope:
-    """A `send --kind spec`, as the spec commands send: what is queued for us taken in first (without
-    --rev: a proposal is the next revision, an answer is about the latest), and our retained contract
-    state written after. With the broker out of reach it is queued as any message is."""
+    """A `send --kind spec`: what is queued for us taken in first, so that without --rev a proposal is
+    the next revision (as `spec propose` numbers it) and an answer is about the latest. Our retained
+    contract state is left to the spec commands (a write on the spec topic as the message goes out
+    would tell a snooper its kind). With the broker out of reach it is queued as any message is."""
     from ._errors import BrokerUnreachable, TimedOut
     from ._spec import default_rev, fold
 
@@ -382,7 +383,7 @@ def _send_spec(channel: Channel, body: str, data: dict[str, Any], re: str | None
         return body, fields, re
 
     try:
-        env = channel.spec_op(plan)[0]
+        env = channel.spec_op(plan, publish=False)[0]
     except (BrokerUnreachable, TimedOut):
         _b, fields, _r = plan(channel.store.specs(channel.url.channel, channel.me), [])
         return channel.send(body, "spec", data=fields, re=re)
