@@ -164,7 +164,7 @@ class Channel(Peer):
 
     def _spec_in_force(self) -> dict[str, Any]:
         """A status's default spec fields: the revision in force when exactly one subject has one."""
-        envs = self.store.specs(self.url.channel)
+        envs = self.store.specs(self.url.channel, self.me)
         if not envs:
             return {}
         from ._spec import fold, status_spec
@@ -227,12 +227,14 @@ class Channel(Peer):
         return Inbox([m for m in inbox.messages if m.n > n], [g for g in inbox.gaps if g.n > gap], inbox.paired)
 
     def spec_op(
-        self, plan: Callable[[list[Envelope], list[str]], SpecPlan | None] | None = None
+        self, plan: Callable[[list[Envelope], list[str]], SpecPlan | None] | None = None, *, publish: bool = True
     ) -> tuple[Envelope | None, list[Envelope]]:
         """Read the channel's spec messages (what is queued for us taken in, and the members' retained
         contract states: a late joiner's only source), let ``plan`` decide from them and the members
         present what to send (a body, spec fields, the id it answers) or nothing, send it, and keep our
-        own retained contract state up to date. Returns what was sent and every spec message known."""
+        own retained contract state up to date (unless ``publish`` is false: a plain `send --kind spec`, whose
+        kind a write on the spec topic would show on the wire). Returns what was sent and every spec
+        message known."""
         live = Live(self, online=False)
         try:
             live.open()
@@ -243,7 +245,7 @@ class Channel(Peer):
                 live.announce("joined")
                 live.drain()
             channel = self.url.channel
-            envs = self.store.specs(channel)
+            envs = self.store.specs(channel, self.me)
             # (a person watching, `mqttalk watch`, takes part in the conversation, not in the agreement)
             agents = [p for p in live.others() if (live.presences[p].role or "") != "person"]
             todo = plan(envs, agents) if plan is not None else None
@@ -254,8 +256,9 @@ class Channel(Peer):
                     env = live.send(body, "spec", data=data, re=re)
                 else:
                     env = self.send(body, "spec", data=data, re=re)
-                envs = self.store.specs(channel)
-            if {e.id for e in envs} - live.contracts.get(self.me, set()):
+                envs = self.store.specs(channel, self.me)
+            mine = {e.id for e in envs if e.sender == self.me and e.to is None}
+            if publish and mine != live.contracts.get(self.me, set()):  # (lacking some, or holding what we never sent)
                 live.publish_contract(envs)
             return env, envs
 
@@ -269,9 +272,14 @@ class Channel(Peer):
         check_subject(subject)
         for name in to or []:
             check_peer(name)
+        if to and not set(to) - {self.me}:
+            raise UsageError(
+                f"--to names only you ({self.me}): a revision needs the agreement of another member",
+                "name the peers who must agree, or leave --to out (every member present)",
+            )
 
         def plan(envs: list[Envelope], members: list[str]) -> SpecPlan:
-            return text, plan_propose(_fold(envs), subject, text, self.me, to or members), re
+            return text, plan_propose(_fold(envs), subject, text, self.me, to or members, envs), re
 
         return self._spec_done(self.spec_op(plan))
 
@@ -366,7 +374,7 @@ class Channel(Peer):
         if any(env.data.get("spec") for env in statuses):
             from ._spec import fold
 
-            force = {s.name: r.rev for s, r in fold(self.store.specs(self.url.channel)).agreed()}
+            force = {s.name: r.rev for s, r in fold(self.store.specs(self.url.channel, self.me)).agreed()}
         work = []
         for env in statuses[:SCREENFUL_WORK]:
             data = env.typed()

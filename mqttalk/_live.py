@@ -282,12 +282,16 @@ class Live:
         return env
 
     def publish_contract(self, envs: list[Envelope]) -> None:
-        """Retain this peer's copy of the channel's spec messages, for peers that join later."""
+        """Retain this peer's own spec messages, for peers that join later (a reader takes from our
+        state only ours; each member retains its own)."""
+        from ._spec import retained
+
         us = self.peer
         topic = us.topics.spec(us.me)
-        payload = us.wrap(topic, encode_contract(us.me, envs))
+        mine, first = retained(envs, us.me)
+        payload = us.wrap(topic, encode_contract(us.me, mine, first=first))
         self._live_link().publish(topic, payload, retain=True, meta=us.meta[1])
-        self.contracts[us.me] = {env.id for env in envs}
+        self.contracts[us.me] = {env.id for env in mine}
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed to the network was acknowledged (``timeout`` 0: send what is
@@ -686,7 +690,9 @@ class Live:
                 continue
             envs = [env for env in envs if self._member(env.sender)]
             self.contracts[state.sender] = {env.id for env in envs}
-            us.store.add_relayed(us.url.channel, envs)
+            if state.sender != us.me:  # (what we sent is in our history: a state at spec/ME tells us nothing)
+                # only the owner's own messages: a member cannot speak for another (nor for us) here
+                us.store.add_relayed(us.url.channel, state.sender, [e for e in envs if e.sender == state.sender])
 
     def _crowded(self, level: str) -> bool:
         """Whether a presence at topic level ``level`` comes from a peer past the first MAX_PEERS this

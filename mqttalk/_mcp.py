@@ -355,7 +355,12 @@ class Session:
             if spec is not None:
                 from ._spec import fold, status_spec
 
-                data.update(status_spec(fold(ch.store.specs(ch.url.channel)), spec, status_rev))
+                data.update(status_spec(fold(ch.store.specs(ch.url.channel, ch.me)), spec, status_rev))
+            if kind == "spec" and rev is None:  # (as `spec_propose` numbers it: the next; an answer: the latest)
+                from ._spec import default_rev, fold
+
+                contract = fold(ch.store.specs(ch.url.channel, ch.me))
+                data["rev"] = default_rev(contract, str(data.get("subject")), data.get("state"))
             try:
                 env = ch.send(text, kind, data=data, to=to, re=re)
             except Queued as exc:
@@ -509,9 +514,7 @@ class Session:
         return f"mqttalk: {spec_revision_text(subj, got)}; the text, exactly as proposed:\n\n{got.text}"
 
     def spec_diff(self, subject: str, a: int, b: int) -> str:
-        import difflib
-
-        from ._spec import check_rev, check_subject
+        from ._spec import check_rev, check_subject, diff_text, too_large_to_diff
 
         check_subject(subject)
         check_rev(a)
@@ -519,14 +522,13 @@ class Session:
         with self._lock:
             subj = self.channel().contract().subject(subject)
         old, new = subj.revision(a), subj.revision(b)
-        lines = difflib.unified_diff(
-            old.text.splitlines(keepends=True), new.text.splitlines(keepends=True), f"rev {a}", f"rev {b}"
-        )
-        diff = "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in lines)
+        diff = diff_text(old, new, f"rev {a}", f"rev {b}")
+        if diff is None:
+            return f"mqttalk: {too_large_to_diff(subj.name, old, new)}"
         return diff or f"mqttalk: revisions {a} and {b} have the same text"
 
     def spec_export(self, out: str | None) -> str:
-        from ._spec import export_files
+        from ._spec import export_files, write_exports
 
         with self._lock:
             ch = self.channel()
@@ -536,9 +538,7 @@ class Session:
             where = self.cwd / where
         files = export_files(contract)
         try:
-            where.mkdir(parents=True, exist_ok=True)
-            for name, data, _ in files:
-                (where / name).write_bytes(data)
+            write_exports(where, files)
         except OSError as exc:
             raise UsageError(f"cannot write to {where}: {exc.strerror or exc}") from None
         written = [f"mqttalk: EXPORTED {subj.name!r} rev {rev.rev} to {where / name}" for name, _, (subj, rev) in files]
@@ -902,7 +902,11 @@ def build(session: Session, sealed: bool | None = None) -> Any:
             str | None, Field(description="spec: what it specifies, e.g. 'POST /users' (default: the first line).")
         ] = None,
         rev: Annotated[
-            int | None, Field(description="spec: revision number (default 1). status with spec: its revision.")
+            int | None,
+            Field(
+                description="spec: revision number (default: the next for a proposal, else the latest). "
+                "status with spec: its revision."
+            ),
         ] = None,
         state: Annotated[
             str | None,

@@ -443,15 +443,15 @@ def spec_done_text(verb: str, env: Envelope | None, contract: Contract, subject:
     """What a spec command did: ``PROPOSED 'POST /users' rev 2 id=ID sha256=…: waiting for tests``."""
     from ._spec import quoted
 
-    subj = contract.subjects[subject]
-    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    subj = contract.subject(subject)
+    rev = subj.revisions.get(int(env.data["rev"]), [subj.latest])[0] if env is not None else subj.latest
     sent = f" id={env.id}" if env is not None else ""
     return f"mqttalk: {verb} {quoted(subject)} rev {rev.rev}{sent} sha256={rev.digest[:12]}: {spec_state_text(subj)}"
 
 
 def spec_done_data(verb: str, env: Envelope | None, contract: Contract, subject: str) -> dict[str, Any]:
-    subj = contract.subjects[subject]
-    rev = subj.revisions[int(env.data["rev"])][0] if env is not None else subj.latest
+    subj = contract.subject(subject)
+    rev = subj.revisions.get(int(env.data["rev"]), [subj.latest])[0] if env is not None else subj.latest
     return {
         "event": verb.lower(),
         "id": env.id if env is not None else None,
@@ -472,6 +472,10 @@ def status_against(env: Envelope, specs: list[Envelope]) -> str:
         said = f"the status is against {quoted(subject)} rev {rev}"
         subj = contract.subjects.get(subject)
         force = subj.in_force if subj is not None else None
+        named = subj.revisions.get(rev, []) if subj is not None else []
+        if named and named[0].rejected:
+            who = ", ".join(line(p) for p in sorted(named[0].rejected))
+            said += f"; warning: rev {rev} was rejected (by {who}), it is not an agreed revision"
         if force is not None and force.rev > rev:
             said += f"; warning: rev {force.rev} is in force (--rev {force.rev}, or leave --rev out)"
         return said

@@ -90,9 +90,15 @@ CREATE TABLE IF NOT EXISTS identities (  -- who this machine is in a channel: ne
     secret BLOB NOT NULL,  -- random; the broker session's client id is derived from it (see Channel.client_id)
     PRIMARY KEY (channel, peer)
 );
-CREATE TABLE IF NOT EXISTS relayed (  -- spec messages read from members' retained contract state (see _spec)
+CREATE TABLE IF NOT EXISTS relayed (  -- no longer read: its rows do not say whose retained state held them
     channel TEXT NOT NULL, id TEXT NOT NULL, raw BLOB NOT NULL,
     PRIMARY KEY (channel, id)
+);
+CREATE TABLE IF NOT EXISTS relayed_from (  -- spec messages read from a member's retained contract state (_spec)
+    channel TEXT NOT NULL, id TEXT NOT NULL,
+    source TEXT NOT NULL,  -- the member whose state held it (spec/SOURCE); only its own messages count
+    sender TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (channel, id, source)
 );
 CREATE TABLE IF NOT EXISTS paired (
     channel TEXT NOT NULL, peer TEXT NOT NULL, other TEXT NOT NULL, at REAL NOT NULL,
@@ -481,23 +487,32 @@ class Store:
             rows = rows[-limit:]
         return [env for raw, _ts, _n in rows if (env := _envelope(raw)) is not None]
 
-    def add_relayed(self, channel: str, envs: list[Envelope]) -> int:
-        """Keep spec messages a member relayed in its retained contract state (not messages of ours to
-        read: they go into no sequence, no cursor); returns how many were new."""
-        if not envs:
+    def add_relayed(self, channel: str, source: str, envs: list[Envelope]) -> int:
+        """Keep the spec messages of ``source`` that it relayed in its retained contract state (not
+        messages of ours to read: they go into no sequence, no cursor); a message of anyone else in it
+        is not kept. Returns how many were new."""
+        rows = [(channel, env.id, source, env.sender, env.encode()) for env in envs if env.sender == source]
+        if not rows:
             return 0
         with self._tx() as db:
-            rows = [(channel, env.id, env.encode()) for env in envs]
             before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO relayed (channel, id, raw) VALUES (?, ?, ?)", rows)
+            db.executemany(
+                "INSERT OR IGNORE INTO relayed_from (channel, id, source, sender, raw) VALUES (?, ?, ?, ?, ?)", rows
+            )
             return db.total_changes - before
 
-    def specs(self, channel: str) -> list[Envelope]:
-        """Every spec message of a channel known here: received, sent, and relayed (duplicates removed)."""
+    def specs(self, channel: str, me: str | None = None) -> list[Envelope]:
+        """Every spec message of a channel known here: received, sent, and relayed (duplicates removed).
+        A relayed one counts only if the member whose retained state held it sent it, and (``me``) never
+        one that claims to be from ``me``: what we sent is in our own history."""
         envs = {env.id: env for env in self.history(channel, kind="spec")}
-        for (raw,) in self.db.execute("SELECT raw FROM relayed WHERE channel = ?", (channel,)):
+        rows = self.db.execute(
+            "SELECT raw, source FROM relayed_from WHERE channel = ? AND sender = source AND source IS NOT ?",
+            (channel, me),
+        )
+        for raw, source in rows:
             env = _envelope(raw)
-            if env is not None and env.kind == "spec":
+            if env is not None and env.kind == "spec" and env.sender == source:
                 envs.setdefault(env.id, env)
         return list(envs.values())
 

@@ -177,19 +177,30 @@ class ContractState(BaseModel):
 CONTRACT_BUDGET = 128 * 1024  # bytes of spec messages one contract state carries (sealed and padded: under MAX_PAYLOAD)
 
 
-def encode_contract(sender: str, envs: list[Envelope], budget: int = CONTRACT_BUDGET) -> bytes:
-    """``sender``'s contract state: the newest of ``envs`` that fit in ``budget`` bytes (at most MAX_SPECS)."""
-    items: list[dict[str, Any]] = []
+def contract_item_size(env: Envelope) -> int:
+    """The bytes ``env`` takes of a contract state's budget."""
+    return (
+        len(json.dumps(env.model_dump(mode="json", by_alias=True, exclude_none=True), ensure_ascii=False).encode()) + 1
+    )
+
+
+def encode_contract(
+    sender: str, envs: list[Envelope], budget: int = CONTRACT_BUDGET, first: frozenset[str] = frozenset()
+) -> bytes:
+    """``sender``'s contract state: of ``envs``, those whose ids are in ``first`` (what must never be
+    dropped), then the newest of the others, as many as fit in ``budget`` bytes (at most MAX_SPECS)."""
+    chosen: list[Envelope] = []
     size = 0
-    for env in sorted(envs, key=lambda e: (e.ts, e.id), reverse=True):
-        if len(items) >= MAX_SPECS:
+    newest = sorted(envs, key=lambda e: (e.ts, e.id), reverse=True)
+    for env in [e for e in newest if e.id in first] + [e for e in newest if e.id not in first]:
+        if len(chosen) >= MAX_SPECS:
             break
-        item = env.model_dump(mode="json", by_alias=True, exclude_none=True)
-        n = len(json.dumps(item, ensure_ascii=False).encode()) + 1
+        n = contract_item_size(env)
         if size + n <= budget:
-            items.append(item)
+            chosen.append(env)
             size += n
-    items.reverse()
+    chosen.sort(key=lambda e: (e.ts, e.id))
+    items = [env.model_dump(mode="json", by_alias=True, exclude_none=True) for env in chosen]
     return ContractState(sender=sender, ts=now(), specs=items).encode()
 
 
@@ -206,9 +217,25 @@ def decode_contract(payload: bytes, *, at: datetime) -> tuple[ContractState, lis
             env = Envelope.model_validate(item)
         except (ValidationError, ValueError, TypeError):
             continue
-        if env.kind == "spec" and isinstance(env.typed(), SpecData) and _not_ahead(env.ts, at):
+        if (
+            env.kind == "spec"
+            and isinstance(env.typed(), SpecData)
+            and _not_ahead(env.ts, at)
+            and plausible_past(env.ts)
+        ):
             envs.append(env)
     return state, envs
+
+
+RELAYED_FLOOR = datetime(2020, 1, 1, tzinfo=UTC)  # a relayed spec message stamped earlier is forged
+
+
+def plausible_past(ts: datetime) -> bool:
+    """Not before RELAYED_FLOOR, and a date every reader can convert (never raises)."""
+    try:
+        return ts >= RELAYED_FLOOR and ts.year < 9999  # (then converting it to UTC cannot overflow)
+    except (OverflowError, ValueError):
+        return False
 
 
 def _not_ahead(ts: datetime, at: datetime) -> bool:

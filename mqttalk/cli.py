@@ -368,6 +368,29 @@ def pair(
         raise typer.Exit(EXIT_TIMEOUT)
 
 
+def _send_spec(channel: Channel, body: str, data: dict[str, Any], re: str | None, *, next_rev: bool) -> Envelope:
+    """A `send --kind spec`: what is queued for us taken in first, so that without --rev a proposal is
+    the next revision (as `spec propose` numbers it) and an answer is about the latest. Our retained
+    contract state is left to the spec commands (a write on the spec topic as the message goes out
+    would tell a snooper its kind). With the broker out of reach it is queued as any message is."""
+    from ._errors import BrokerUnreachable, TimedOut
+    from ._spec import default_rev, fold
+
+    def plan(envs: list[Envelope], _members: list[str]) -> tuple[str, dict[str, Any], str | None]:
+        fields = dict(data)
+        if next_rev:
+            fields["rev"] = default_rev(fold(envs), str(fields.get("subject")), fields.get("state"))
+        return body, fields, re
+
+    try:
+        env = channel.spec_op(plan, publish=False)[0]
+    except (BrokerUnreachable, TimedOut):
+        _b, fields, _r = plan(channel.store.specs(channel.url.channel, channel.me), [])
+        return channel.send(body, "spec", data=fields, re=re)
+    assert env is not None  # (the plan always sends)
+    return env
+
+
 @app.command()
 def send(
     text: Annotated[
@@ -385,7 +408,9 @@ def send(
     subject: Annotated[
         str | None, typer.Option(help="spec: what it specifies, e.g. 'POST /users' (default: the first line).")
     ] = None,
-    rev: Annotated[int | None, typer.Option(help="spec: revision number (default 1).")] = None,
+    rev: Annotated[
+        int | None, typer.Option(help="spec: revision number (default: the next one for a proposal, else the latest).")
+    ] = None,
     state: Annotated[
         str | None, typer.Option(help="spec: proposed|agreed|rejected. status: red|green|blocked|working|done.")
     ] = None,
@@ -435,16 +460,19 @@ def send(
     if spec is not None:
         from ._spec import fold, status_spec
 
-        data.update(status_spec(fold(channel.store.specs(channel.url.channel)), spec, status_rev))
-    env = channel.send(body, kind, data=data, to=to, re=re)
+        data.update(status_spec(fold(channel.store.specs(channel.url.channel, channel.me)), spec, status_rev))
+    if kind == "spec" and to is None:
+        env = _send_spec(channel, body, data, re, next_rev=rev is None)
+    else:
+        env = channel.send(body, kind, data=data, to=to, re=re)
     out.data(
         f"mqttalk: SENT kind={env.kind} id={env.id}" + (f" to={to}" if to else ""),
         {"event": "sent", "id": env.id, "kind": env.kind, "to": to},
     )
-    if env.kind == "status" and channel.store.specs(channel.url.channel):
+    if env.kind == "status" and channel.store.specs(channel.url.channel, channel.me):
         from ._render import status_against
 
-        out.note(status_against(env, channel.store.specs(channel.url.channel)))
+        out.note(status_against(env, channel.store.specs(channel.url.channel, channel.me)))
     if not set(channel.store.known_presences(channel.url.channel)) - {channel.me}:
         out.note(
             "nobody else has joined this channel yet: the first peer to join gets this message once it has "
@@ -1047,7 +1075,7 @@ def _spec_read(channel: Channel) -> Contract:
             file=sys.stderr,
             flush=True,
         )
-        return fold(channel.store.specs(channel.url.channel))
+        return fold(channel.store.specs(channel.url.channel, channel.me))
 
 
 @spec_app.command("propose")
@@ -1173,10 +1201,9 @@ def spec_diff(
     as_: AsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A unified diff between revisions A and B of SUBJECT."""
-    import difflib
-
-    from ._spec import check_rev, check_subject
+    """A unified diff between revisions A and B of SUBJECT (texts over 2,000 lines or 100 KB: their sizes
+    and digests instead)."""
+    from ._spec import check_rev, check_subject, diff_text, too_large_to_diff
 
     check_subject(subject)
     check_rev(a)
@@ -1184,14 +1211,14 @@ def spec_diff(
     out = _Printer(as_json)
     subj = _spec_read(_open(channel_url, as_, out)).subject(subject)
     old, new = subj.revision(a), subj.revision(b)
-    lines = difflib.unified_diff(
-        old.text.splitlines(keepends=True),
-        new.text.splitlines(keepends=True),
-        f"{_safe(subject, 200)} rev {a}",
-        f"{_safe(subject, 200)} rev {b}",
-    )
-    # (as diff(1) marks a last line without a newline, so the diff still applies byte for byte)
-    diff = "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in lines)
+    diff = diff_text(old, new, f"{_safe(subj.name, 200)} rev {a}", f"{_safe(subj.name, 200)} rev {b}")
+    if diff is None:
+        said = too_large_to_diff(subj.name, old, new)
+        if as_json:
+            out.data("", {"event": "spec_diff", "subject": subj.name, "a": a, "b": b, "diff": None, "too_large": said})
+        else:
+            out.note(said)
+        return
     out.data(diff.rstrip("\n"), {"event": "spec_diff", "subject": subject, "a": a, "b": b, "diff": diff})
     if not diff:
         out.note(f"revisions {a} and {b} of {_spec_name(subject)} have the same text")
@@ -1215,7 +1242,7 @@ def spec_export(
     """Write each agreed subject as one Markdown file: a small header (subject, revision, digest, agreed by,
     when), then the agreed text byte for byte."""
     from ._errors import UsageError
-    from ._spec import export_files
+    from ._spec import export_files, write_exports
 
     out = _Printer(as_json)
     channel = _open(channel_url, as_, out)
@@ -1223,11 +1250,10 @@ def spec_export(
     where = out_dir if out_dir is not None else channel.settings.state_dir / "specs" / channel.url.channel[:16]
     files = export_files(contract)
     try:
-        where.mkdir(parents=True, exist_ok=True)
+        write_exports(where, files)
         if not files:
             out.note("no subject is agreed yet: nothing written")
-        for name, data, (subj, rev) in files:
-            (where / name).write_bytes(data)
+        for name, _data, (subj, rev) in files:
             out.data(
                 f"mqttalk: EXPORTED {_spec_name(subj.name)} rev {rev.rev} to {where / name}",
                 {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -316,13 +317,16 @@ def test_hostile_retained_contract_state_breaks_nothing(tmp_path: Path, broker_u
     join(late, url)
     res = late.ok("spec", "list", "--json")
     got = {str(o["subject"]): o for o in lines_json(res) if o["event"] == "spec"}
-    # impl's own retained state was overwritten by the forgery: tests' copy still carries the contract.
-    assert got[SUBJECT]["rev"] == 3 and got[SUBJECT]["state"] == "agreed"
+    # impl's own retained state was overwritten by the forgery, and a member's copy counts only for that
+    # member's own messages: until impl writes its copy again, the late joiner sees tests' (rev 2), and
+    # nothing of the forgery.
+    assert got[SUBJECT]["rev"] == 2 and got[SUBJECT]["proposer"] == "tests"
     assert res.err.count("DROPPED") == 1 and "DROPPED 3 payloads" in res.err and "Traceback" not in res.err
-    assert late.ok("spec", "show", SUBJECT).out == REV3
     # impl's next spec command puts its own retained state right again.
     impl.ok("spec", "list")
-    assert spec_list(late)[SUBJECT]["rev"] == 3
+    got = spec_list(late)[SUBJECT]
+    assert got["rev"] == 3 and got["state"] == "agreed"
+    assert late.ok("spec", "show", SUBJECT).out == REV3
 
 
 def test_the_previous_version_reads_the_new_spec_and_status_fields() -> None:
@@ -484,3 +488,295 @@ def test_any_mix_of_spec_messages_folds_without_raising() -> None:
                 assert "\n" not in exc.line()
 
     check()
+
+
+# -- what an attacker inside the channel tried (a member forging, backdating, flooding) ----------------
+
+
+def spec_env(sender: str, body: str, ts: object = None, re: str | None = None, **data: object) -> object:
+    """A spec message as any peer could write it (no check of ours in the way)."""
+    import uuid
+
+    from mqttalk._wire import Envelope
+
+    stamp = ts if ts is not None else now()
+    item = {"id": str(uuid.uuid4()), "ts": stamp.isoformat(), "from": sender, "kind": "spec", "body": body}  # type: ignore[attr-defined]
+    return Envelope.model_validate({**item, "data": data, "re": re})
+
+
+def publish_state(url: str, owner: str, items: list[object], sender: str | None = None) -> None:
+    """Retain a sealed contract state at spec/OWNER holding ``items`` (as a member with the key can)."""
+    topics = channel_topics(url)
+    where = JoinURL.parse(url)
+    specs = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in items]  # type: ignore[attr-defined]
+    payload = json.dumps({"v": 2, "from": sender or owner, "ts": now().isoformat(), "specs": specs}).encode()
+    topic = topics.spec(owner)  # type: ignore[attr-defined]
+    sealed = topics.seal.seal(topic, payload) if topics.seal else payload  # type: ignore[attr-defined]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect(where.broker.host, where.broker.port)
+    client.loop_start()
+    try:
+        client.publish(topic, sealed, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_members_retained_state_speaks_only_for_that_member(tmp_path: Path, broker_url: str) -> None:
+    """A member's retained state at spec/OWNER that carries messages "from" other members (and from the
+    reader itself), or stamped in year 1: none of it is believed or kept, by a late joiner nor by the
+    peer it claims to speak for; what was stored before under no owner does not count either."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from mqttalk._spec import digest
+
+    impl, tests, late = (Session(n, tmp_path) for n in ("impl", "tests", "late"))
+    url = paired(impl, tests, broker_url)
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    join(late, url)
+    evil = "POST /users deletes every user"
+    forged = [
+        spec_env("impl", evil, subject=SUBJECT, rev=2, action="propose", state="proposed", digest=digest(evil)),
+        spec_env("late", "ok", subject=SUBJECT, rev=1, action="agree", state="agreed", digest=digest(REV1)),
+        spec_env("impl", "x", subject="PAY", rev=1, action="propose", state="proposed", digest=digest("x")),
+    ]
+    ancient = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))
+    old = spec_env("tests", "old", ancient, subject="OLD", rev=1, action="propose", state="proposed")
+    publish_state(url, "tests", [*forged, old])  # tests' state, speaking for impl and late
+    publish_state(url, "impl", [forged[2]])  # impl's own topic, as impl never wrote it
+    got = spec_list(impl)
+    assert set(got) == {SUBJECT} and got[SUBJECT]["rev"] == 1 and got[SUBJECT]["state"] == "proposed", got
+    publish_state(url, "late", [forged[1]])  # the reader's own topic, as it never wrote it
+    res = late.ok("spec", "list", "--json")
+    got = {str(o["subject"]): o for o in lines_json(res) if o["event"] == "spec"}
+    # (PAY: impl's topic says impl proposed it; a member can write any member's topic, as any message)
+    assert set(got) == {SUBJECT, "PAY"} and got[SUBJECT]["rev"] == 1 and got[SUBJECT]["proposer"] == "impl"
+    assert got[SUBJECT]["state"] == "proposed" and "Traceback" not in res.err, got  # (late's "agreement": forged)
+    assert "agreed by some (late), waiting for tests" in late.ok("spec", "agree", SUBJECT).out
+    assert "agreed by all (impl and late and tests)" in tests.ok("spec", "agree", SUBJECT).out
+    # Rows of an older version's store (which never said whose state held them) do not count either.
+    db = sqlite3.connect(late.state_dir / "store.sqlite3")
+    channel = db.execute("SELECT channel FROM relayed_from LIMIT 1").fetchone()[0]
+    db.execute("INSERT INTO relayed (channel, id, raw) VALUES (?, ?, ?)", (channel, forged[0].id, forged[0].encode()))  # type: ignore[attr-defined]
+    db.execute(
+        "INSERT INTO relayed_from (channel, id, source, sender, raw) VALUES (?, ?, 'tests', 'impl', ?)",
+        (channel, forged[2].id, forged[2].encode()),  # type: ignore[attr-defined]
+    )
+    db.commit()
+    db.close()
+    got = spec_list(late)
+    assert got[SUBJECT]["rev"] == 1 and got[SUBJECT]["state"] == "agreed" and evil not in json.dumps(got)
+
+
+def test_a_proposers_own_agreement_never_counts(pair_of: tuple[Session, Session]) -> None:
+    impl, tests = pair_of
+    assert "--to names only you (impl)" in one_error_line(impl.run("spec", "propose", SUBJECT, REV1, "--to", "impl"))
+    impl.ok("spec", "propose", SUBJECT, REV1, "--to", "tests")
+    impl.ok("send", "--kind", "spec", "--subject", SUBJECT, "--state", "agreed", "--rev", "1", "ok")
+    got = spec_list(tests)[SUBJECT]
+    assert got["state"] == "proposed" and got["waiting_for"] == ["tests"] and got["in_force"] is None
+    assert "agreed by all (impl and tests)" in tests.ok("spec", "agree", SUBJECT).out
+
+
+def test_a_proposers_own_agreement_never_counts_in_the_fold() -> None:
+    from mqttalk._spec import digest, fold
+
+    for needs in ([], ["impl"], None):
+        proposal = spec_env("impl", "A", subject="S", rev=1, action="propose", state="proposed", digest=digest("A"))
+        if needs is not None:
+            proposal.data["needs"] = needs  # type: ignore[attr-defined]
+        mine = spec_env("impl", "ok", subject="S", rev=1, action="agree", state="agreed", digest=digest("A"))
+        old = spec_env("impl", "ok", subject="S", rev=1, state="agreed", re=proposal.id)  # type: ignore[attr-defined]
+        same = spec_env("tests", "A", subject="S", rev=1, action="propose", state="proposed", digest=digest("A"))
+        theirs = spec_env("tests", "ok", subject="S", rev=1, action="agree", state="agreed", digest=digest("A"))
+        subj = fold([proposal, mine, old, same, theirs]).subjects["S"]  # type: ignore[list-item]
+        assert subj.state == "proposed" and subj.in_force is None, needs  # (tests proposed it too: no other)
+        subj = fold([proposal, mine, old]).subjects["S"]  # type: ignore[list-item]
+        assert subj.state == "proposed" and not subj.latest.agreed, needs
+        review = spec_env("review", "ok", subject="S", rev=1, action="agree", state="agreed", digest=digest("A"))
+        assert fold([proposal, review]).subjects["S"].in_force is not None  # type: ignore[list-item]
+
+
+def test_an_agreed_revision_is_never_undone(pair_of: tuple[Session, Session]) -> None:
+    """Another text at an agreed revision number (an old-style `send --kind spec`, a backdated one, a
+    proposal past a gap) is stale or ignored, never a conflict; `send --kind spec` counts on from the
+    latest revision; a text the retained copy could not carry is refused."""
+    impl, tests = pair_of
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    tests.ok("spec", "agree", SUBJECT)
+    tests.ok("send", "--kind", "spec", "--subject", SUBJECT, "--rev", "1", "POST /users returns 200, always")
+    tests.ok("send", "--kind", "spec", "--subject", SUBJECT, "--rev", "1000000", "jam")
+    got = spec_list(impl)[SUBJECT]
+    assert got["state"] == "agreed" and got["rev"] == 1 and got["in_force"] == 1
+    sent = tests.ok("send", "--kind", "spec", "--subject", SUBJECT, "--json", REV2)
+    sid = json.loads(sent.out)["id"]
+    log = [json.loads(line) for line in tests.ok("log", "--kind", "spec", "--json").lines]
+    assert next(m for m in log if m["id"] == sid)["data"]["rev"] == 2  # (not rev 1: the next one)
+    assert "rev 3" in impl.ok("spec", "propose", SUBJECT, REV3).out
+    big = "x" * (130 * 1024)
+    line = one_error_line(impl.run("spec", "propose", "GET /big", "-", input=big))
+    assert "spec text of 133,120 bytes is too large" in line and "retained contract copy" in line
+
+
+def test_agreed_revisions_stay_agreed_and_retained_in_the_fold() -> None:
+    from datetime import timedelta
+
+    from mqttalk._spec import digest, fold, plan_propose, retained
+    from mqttalk._wire import decode_contract, encode_contract
+
+    t = now()
+    p1 = spec_env("impl", "A", t, subject="S", rev=1, action="propose", digest=digest("A"), needs=["tests"])
+    ok = spec_env("tests", "ok", t + timedelta(seconds=1), subject="S", rev=1, action="agree", digest=digest("A"))
+    backdated = spec_env(
+        "mallory", "B", t - timedelta(days=1), subject="S", rev=1, action="propose", digest=digest("B")
+    )
+    later = spec_env("mallory", "C", t + timedelta(seconds=5), subject="S", rev=1, state="proposed")
+    jam = spec_env("mallory", "J", t, subject="S", rev=1_000_000, action="propose", digest=digest("J"))
+    subj = fold([p1, ok, backdated, later, jam]).subjects["S"]  # type: ignore[list-item]
+    assert subj.state == "agreed" and subj.latest_rev == 1 and subj.in_force is not None
+    assert subj.in_force.text == "A"
+    assert plan_propose(fold([p1, ok, jam]), "S", "D", "impl", ["tests"])["rev"] == 2  # type: ignore[list-item]
+    # Two texts of one revision, neither agreed: still a conflict (settled by the next proposal).
+    assert fold([p1, backdated]).subjects["S"].state == "conflict"  # type: ignore[list-item]
+    # A big agreed revision is never dropped from the retained copy for newer, smaller messages.
+    big = "y" * (100 * 1024)
+    bp = spec_env("impl", big, t, subject="BIG", rev=1, action="propose", digest=digest(big))
+    bok = spec_env("tests", "ok", t, subject="BIG", rev=1, action="agree", digest=digest(big))
+    chatter = [
+        spec_env("impl", "n" * 200, t + timedelta(seconds=i), subject=f"N{i}", rev=1, action="propose")
+        for i in range(1, 200)
+    ]
+    envs = [bp, bok, *chatter]
+    mine, first = retained(envs, "impl")  # type: ignore[arg-type]
+    got = decode_contract(encode_contract("impl", mine, first=first), at=now())
+    assert got is not None and bp.id in {e.id for e in got[1]}  # type: ignore[attr-defined]
+
+
+def test_a_withdrawal_counts_only_from_the_latest_proposer_at_the_latest_revision() -> None:
+    from datetime import timedelta
+
+    from mqttalk._spec import digest, fold, plan_propose
+
+    t = now()
+    p1 = spec_env("impl", "A", t, subject="S", rev=1, action="propose", digest=digest("A"), needs=["tests"])
+    ok = spec_env("tests", "ok", t + timedelta(seconds=1), subject="S", rev=1, action="agree", digest=digest("A"))
+    far = spec_env(
+        "mallory", "x", t + timedelta(seconds=2), subject="S", rev=1_000_000, action="withdraw", state="rejected"
+    )
+    other = spec_env("tests", "x", t + timedelta(seconds=2), subject="S", rev=1, action="withdraw", state="rejected")
+    ahead = spec_env("impl", "x", t + timedelta(seconds=2), subject="S", rev=2, action="withdraw", state="rejected")
+    subj = fold([p1, ok, far, other, ahead]).subjects["S"]  # type: ignore[list-item]
+    assert subj.state == "agreed" and subj.withdrawn is None
+    assert plan_propose(fold([p1, ok, far]), "S", "B", "impl", ["tests"])["rev"] == 2  # type: ignore[list-item]
+    mine = spec_env("impl", "x", t + timedelta(seconds=3), subject="S", rev=1, action="withdraw", state="rejected")
+    assert fold([p1, ok, mine]).subjects["S"].state == "withdrawn"  # type: ignore[list-item]
+
+
+def test_export_never_writes_through_a_link_and_names_never_collide(
+    pair_of: tuple[Session, Session], tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from mqttalk._spec import digest, export_files, fold
+
+    impl, tests = pair_of
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    tests.ok("spec", "agree", SUBJECT)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "post-users.md").symlink_to(victim)
+    line = one_error_line(tests.run("spec", "export", "--out", str(out)))
+    assert "post-users.md is a symbolic link: not written" in line
+    assert victim.read_text() == "precious" and (out / "post-users.md").is_symlink()
+    (out / "post-users.md").unlink()
+    tests.ok("spec", "export", "--out", str(out))
+    assert read_export((out / "post-users.md").read_bytes())[1] == REV1
+    assert sorted(p.name for p in out.iterdir()) == ["post-users.md"]  # (no temporary file left)
+    # Subjects whose names (or a name and another's suffix) collide, case-insensitively: all distinct.
+    t = now()
+    envs = []
+    for i, name in enumerate(["a", "a-" + digest("A")[:8], "A", "a-" + digest("A")[:8].upper()]):
+        text = f"text {i}"
+        envs.append(
+            spec_env("impl", text, t + timedelta(seconds=i), subject=name, rev=1, action="propose", digest=digest(text))
+        )
+        envs.append(
+            spec_env("tests", "ok", t + timedelta(seconds=i), subject=name, rev=1, action="agree", digest=digest(text))
+        )
+    names = [name.lower() for name, _, _ in export_files(fold(envs))]  # type: ignore[arg-type]
+    assert len(names) == 4 and len(set(names)) == 4
+
+
+def test_extreme_relayed_timestamps_are_dropped_and_never_crash() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from mqttalk._spec import Revision, Subject, digest, export_text, fold
+    from mqttalk._wire import ContractState, decode_contract
+
+    ancient = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))
+    before = datetime(2019, 12, 31, tzinfo=UTC)
+    items = [
+        spec_env("impl", "t", ts, subject="Y", rev=1, action="propose", digest=digest("t")) for ts in (ancient, before)
+    ]
+    state = ContractState(
+        sender="impl",
+        ts=now(),
+        specs=[e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in items],  # type: ignore[attr-defined]
+    )
+    got = decode_contract(state.encode(), at=now())
+    assert got is not None and got[1] == []
+    assert fold(items).subjects == {}  # type: ignore[arg-type]
+    rev = Revision(1, "x", "impl", ancient, "t", digest("t"), None, agreed={"tests": ancient})
+    header, text = read_export(export_text(Subject("Y", {1: [rev]}), rev))
+    assert text == "t" and header["agreed at"].startswith("0001-01-01")
+
+
+def test_diff_and_fold_stay_fast_on_crafted_input(pair_of: tuple[Session, Session]) -> None:
+    import time
+
+    from mqttalk._spec import digest, fold
+
+    impl, tests = pair_of
+    one, two = "".join(f"{i}\n" for i in range(30_000)), "".join(f"{i * 7}\n" for i in range(30_000))
+    impl.ok("send", "--kind", "spec", "--subject", SUBJECT, "-", input=one)
+    impl.ok("send", "--kind", "spec", "--subject", SUBJECT, "-", input=two)
+    start = time.monotonic()
+    res = tests.ok("spec", "diff", SUBJECT, "1", "2")
+    assert time.monotonic() - start < 20  # (unbounded, difflib takes many minutes on these)
+    assert "are too large to diff here" in res.err and f"rev 1: {len(one):,} bytes, 30,001 lines" in res.err
+    assert not res.out.strip()
+    # 5,000 proposals of different texts at one revision and 5,000 agreements fold in well under a second.
+    t = now()
+    envs = [
+        spec_env("mallory", f"t{i}", t, subject="Q", rev=1, action="propose", digest=digest(f"t{i}"))
+        for i in range(5000)
+    ]
+    envs += [
+        spec_env("tests", "ok", t, subject="Q", rev=1, action="agree", digest=digest(f"t{i}")) for i in range(5000)
+    ]
+    start = time.process_time()
+    subj = fold(envs).subjects["Q"]  # type: ignore[arg-type]
+    assert time.process_time() - start < 1.0
+    assert len(subj.revisions[1]) == 1  # (the first agreed one stands; the other texts are stale)
+
+
+def test_status_on_a_rejected_revision_warns_and_a_control_character_subject_is_usable(
+    pair_of: tuple[Session, Session],
+) -> None:
+    from mqttalk._spec import digest, escaped, fold, plan_agree
+
+    impl, tests = pair_of
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    tests.ok("spec", "reject", SUBJECT, "no 409")
+    res = tests.ok("send", "--kind", "status", "--state", "green", "--spec", SUBJECT, "--rev", "1", "green")
+    assert "warning: rev 1 was rejected (by tests), it is not an agreed revision" in res.err
+    # A peer's subject with control characters: listed escaped, and named that way by show and agree.
+    name = "evil\x1b[31mRED\nline2"
+    envs = [spec_env("impl", "t", subject=name, rev=1, action="propose", digest=digest("t"))]
+    contract = fold(envs)  # type: ignore[arg-type]
+    assert contract.subject(escaped(name)).name == name
+    data, _ = plan_agree(contract, escaped(name), "tests")
+    assert data["subject"] == name  # (the agreement names the subject as its proposer wrote it)

@@ -101,7 +101,8 @@ def test_status_and_spec_agreement_carry_typed_fields_in_json(
     assert [m["kind"] for m in msgs] == ["spec", "status"]
     assert msgs[0]["data"] == {"subject": "POST /users", "rev": 1, "state": "agreed"}
     assert msgs[0]["re"] == sent["id"] and msgs[0]["from"] == "tests"
-    assert msgs[1]["data"] == {"state": "red", "commit": "abc1234"}
+    # (tests agreed to the one subject, having taken in the proposal first: its status is against it)
+    assert msgs[1]["data"] == {"state": "red", "commit": "abc1234", "spec": "POST /users", "rev": 1}
     assert msgs[1]["body"] == "tests written, all red"
 
 
