@@ -10,7 +10,6 @@ render a message the same way, and nothing a peer wrote can become markup in eit
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -151,20 +150,20 @@ def spec_view(envelopes: Iterable[Envelope]) -> list[Spec]:
             state = f"{state}, waiting for {', '.join(waiting)}" if waiting else state
         numbers = sorted(texts)
         diffs = [
-            (
-                a,
-                b,
-                list(
-                    difflib.unified_diff(
-                        texts[a].splitlines(), texts[b].splitlines(), f"rev {a}", f"rev {b}", n=2, lineterm=""
-                    )
-                ),
-            )
-            for a, b in itertools.pairwise(numbers)
+            (a, b, _diff(name, subj.revisions[a][0], subj.revisions[b][0])) for a, b in itertools.pairwise(numbers)
         ]
         specs.append(Spec(name, subj.latest_rev, state, texts[subj.latest_rev], by_subject[name], diffs))
     specs.sort(key=lambda s: s.history[-1].ts, reverse=True)
     return specs
+
+
+def _diff(subject: str, old: Any, new: Any) -> list[str]:
+    """The diff lines between two revisions, bounded as `mqttalk spec diff` is (a crafted pair of texts
+    must not cost the page minutes of CPU)."""
+    from ._spec import diff_text, too_large_to_diff
+
+    text = diff_text(old, new, f"rev {old.rev}", f"rev {new.rev}")
+    return [too_large_to_diff(subject, old, new)] if text is None else text.splitlines()
 
 
 def last_statuses(envelopes: Iterable[Envelope]) -> dict[str, Envelope]:
