@@ -15,6 +15,7 @@ check a command against the state and build the fields of the message to send, o
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -308,6 +309,16 @@ def plan_propose(
     if len(needs) > MAX_NEEDS:
         raise UsageError(f"--to names {len(needs)} peers, more than {MAX_NEEDS}")
     subj = contract.subjects.get(subject)
+    if subj is None:  # a new subject that differs from a known one only by case, spaces or a plural: a typo
+        known = [name for name, s in contract.subjects.items() if s.revisions]
+        close = [n for n in known if _folded(n) == _folded(subject)]
+        if close:
+            raise UsageError(
+                f"{quoted(subject)} would be a new subject, but {quoted(close[0])} exists",
+                f'to revise it: `mqttalk spec propose "{close[0]}" ...`; for a new one, name it more differently',
+            )
+    if subj is None and subject != subject.strip():
+        raise UsageError(f"{quoted(subject)} starts or ends with a space", "a new subject is named without them")
     if subj is not None and subj.latest_rev >= 1_000_000:
         raise UsageError(f"{quoted(subject)} is at the last revision number", "propose under a new subject name")
     rev = (subj.latest_rev if subj else 0) + 1
@@ -376,6 +387,10 @@ def default_rev(contract: Contract, subject: str, state: str | None) -> int:
     if state in (None, "proposed"):
         return min(latest + 1, 1_000_000)
     return max(latest, 1)
+
+
+def _folded(subject: str) -> str:
+    return " ".join(subject.lower().split()).removesuffix("s")
 
 
 def plan_agree(contract: Contract, subject: str, me: str, rev: int | None = None) -> tuple[dict[str, Any], Revision]:
@@ -554,7 +569,6 @@ DIFF_MAX_BYTES = 100_000  # bytes (UTF-8) of either text a diff is computed for 
 def diff_text(old: Revision, new: Revision, old_label: str, new_label: str) -> str | None:
     """A unified diff from ``old`` to ``new`` (empty: the same text), or None when either text is over
     DIFF_MAX_LINES lines or DIFF_MAX_BYTES bytes (see :func:`too_large_to_diff`)."""
-    import difflib
 
     for rev in (old, new):
         if rev.text.count("\n") >= DIFF_MAX_LINES or len(rev.text.encode("utf-8", "surrogatepass")) > DIFF_MAX_BYTES:

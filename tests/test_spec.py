@@ -780,3 +780,14 @@ def test_status_on_a_rejected_revision_warns_and_a_control_character_subject_is_
     assert contract.subject(escaped(name)).name == name
     data, _ = plan_agree(contract, escaped(name), "tests")
     assert data["subject"] == name  # (the agreement names the subject as its proposer wrote it)
+
+
+def test_a_subject_that_differs_only_by_case_spaces_or_a_plural_is_refused_as_a_typo(
+    pair_of: tuple[Session, Session],
+) -> None:
+    impl, _ = pair_of
+    impl.ok("spec", "propose", SUBJECT, REV1)
+    for typo in ("POST /users ", "POST /user", "post  /users"):
+        line = one_error_line(impl.run("spec", "propose", typo, "something else"))
+        assert "would be a new subject, but 'POST /users' exists" in line, line
+    assert "PROPOSED 'GET /users' rev 1" in impl.ok("spec", "propose", "GET /users", "a list").out  # another one
