@@ -161,6 +161,7 @@ class Session:
         return self._channel
 
     def _start_live(self) -> None:
+        self.link_state = "connecting"
         self._stop.clear()
         self._thread = threading.Thread(target=self._run_live, name="mqttalk-live", daemon=True)
         self._thread.start()
@@ -372,7 +373,7 @@ class Session:
 
         with self._lock:
             st = self.channel().status()
-        return mcp_voiced(status_text(st)) + f"\nserver:  {self.link_state}"
+        return mcp_voiced(status_text(st) + f"\nserver:  {self.link_state}")
 
     def history(self, limit: int, kind: str | None, peer: str | None, since: str | None, full: bool) -> str:
         from ._render import message_text
@@ -405,7 +406,7 @@ class Session:
         snapshot = self._snapshot
         if snapshot is None:
             return self.status()
-        return mcp_voiced(status_text(snapshot)) + f"\nserver:  {self.link_state}"
+        return mcp_voiced(status_text(snapshot) + f"\nserver:  {self.link_state}")
 
     def create(self, name: str | None, role: str | None, broker: str | None) -> str:
         from ._api import create
