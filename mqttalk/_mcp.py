@@ -270,28 +270,34 @@ class Session:
             ch = self._channel
             if ch is None:
                 return
-            with ch.reading():
-                inbox = ch.unread()
-                items = len(inbox.gaps) + len(inbox.messages)
-                if not items:
-                    self._backlog_told = False
-                    return
-                if items > PUSH_BUDGET or not push.budget(items):
-                    if not self._backlog_told:  # once, until they are read
-                        self._backlog_told = push.send(
-                            backlog_text(len(inbox.messages), len(inbox.gaps)),
-                            {"event": "backlog", "unread": str(len(inbox.messages)), "gaps": str(len(inbox.gaps))},
-                        )
-                    return
-                for gap in sorted(inbox.gaps, key=lambda g: g.n):
-                    if not push.send(gap_text(gap), gap_meta(gap)):
-                        return
-                    ch.mark_read(Inbox(gaps=[gap]))
-                bodies = ch.settings.state_dir / "bodies"
-                for msg in sorted(inbox.messages, key=lambda m: m.n):
-                    if not push.send(message_text(msg.envelope, bodies), message_meta(msg.envelope)):
-                        return
-                    ch.mark_read(Inbox(messages=[msg]))
+            inbox = ch.unread()
+            items = len(inbox.gaps) + len(inbox.messages)
+            if not items:
+                self._backlog_told = False
+                return
+            if items > PUSH_BUDGET or not push.budget(items):
+                if not self._backlog_told:  # once, until they are read
+                    self._backlog_told = push.send(
+                        backlog_text(len(inbox.messages), len(inbox.gaps)),
+                        {"event": "backlog", "unread": str(len(inbox.messages)), "gaps": str(len(inbox.gaps))},
+                    )
+                return
+            bodies = ch.settings.state_dir / "bodies"
+            # One at a time under the read lock (held for one push, not a batch: a reader elsewhere waits
+            # for it, at most READ_LOCK_WAIT), each skipped if another reader took it meanwhile.
+            for one in [Inbox(gaps=[g]) for g in sorted(inbox.gaps, key=lambda g: g.n)] + [
+                Inbox(messages=[m]) for m in sorted(inbox.messages, key=lambda m: m.n)
+            ]:
+                with ch.reading():
+                    still = ch.still_unread(one)
+                    if still.gaps:
+                        if not push.send(gap_text(still.gaps[0]), gap_meta(still.gaps[0])):
+                            return
+                    elif still.messages:
+                        env = still.messages[0].envelope
+                        if not push.send(message_text(env, bodies), message_meta(env)):
+                            return
+                    ch.mark_read(still)
 
     # -- tools ---------------------------------------------------------------------------------------
 
