@@ -345,17 +345,13 @@ class Session:
         commit: str | None,
         spec: str | None = None,
     ) -> str:
-        from ._errors import BadMessage
         from ._input import typed_fields
 
         status_rev = None
-        if spec is not None:  # (a status against a spec: `rev` is that spec's revision)
-            from ._spec import check_rev, check_subject
+        if spec is not None or (kind == "status" and rev is not None):  # (`rev` is then the spec's revision)
+            from ._spec import status_request
 
-            if kind != "status":
-                raise BadMessage(f"spec applies to a status, not a {kind}", "a spec is proposed with `spec_propose`")
-            check_subject(spec)
-            status_rev, rev = check_rev(rev), None
+            status_rev, rev = status_request(kind, spec, rev, flag="")
         data = typed_fields(kind, text, subject=subject, rev=rev, state=state, commit=commit, flag="")
         with self._lock:
             ch = self.channel()

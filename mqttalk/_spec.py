@@ -453,6 +453,20 @@ def _fields(subject: str, rev: Revision, state: str, action: str) -> dict[str, A
     return {"subject": subject, "rev": rev.rev, "state": state, "action": action, "digest": rev.digest}
 
 
+def status_request(kind: str, spec: str | None, rev: int | None, flag: str = "--") -> tuple[int | None, int | None]:
+    """A send's ``spec``/``rev`` options checked: with ``spec``, ``rev`` is that spec's revision (returned
+    first) and no longer the message's own (returned second, None); refused on anything but a status,
+    and a status's ``rev`` without ``spec`` (``flag``: how options are named, ``--`` or none for MCP)."""
+    if spec is None and not (kind == "status" and rev is not None):
+        return None, rev
+    if kind != "status":
+        raise UsageError(f"{flag}spec applies to a status, not a {kind}", "a spec is sent with `mqttalk spec propose`")
+    if spec is None:
+        raise UsageError(f"{flag}rev on a status needs {flag}spec SUBJECT", "the revision of which spec?")
+    check_subject(spec)
+    return check_rev(rev), None
+
+
 def status_spec(contract: Contract, subject: str | None, rev: int | None) -> dict[str, Any]:
     """The spec fields of a status: ``subject`` at ``rev`` (default: the revision in force), or with no
     subject the one subject that has a revision in force (none if there is not exactly one)."""

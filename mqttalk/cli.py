@@ -439,14 +439,9 @@ def send(
     check_id(re, "--re")
     status_rev = None
     if spec is not None or (kind == "status" and rev is not None):
-        from ._spec import check_rev, check_subject
+        from ._spec import status_request
 
-        if kind != "status":
-            raise BadMessage(f"--spec applies to a status, not a {kind}", "a spec is sent with `mqttalk spec propose`")
-        if spec is None:
-            raise BadMessage("--rev on a status needs --spec SUBJECT", "the revision of which spec?")
-        check_subject(spec)
-        status_rev, rev = check_rev(rev), None
+        status_rev, rev = status_request(kind, spec, rev)
     body = read_body(text, file, sys.stdin)
     try:
         data = typed_fields(kind, body, subject=subject, rev=rev, state=state, commit=commit)
