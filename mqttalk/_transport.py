@@ -154,7 +154,7 @@ class Link:
         nodes = self.cluster.nodes
         if len(nodes) == 1:
             return self._open_node()
-        start, errors, refused = self.node_index, [], None
+        start, errors, refused, refusals = self.node_index, [], None, 0
         for step in range(len(nodes)):
             self.node_index = (start + step) % len(nodes)
             self.broker = nodes[self.node_index]
@@ -167,12 +167,12 @@ class Link:
                 if isinstance(exc, SessionBusy):
                     raise
                 errors.append(f"{self.broker.display()} refused us: {exc.message}")
-                refused = exc
+                refused, refusals = exc, refusals + 1
                 continue
             if self.node_index != start:  # (the next command tries this one first: a dead node costs once)
                 _ProtocolCache(self.state_dir).put_last_node(self.cluster.display(), self.node_index)
             return opened
-        if refused is not None and len(errors) == len(nodes) and all("refused us" in e for e in errors):
+        if refused is not None and refusals == len(nodes):
             raise BrokerRefused(f"every node of {self.cluster.display()} refused us: {refused.message}", refused.hint)
         raise BrokerUnreachable(
             f"no node of {self.cluster.display()} answered: {'; '.join(errors)}",
