@@ -91,6 +91,16 @@ def running(state_dir: Path) -> BrokerAddress | None:
     return BrokerAddress("mqtt", host, port) if _listening(host, port) else None
 
 
+def still_recorded(state_dir: Path) -> BrokerAddress | None:
+    """The recorded embedded broker if its process lives or something listens at its address (a busy
+    machine can make a live broker miss :func:`running`'s half-second connect)."""
+    rec = _recorded(state_dir)
+    if rec is None:
+        return None
+    host, port, pid, _ = rec
+    return BrokerAddress("mqtt", host, port) if _alive(pid) or _listening(host, port) else None
+
+
 def revive(state_dir: Path, address: BrokerAddress) -> bool:
     """If ``address`` is the recorded embedded broker and its process has died, start it again on the
     same port from the same database (under the lock ``ensure`` takes, so concurrent commands start one).

@@ -1275,10 +1275,10 @@ def _private_state(settings: Settings) -> None:
 def _record_broker(settings: Settings, db: Path | None) -> None:
     """Record this broker as the state directory's embedded one, unless another recorded one still runs
     (a second broker started by hand must not take the place of the one channels were created on)."""
-    from ._embedded import record, running
+    from ._embedded import record, still_recorded
     from ._state import private_dir
 
-    other = running(settings.state_dir)
+    other = still_recorded(settings.state_dir)
     if other is not None and (other.host, other.port) != (settings.embedded_host, settings.embedded_port):
         return
     record(private_dir(settings.state_dir), settings.embedded_host, settings.embedded_port, os.getpid(), db)
